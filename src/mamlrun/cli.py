@@ -1,0 +1,123 @@
+"""``mamlrun train|test|adapt [hydra overrides]``: picks the command, hands Hydra the rest.
+
+Everything after the subcommand is Hydra's (``--cfg job``, ``--help``, ``-m``,
+``hydra.run.dir=...``), so the CLI only routes and turns user errors into one line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mamlrun import __version__
+
+COMMANDS: dict[str, str] = {
+    "train": "meta-train a model (validates periodically, keeps the best checkpoint)",
+    "test": "meta-test a checkpoint: metric after the test-time inner steps, mean ± 95% CI",
+    "adapt": "metric after each inner step 0…S, against a pretrained baseline",
+}
+
+USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [hydra overrides] [hydra flags]
+
+Meta-learning experiments (MAML and its family) configured with Hydra.
+
+commands:
+{os.linesep.join(f"  {name:<7}{text}" for name, text in COMMANDS.items())}
+
+examples:
+  mamlrun train                               sinusoid regression with MAML
+  mamlrun train experiment=sinusoid_maml_paper
+  mamlrun train debug=smoke                   a whole train → test → adapt cycle in seconds
+  mamlrun train -m meta_optimizer.inner_lr=0.01,0.1 seed=0,1
+  mamlrun test checkpoint=outputs/train/.../checkpoints/best.pt
+  mamlrun train --help                        config groups and options of a command
+  mamlrun train --cfg job                     print the composed config and exit
+
+options:
+  -h, --help     show this message
+  --version      print the version
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0 if args else _exit(2)
+    if args[0] == "--version":
+        print(f"mamlrun {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(
+            f"mamlrun: error: unknown command {command!r} (choose from "
+            f"{', '.join(COMMANDS)}; see mamlrun --help)",
+            file=sys.stderr,
+        )
+        return _exit(2)
+    return _run_hydra(command, rest)
+
+
+def _run_hydra(command: str, overrides: list[str]) -> Any:
+    import hydra
+    import hydra._internal.utils as hydra_utils
+
+    from mamlrun import config, run
+
+    config.register_schemas()
+    task: Callable = getattr(run, command)
+    sys.argv = ["mamlrun", *overrides]
+    entry = hydra.main(
+        version_base="1.3", config_path=str(config.config_dir()), config_name=command
+    )(task)
+    original = hydra_utils.run_and_report
+    hydra_utils.run_and_report = _run_and_report_one_line
+    try:
+        return entry()
+    finally:
+        hydra_utils.run_and_report = original
+
+
+def _run_and_report_one_line(func: Callable[[], Any]) -> Any:
+    """Hydra's ``run_and_report``, but a user error becomes one line and exit status 2.
+
+    Hydra prints composition errors over several lines with a hint about
+    ``HYDRA_FULL_ERROR``; researchers scanning a sweep's logs want one line naming the
+    problem. Real bugs (anything that is not a config or input error) keep their traceback,
+    and ``HYDRA_FULL_ERROR=1`` restores every traceback.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mamlrun.errors import MamlrunError
+
+    try:
+        return func()
+    except (MamlrunError, HydraException, OmegaConfBaseException) as ex:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
+        _exit(2)
+
+
+def _one_line(ex: BaseException) -> str:
+    """The first line of the message, plus the first line of its cause when that adds detail."""
+    first = _lines(ex)[0] if _lines(ex) else type(ex).__name__
+    cause = ex.__cause__ or ex.__context__
+    if cause is not None and _lines(cause) and _lines(cause)[0] not in first:
+        first = f"{first.rstrip('.:')}: {_lines(cause)[0]}"
+    return first
+
+
+def _lines(ex: BaseException) -> list[str]:
+    return [ln.strip() for ln in str(ex).splitlines() if ln.strip()]
+
+
+def _exit(code: int) -> int:
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

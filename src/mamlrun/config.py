@@ -1,0 +1,239 @@
+"""Config schemas, validation and the one ``instantiate`` helper.
+
+The top-level keys of each command are dataclass schemas in Hydra's ConfigStore, so a wrong
+type or an unknown key in an override fails at composition. The components (``dataset``,
+``backbone``, ``meta_optimizer``) are validated against the signature of the ``_target_``
+they name: the callable is the schema, so a new component needs no second definition that
+could drift from its code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+from hydra.core.config_store import ConfigStore
+from hydra.errors import InstantiationException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from mamlrun.errors import MamlrunError
+
+#: Arguments the runner passes itself; a config that sets them would be silently overridden.
+INJECTED = {
+    "dataset": {"device"},
+    "backbone": {"in_shape", "out_features"},
+    "meta_optimizer": set(),
+}
+
+
+@dataclass
+class BaselineConfig:
+    """The paper's "pretrained" baseline for ``adapt``: one network trained on all tasks."""
+
+    enabled: bool = True  # only meaningful for regression; ignored for classification
+    steps: int = 5000  # Adam steps of joint training on the training tasks
+    lr: float = 1e-3
+    batch_size: int = 25  # tasks per step (all their support and query points are used)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    meta_optimizer: Any = MISSING
+    seed: int = 0
+    device: str = "auto"
+    iterations: int = 70000
+    meta_batch_size: int = 25
+    log_every: int = 100
+    val_every: int = 1000
+    val_tasks: int = 100
+    val_seed: int = 1001
+    eval_batch_size: int = 25
+    checkpoint_every: int = 1000
+    resume: bool = False
+    final_test: bool = False
+    final_adapt: bool = False
+    test_tasks: int = 600
+    test_seed: int = 2002
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+@dataclass
+class TestConfig:
+    checkpoint: str = MISSING
+    n_tasks: int = 600
+    inner_steps: int | None = None  # None: the checkpoint's meta_optimizer.inner_steps_test
+    seed: int = 2002
+    device: str = "auto"
+    eval_batch_size: int = 25
+    data_root: str | None = None  # replaces dataset.root of the checkpoint's config
+
+
+@dataclass
+class AdaptConfig(TestConfig):
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="test_schema", node=TestConfig)
+    cs.store(name="adapt_schema", node=AdaptConfig)
+
+
+def config_dir() -> Path:
+    """The shipped ``conf/``: inside the installed package, or the checkout's top level."""
+    packaged = Path(str(resources.files("mamlrun"))) / "conf"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if checkout.is_dir():
+        return checkout
+    raise MamlrunError(f"mamlrun's config directory is missing (looked in {packaged})")
+
+
+def validate(cfg: DictConfig, schema: type) -> DictConfig:
+    """Merge ``cfg`` onto its schema and check each component against its target.
+
+    Raises MamlrunError naming the first offending key. Tests call this directly; the CLI gets
+    the same checks, the top-level ones earlier through the ConfigStore schema.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    except Exception as ex:  # omegaconf's ValidationError, ConfigKeyError, ...
+        raise MamlrunError(_first_line(ex)) from ex
+    for group in INJECTED:
+        if group not in merged:
+            continue
+        node = merged[group]
+        if group == "meta_optimizer" and isinstance(node, DictConfig) and "optimizer" in node:
+            check_component(node.optimizer, "meta_optimizer.optimizer")
+            node = OmegaConf.masked_copy(node, [k for k in node if k != "optimizer"])
+        check_component(node, group, injected=INJECTED[group])
+    return merged
+
+
+def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> None:
+    """Check a ``_target_`` node's keys and value types against the target's signature."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise MamlrunError(f"{path} must be a config with a _target_ (pick one from {path}/)")
+    target = _locate(node._target_, path)
+    params, hints = _signature(target)
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    for key in node:
+        if key.startswith("_"):
+            continue
+        if key in injected:
+            raise MamlrunError(f"{path}.{key} is set by mamlrun itself; remove it from the config")
+        if key not in params:
+            if accepts_any:
+                continue
+            valid = ", ".join(k for k in params if k not in injected and k != "self")
+            raise MamlrunError(f"unknown key {path}.{key} (valid keys: {valid})")
+        value = node._get_node(key)
+        if isinstance(value, DictConfig) and "_target_" in value:
+            check_component(value, f"{path}.{key}")
+            continue
+        expected = hints.get(key)
+        py_value = OmegaConf.to_container(value) if isinstance(value, ListConfig) else node[key]
+        if expected is not None and not _matches(py_value, expected):
+            raise MamlrunError(
+                f"{path}.{key}={py_value!r} has the wrong type: expected {_type_name(expected)}"
+            )
+    for name, p in params.items():
+        is_required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if is_required and name not in node and name not in injected and name != "self":
+            if not node.get("_partial_", False):
+                raise MamlrunError(f"missing key {path}.{name} (required by {node._target_})")
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """The one place configs become objects, so that errors read the same everywhere."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as ex:
+        cause = ex.__cause__
+        while cause is not None and not isinstance(cause, MamlrunError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise MamlrunError(_first_line(ex)) from ex
+
+
+def build_meta_optimizer(node: DictConfig) -> tuple[Any, Callable[..., Any]]:
+    """Split ``meta_optimizer`` into the algorithm and a factory for its outer optimizer.
+
+    The algorithm owns no optimizer: it only computes meta-gradients, which keeps it a set of
+    pure functions that tests can call on their own.
+    """
+    algorithm_node = OmegaConf.masked_copy(node, [k for k in node if k != "optimizer"])
+    algorithm = instantiate(algorithm_node)
+    if "optimizer" not in node:
+        raise MamlrunError("missing key meta_optimizer.optimizer (e.g. torch.optim.Adam)")
+    return algorithm, instantiate(node.optimizer)
+
+
+def _locate(name: str, path: str) -> Any:
+    try:
+        return hydra.utils.get_object(name)
+    except Exception as ex:
+        raise MamlrunError(f"{path}._target_={name!r} cannot be imported") from ex
+
+
+def _signature(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    fn = target.__init__ if inspect.isclass(target) else target
+    params = dict(inspect.signature(target).parameters)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations (e.g. in third-party code): skip type checks
+        hints = {}
+    return params, hints
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """A deliberately small type check: the scalar and sequence types configs are made of."""
+    origin = typing.get_origin(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or expected in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        args = typing.get_args(expected)
+        if not args:
+            return True
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            return len(args) == len(value) and all(map(_matches, value, args))
+        return all(_matches(v, args[0]) for v in value)
+    if inspect.isclass(expected):
+        return isinstance(value, expected)  # config values are never tensors or modules
+    return True  # callables, type variables, ...: left to the target to check
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _first_line(ex: BaseException) -> str:
+    lines = [ln.strip() for ln in str(ex).splitlines() if ln.strip()]
+    return lines[0] if lines else type(ex).__name__

@@ -1,0 +1,476 @@
+"""``train(cfg)``, ``test(cfg)`` and ``adapt(cfg)``: plain functions the CLI and tests call.
+
+Each takes a composed config and a run directory, writes ``results.json`` and TensorBoard
+events there, and returns the metric a sweep would optimise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from mamlrun import checkpoint, config
+from mamlrun.algorithms import batching as batching_probe
+from mamlrun.algorithms.pretrain import pretrain_jointly
+from mamlrun.data.tasks import TaskSource
+from mamlrun.errors import MamlrunError
+from mamlrun.logging import ConsoleLogger, TensorBoardLogger
+from mamlrun.loop import episodes, evaluate
+from mamlrun.metrics import METRIC, better, mean_ci95
+
+log = logging.getLogger("mamlrun")
+COMPONENTS = ("dataset", "backbone", "meta_optimizer")
+
+
+# --------------------------------------------------------------------------- building blocks
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MamlrunError(
+            f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MamlrunError(
+                f"device={name} was requested but CUDA is not available here "
+                f"(torch {torch.__version__}); use device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MamlrunError(
+                f"device={name} does not exist: this machine has {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise MamlrunError(f"device={name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+@dataclass
+class Components:
+    source: TaskSource
+    model: torch.nn.Module
+    algorithm: Any
+    make_optimizer: Any
+
+
+def build(cfg: DictConfig, device: torch.device, seed: int) -> Components:
+    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``."""
+    torch.manual_seed(seed)
+    source = config.instantiate(cfg.dataset, device=device)
+    model = config.instantiate(
+        cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
+    ).to(device)
+    algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
+    return Components(source, model, algorithm, make_optimizer)
+
+
+def run_dir_of(run_dir: str | Path | None) -> Path:
+    """The given directory, else Hydra's output directory for this job."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise MamlrunError("no run directory: pass run_dir= or run through the CLI")
+        run_dir = HydraConfig.get().runtime.output_dir
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def progress(total: int, initial: int, desc: str) -> tqdm:
+    """A live bar on a terminal; nothing on a pipe or in a log file (the loggers print lines)."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not sys.stderr.isatty(),
+        unit="it",
+    )
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[dict[str, int | None]]:
+    """Turn the first SIGINT/SIGTERM into a flag the loop checks after each step.
+
+    The loop then saves and exits; a second signal takes the default action, so a stuck run
+    can still be killed.
+    """
+    received: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        received["signal"] = signum
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def component_config(cfg: DictConfig) -> dict:
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in COMPONENTS}
+
+
+# --------------------------------------------------------------------------- train
+@dataclass
+class Progress:
+    step: int = 0
+    best: float | None = None
+    best_ci95: float | None = None
+    best_step: int | None = None
+    history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
+
+
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Meta-train; validate every ``val_every`` steps and keep the best checkpoint.
+
+    Returns the best validation metric (accuracy or MSE), which a Hydra sweep can optimise.
+    """
+    cfg = config.validate(cfg, config.TrainConfig)
+    for key in (
+        "iterations",
+        "meta_batch_size",
+        "val_every",
+        "val_tasks",
+        "eval_batch_size",
+        "checkpoint_every",
+        "log_every",
+    ):
+        if cfg[key] < 1:
+            raise MamlrunError(f"{key} must be positive, got {cfg[key]}")
+    run_dir = run_dir_of(run_dir)
+    device = resolve_device(cfg.device)
+    parts = build(cfg, device, cfg.seed)
+    source, model, algorithm = parts.source, parts.model, parts.algorithm
+    optimizer = parts.make_optimizer(model.parameters())
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    metric_name, _ = METRIC[source.kind]
+    ckpt_dir = run_dir / "checkpoints"
+    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
+    state = Progress()
+    batching = algorithm.task_batching
+
+    if cfg.resume:
+        saved = checkpoint.load(last_path, map_location=device)
+        if saved["config"]["components"] != component_config(cfg):
+            raise MamlrunError(f"resume=true but the config differs from {last_path}'s")
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(
+            saved["generator"].cpu() if device.type == "cpu" else saved["generator"]
+        )
+        checkpoint.set_rng_state(saved["rng"])
+        state = Progress(**saved["progress"])
+        batching = saved["task_batching"]
+    elif last_path.exists():
+        raise MamlrunError(
+            f"{run_dir} already holds a run; pass resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
+    if batching == "auto":
+        batching, seconds = batching_probe.probe(
+            algorithm, model, source, cfg.meta_batch_size, seed=cfg.seed + 1
+        )
+        timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
+        log.info(f"task_batching=auto chose {batching} ({timing} per meta-batch)")
+
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    source.save_splits(run_dir)
+    tb = TensorBoardLogger(run_dir / "tb")
+    console = ConsoleLogger()
+
+    def save(path: Path) -> None:
+        checkpoint.save(
+            path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "rng": checkpoint.rng_state(),
+                "progress": state.__dict__,
+                "task_batching": batching,
+                "kind": source.kind,
+                "config": {
+                    "components": component_config(cfg),
+                    "run": OmegaConf.to_container(cfg, resolve=True),
+                },
+            },
+        )
+
+    def validate() -> None:
+        curves = evaluate(
+            algorithm,
+            model,
+            source,
+            split="val",
+            seed=cfg.val_seed,
+            num_tasks=cfg.val_tasks,
+            batch_size=cfg.eval_batch_size,
+            steps=algorithm.inner_steps_test,
+            batching=batching,
+        )
+        mean, ci = mean_ci95(curves["metric"][:, -1])
+        state.history.append([state.step, mean, ci])
+        payload = {f"val/{metric_name}": mean, "val/loss": float(curves["loss"][:, -1].mean())}
+        tb.log_dict(payload, state.step)
+        console.log_dict({**payload, f"val/{metric_name}_ci95": ci}, state.step)
+        if better(source.kind, mean, state.best):
+            state.best, state.best_ci95, state.best_step = mean, ci, state.step
+            save(best_path)
+
+    stream = episodes(
+        algorithm,
+        model,
+        source,
+        split="train",
+        generator=generator,
+        batch_size=cfg.meta_batch_size,
+        batching=batching,
+        optimizer=optimizer,
+    )
+    with (
+        stop_on_signal() as stop,
+        logging_redirect_tqdm(),
+        progress(cfg.iterations, state.step, "train") as bar,
+    ):
+        while state.step < cfg.iterations:
+            out = next(stream)
+            state.step += 1
+            bar.update(1)
+            step = state.step
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                loss, metric = float(out["loss"]), float(out["metric"])
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+                tb.log_dict({"train/loss": loss, f"train/{metric_name}": metric}, step)
+            if step % cfg.val_every == 0 or step == cfg.iterations:
+                validate()
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations or stop["signal"]:
+                save(last_path)
+            if stop["signal"]:
+                name = signal.Signals(stop["signal"]).name
+                log.info(
+                    f"{name} received: saved {last_path} at step {step}; continue with "
+                    f"`mamlrun train resume=true hydra.run.dir={run_dir}` "
+                    "(and the same overrides)"
+                )
+                tb.close()
+                raise SystemExit(128 + stop["signal"])
+
+    results = {
+        "metric": metric_name,
+        "best_val": state.best,
+        "best_val_ci95": state.best_ci95,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "val_tasks": cfg.val_tasks,
+        "val_inner_steps": algorithm.inner_steps_test,
+        "task_batching": batching,
+        "val_history": [{"step": s, "mean": m, "ci95": c} for s, m, c in state.history],
+        "dataset": source.describe(),
+    }
+    finals: dict[str, float] = {f"hparam/best_val_{metric_name}": state.best}
+    if cfg.final_test or cfg.final_adapt:
+        common = {
+            "checkpoint": str(best_path),
+            "n_tasks": cfg.test_tasks,
+            "seed": cfg.test_seed,
+            "device": cfg.device,
+            "eval_batch_size": cfg.eval_batch_size,
+        }
+        if cfg.final_test:
+            results["test"] = _test_results(OmegaConf.create(common), run_dir / "test")
+            finals[f"hparam/test_{metric_name}"] = results["test"]["mean"]
+        if cfg.final_adapt:
+            adapt_cfg = OmegaConf.create({**common, "baseline": cfg.baseline})
+            results["adapt"] = _adapt_results(adapt_cfg, run_dir / "adapt")
+    write_json(run_dir / "results.json", results)
+    tb.log_hparams(_flatten(component_config(cfg)) | {"seed": cfg.seed}, finals)
+    tb.close()
+    log.info(
+        f"best val {metric_name} {state.best:.4g} ± {state.best_ci95:.2g} "
+        f"at step {state.best_step}; results in {run_dir}"
+    )
+    return state.best
+
+
+# --------------------------------------------------------------------------- test and adapt
+def _restore(cfg: DictConfig) -> tuple[Components, dict, DictConfig]:
+    device = resolve_device(cfg.device)
+    saved = checkpoint.load(cfg.checkpoint, map_location=device)
+    try:
+        components = OmegaConf.create(saved["config"]["components"])
+    except (KeyError, TypeError):
+        raise MamlrunError(f"{cfg.checkpoint} holds no mamlrun config") from None
+    if cfg.data_root is not None and "root" in components.dataset:
+        components.dataset.root = cfg.data_root
+    components = config.validate(components, _ComponentsOnly)
+    parts = build(components, device, seed=0)
+    try:
+        parts.model.load_state_dict(saved["model"])
+    except RuntimeError as ex:
+        raise MamlrunError(
+            f"{cfg.checkpoint}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
+        ) from None
+    return parts, saved, components
+
+
+@dataclass
+class _ComponentsOnly:
+    dataset: Any = None
+    backbone: Any = None
+    meta_optimizer: Any = None
+
+
+def _curves(parts: Components, saved: dict, cfg: DictConfig, steps: int) -> dict:
+    batching = saved.get("task_batching", "loop")
+    return evaluate(
+        parts.algorithm,
+        parts.model,
+        parts.source,
+        split="test",
+        seed=cfg.seed,
+        num_tasks=cfg.n_tasks,
+        batch_size=cfg.eval_batch_size,
+        steps=steps,
+        batching=batching if batching != "auto" else "loop",
+    )
+
+
+def _test_results(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = config.validate(cfg, config.TestConfig)
+    if cfg.n_tasks < 1 or cfg.eval_batch_size < 1:
+        raise MamlrunError("n_tasks and eval_batch_size must be positive")
+    parts, saved, _ = _restore(cfg)
+    steps = parts.algorithm.inner_steps_test if cfg.inner_steps is None else cfg.inner_steps
+    if steps < 0:
+        raise MamlrunError(f"inner_steps must be >= 0, got {steps}")
+    metric_name, _ = METRIC[parts.source.kind]
+    curves = _curves(parts, saved, cfg, steps)
+    mean, ci = mean_ci95(curves["metric"][:, -1])
+    results = {
+        "metric": metric_name,
+        "n_tasks": cfg.n_tasks,
+        "inner_steps": steps,
+        "mean": mean,
+        "ci95": ci,
+        "checkpoint": str(cfg.checkpoint),
+        "dataset": parts.source.describe(),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "results.json", results)
+    tb = TensorBoardLogger(run_dir / "tb")
+    tb.log_dict({f"test/{metric_name}": mean, f"test/{metric_name}_ci95": ci}, steps)
+    tb.close()
+    print(
+        f"test {metric_name} after {steps} inner steps: {mean:.4g} ± {ci:.2g} "
+        f"(95% CI, {cfg.n_tasks} tasks)"
+    )
+    return results
+
+
+def _adapt_results(cfg: DictConfig, run_dir: Path) -> dict:
+    cfg = config.validate(cfg, config.AdaptConfig)
+    if cfg.n_tasks < 1 or cfg.eval_batch_size < 1:
+        raise MamlrunError("n_tasks and eval_batch_size must be positive")
+    parts, saved, components = _restore(cfg)
+    steps = parts.algorithm.inner_steps_test if cfg.inner_steps is None else cfg.inner_steps
+    if steps < 0:
+        raise MamlrunError(f"inner_steps must be >= 0, got {steps}")
+    metric_name, _ = METRIC[parts.source.kind]
+
+    def summarise(curves: dict) -> dict:
+        pairs = [mean_ci95(curves["metric"][:, s]) for s in range(steps + 1)]
+        return {
+            "steps": list(range(steps + 1)),
+            "mean": [m for m, _ in pairs],
+            "ci95": [c for _, c in pairs],
+        }
+
+    results = {
+        "metric": metric_name,
+        "n_tasks": cfg.n_tasks,
+        **summarise(_curves(parts, saved, cfg, steps)),
+        "baseline": None,
+    }
+    if cfg.baseline.enabled and parts.source.kind == "regression":
+        parts = build(components, parts.source.device, seed=cfg.baseline.seed)
+        pretrain_jointly(
+            parts.model,
+            parts.source,
+            steps=cfg.baseline.steps,
+            lr=cfg.baseline.lr,
+            batch_size=cfg.baseline.batch_size,
+            seed=cfg.baseline.seed,
+        )
+        results["baseline"] = summarise(_curves(parts, saved, cfg, steps))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "results.json", results)
+    tb = TensorBoardLogger(run_dir / "tb")
+    for s in range(steps + 1):
+        payload = {f"adapt/{metric_name}": results["mean"][s]}
+        if results["baseline"]:
+            payload[f"adapt/baseline_{metric_name}"] = results["baseline"]["mean"][s]
+        tb.log_dict(payload, s)
+    tb.close()
+    print(f"{metric_name} after each inner step (mean ± 95% CI over {cfg.n_tasks} tasks):")
+    for s in range(steps + 1):
+        line = f"  step {s:3d}: {results['mean'][s]:.4g} ± {results['ci95'][s]:.2g}"
+        if results["baseline"]:
+            b = results["baseline"]
+            line += f"   pretrained baseline: {b['mean'][s]:.4g} ± {b['ci95'][s]:.2g}"
+        print(line)
+    return results
+
+
+def test(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Meta-test a checkpoint: metric after the test-time inner steps, mean ± 95% CI."""
+    return _test_results(cfg, run_dir_of(run_dir))["mean"]
+
+
+def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+    """Metric after each inner step 0…S, for the meta-learned model and the baseline."""
+    return _adapt_results(cfg, run_dir_of(run_dir))["mean"][-1]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

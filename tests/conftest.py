@@ -1,0 +1,39 @@
+"""Shared helpers: run the CLI as a user would, and compose configs as the CLI does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """Tests read real data from ``../shared/data`` (or ``$MAMLRUN_DATA``), never from src."""
+    return Path(os.environ.get("MAMLRUN_DATA", REPO.parent / "shared" / "data"))
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
+    """``mamlrun ARGS`` in a subprocess, as a user would type it (stdout and stderr captured)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR") if full_env["HYDRA_FULL_ERROR"] == "0" else None
+    return subprocess.run(
+        [sys.executable, "-m", "mamlrun.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    def call(*args: str, **kwargs):
+        return run_cli(*args, cwd=kwargs.pop("cwd", tmp_path), **kwargs)
+
+    return call
