@@ -65,9 +65,21 @@ def _run_hydra(command: str, overrides: list[str]) -> Any:
     import hydra._internal.utils as hydra_utils
 
     from mamlrun import config, run
+    from mamlrun.errors import MamlrunError
 
     config.register_schemas()
-    task: Callable = getattr(run, command)
+    command_fn: Callable = getattr(run, command)
+
+    def task(cfg: Any) -> Any:
+        # Report inside the job: once the error leaves it, Hydra adds a line of its own.
+        try:
+            return command_fn(cfg)
+        except MamlrunError as ex:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
+            return _exit(2)
+
     sys.argv = ["mamlrun", *overrides]
     entry = hydra.main(
         version_base="1.3", config_path=str(config.config_dir()), config_name=command
@@ -105,6 +117,9 @@ def _run_and_report_one_line(func: Callable[[], Any]) -> Any:
 def _one_line(ex: BaseException) -> str:
     """The first line of the message, plus the first line of its cause when that adds detail."""
     first = _lines(ex)[0] if _lines(ex) else type(ex).__name__
+    key = getattr(ex, "full_key", None)
+    if key and key not in first:
+        first = f"{key}: {first}"
     cause = ex.__cause__ or ex.__context__
     if cause is not None and _lines(cause) and _lines(cause)[0] not in first:
         first = f"{first.rstrip('.:')}: {_lines(cause)[0]}"

@@ -110,7 +110,8 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except Exception as ex:  # omegaconf's ValidationError, ConfigKeyError, ...
-        raise MamlrunError(_first_line(ex)) from ex
+        key = getattr(ex, "full_key", None)
+        raise MamlrunError(f"{key}: {_first_line(ex)}" if key else _first_line(ex)) from ex
     for group in INJECTED:
         if group not in merged:
             continue

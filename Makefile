@@ -1,0 +1,31 @@
+# mamlrun: the ways we work. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MAMLRUN_DATA ?= $(abspath ../shared/data)
+
+.PHONY: help install test smoke lint format tb
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv and install mamlrun with pinned dependencies (CPU or CUDA torch)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+
+test:  ## run the test suite
+	$(BIN)/python -m pytest -q
+
+smoke:  ## a whole train -> test -> adapt cycle in seconds, for each shipped experiment
+	cd $$(mktemp -d) && $(abspath $(BIN))/mamlrun train debug=smoke
+
+lint:  ## ruff check and format check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format:  ## apply ruff's formatting
+	$(BIN)/ruff format src tests scripts
+
+tb:  ## open TensorBoard on the runs under outputs/ and multirun/
+	$(BIN)/tensorboard --logdir .

@@ -1,0 +1,144 @@
+"""Where datasets live on disk, and how a missing archive gets there.
+
+Nothing here knows about a particular dataset: callers pass the URL and the checksum they
+trust, so the same code serves every dataset that ships as a few archive files.
+
+A download is written to a temporary file beside its destination and renamed into place only
+after its checksum matched, so an interrupted or corrupted transfer never leaves a file that a
+later run would take for the real one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from mamlrun.errors import MamlrunError
+
+ENV_VAR = "MAMLRUN_DATA"
+_CHUNK = 1 << 20
+_TIMEOUT_S = 60
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError)
+
+
+def user_cache_dir() -> Path:
+    """The per-user cache (XDG), used when nothing names a data root and as the fallback for
+    derived files that cannot be written next to read-only data."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "mamlrun"
+
+
+def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: the explicit value, else ``$MAMLRUN_DATA``, else the user cache.
+
+    The environment variable lets a lab keep one shared copy of the data without editing every
+    config; the cache default makes a first run work without any setup.
+    """
+    if root is not None and str(root) != "":
+        return Path(root).expanduser()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return user_cache_dir()
+
+
+def md5sum(path: Path) -> str:
+    """Hex md5 of a file, read in chunks so large archives do not need to fit in memory."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_writable_dir(directory: Path) -> bool:
+    """Whether derived files may be written into ``directory``.
+
+    Root passes every permission check, so a directory without any write bit is treated as
+    read-only as well: a shared, deliberately read-only copy of a dataset is then never
+    modified, not even by a job that happens to run as root.
+    """
+    try:
+        mode = directory.stat().st_mode
+    except OSError:
+        return False
+    return directory.is_dir() and os.access(directory, os.W_OK) and bool(mode & 0o222)
+
+
+def _open_url(url: str) -> tuple[BinaryIO, int | None]:
+    """Open ``url`` for reading and return the stream and its length if the server sent one.
+
+    This is the only function that touches the network, so tests replace just this one.
+    """
+    response = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
+    length = response.headers.get("Content-Length")
+    return response, int(length) if length and length.isdigit() else None
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def _stream(url: str, out: BinaryIO, label: str) -> str:
+    """Copy ``url`` into ``out`` with a progress bar; return the md5 of what was written."""
+    digest = hashlib.md5()
+    stream, length = _open_url(url)
+    try:
+        with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=label) as bar:
+            while chunk := stream.read(_CHUNK):
+                out.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    finally:
+        stream.close()
+    return digest.hexdigest()
+
+
+def download(url: str, dest: Path, md5: str | None = None) -> Path:
+    """Download ``url`` to ``dest``, checking ``md5`` before the file appears under its name."""
+    dest = Path(dest)
+    manual = f"download it by hand and put it at {dest}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MamlrunError(f"{dest} is missing and cannot be created ({_one_line(e)})") from e
+    if not is_writable_dir(dest.parent):
+        raise MamlrunError(
+            f"{dest} is missing and {dest.parent} is not writable; {manual}, "
+            f"or choose another data root (${ENV_VAR})"
+        )
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                got = _stream(url, out, dest.name)
+            except _NETWORK_ERRORS as e:
+                raise MamlrunError(f"could not download {url} ({_one_line(e)}); {manual}") from e
+        if md5 is not None and got != md5:
+            raise MamlrunError(
+                f"{url}: downloaded file has md5 {got}, expected {md5}; discarded, {manual}"
+            )
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared dataset from other users
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def ensure_file(dest: Path, url: str, md5: str | None = None) -> Path:
+    """``dest`` if it exists (its content is the caller's to judge), else download it."""
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    return download(url, dest, md5)

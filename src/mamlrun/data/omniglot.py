@@ -1,0 +1,512 @@
+"""Omniglot as a task source: N-way K-shot classification of handwritten characters.
+
+Preprocessing follows the MAML paper (Finn et al., 2017, after Santoro et al., 2016) so that
+results are comparable with published numbers:
+
+* every 105×105 drawing is resized to 28×28 with Lanczos antialiasing, applied to the 8-bit
+  version of the 1-bit image (Pillow resizes 1-bit images with nearest neighbour only);
+* strokes are 1 and the background 0 (the PNGs have black strokes on white), so that the mostly
+  empty background is zero input;
+* each of the four rotations by 90° of a character is a class of its own.
+
+The cache holds one uint8 tensor ``[1623, 20, size, size]`` (0..255, strokes 255; the division
+by 255 happens on the device, which keeps the cache 4× smaller than floats), the character
+names ``Alphabet/characterNN`` (sorted within each zip, background first) and the zip each one
+came from. It is written atomically next to the zips as ``cache_<size>.pt``; where that folder
+is not writable (a shared read-only copy) it goes to ``$XDG_CACHE_HOME/mamlrun/omniglot/`` (or
+``~/.cache/mamlrun/omniglot/``) instead, as ``cache_<size>-<hash of the zips' folder>.pt`` so
+that two read-only copies do not overwrite each other's cache. Its key is the zips' sizes and
+mtimes and the image size: touching or replacing a zip rebuilds it, and an unreadable cache
+file is rebuilt rather than reported.
+
+The zips are verified whenever the cache is (re)built, because that reads every image anyway. A
+download must match the official md5. A local copy whose md5 differs (such as a re-zipped copy)
+is accepted because its content is right: the expected alphabets and characters per zip, 20
+drawings each, every PNG readable and 105×105 with an intact CRC. Official zips pass the same
+checks, so one code path serves both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import random
+import re
+import tempfile
+import time
+import warnings
+import zipfile
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mamlrun.data.download import (
+    ensure_file,
+    is_writable_dir,
+    md5sum,
+    resolve_root,
+    user_cache_dir,
+)
+from mamlrun.data.tasks import SPLITS, TaskBatch, check_split
+from mamlrun.errors import MamlrunError
+
+log = logging.getLogger(__name__)
+
+SETS = ("images_background", "images_evaluation")
+URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
+OFFICIAL_MD5 = {
+    "images_background": "68d2efa1b9178cc56df9314c21c6e718",
+    "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+# (alphabets, characters) per zip; tests shrink these to validate small fixture zips.
+EXPECTED_COUNTS = {"images_background": (30, 964), "images_evaluation": (20, 659)}
+DRAWINGS = 20
+RAW_SIZE = 105
+
+SPLIT_NAMES = ("maml", "background_evaluation")
+MAML_META_TRAIN = 1200  # the MAML paper's meta-training characters, validation included
+MAML_VAL = 100
+VAL_ALPHABETS = 5
+
+_CACHE_FORMAT = 1
+_ENTRY = re.compile(r"(?P<set>[^/]+)/(?P<alphabet>[^/]+)/(?P<character>[^/]+)/[^/]+\.png")
+
+
+@dataclass(frozen=True)
+class OmniglotData:
+    """Preprocessed characters: ``images[i]`` holds the 20 drawings of ``names[i]``."""
+
+    images: torch.Tensor  # uint8 [characters, DRAWINGS, size, size], strokes 255
+    names: list[str]  # "Alphabet/characterNN"
+    sources: list[str]  # the zip (an entry of SETS) each character came from
+    md5: dict[str, str]  # of the zips the cache was built from, for the results record
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and validating the zips
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except FileNotFoundError as e:
+        raise MamlrunError(f"{path}: file not found") from e
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        raise MamlrunError(f"{path}: not a readable zip file ({_one_line(e)})") from e
+
+
+def list_characters(path: Path, set_name: str) -> dict[str, list[str]]:
+    """Map each ``Alphabet/characterNN`` of one zip to its sorted PNG entries.
+
+    Checking the counts here, before any image is decoded, turns an incomplete download or a
+    wrong zip into an immediate error naming what is missing.
+    """
+    with _open_zip(path) as zf:
+        entries = zf.namelist()
+    characters: dict[str, list[str]] = {}
+    for entry in entries:
+        match = _ENTRY.fullmatch(entry)
+        if match and match["set"] == set_name:
+            name = f"{match['alphabet']}/{match['character']}"
+            characters.setdefault(name, []).append(entry)
+    _check_counts(path, set_name, characters)
+    return {name: sorted(characters[name]) for name in sorted(characters)}
+
+
+def _check_counts(path: Path, set_name: str, characters: dict[str, list[str]]) -> None:
+    if not characters:
+        raise MamlrunError(f"{path}: no {set_name}/<alphabet>/<character>/*.png entries")
+    want_alphabets, want_characters = EXPECTED_COUNTS[set_name]
+    alphabets = {name.split("/")[0] for name in characters}
+    if (len(alphabets), len(characters)) != (want_alphabets, want_characters):
+        raise MamlrunError(
+            f"{path}: {len(alphabets)} alphabets with {len(characters)} characters, "
+            f"expected {want_alphabets} with {want_characters}"
+        )
+    for name in sorted(characters):
+        if len(characters[name]) != DRAWINGS:
+            raise MamlrunError(
+                f"{path}: {name} has {len(characters[name])} drawings, expected {DRAWINGS}"
+            )
+
+
+def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
+    """One drawing resized to ``size`` (not yet inverted), as raw 8-bit pixels."""
+    try:
+        raw = zf.read(entry)  # checks the CRC
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
+        raise MamlrunError(f"{path}: cannot read {entry} ({_one_line(e)})") from e
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()
+            if image.size != (RAW_SIZE, RAW_SIZE):
+                w, h = image.size
+                raise MamlrunError(f"{path}: {entry} is {w}x{h}, expected {RAW_SIZE}x{RAW_SIZE}")
+            small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MamlrunError(f"{path}: {entry} is not a readable PNG ({_one_line(e)})") from e
+    return small.tobytes()
+
+
+def _decode_chunk(path: str, entries: list[str], size: int) -> bytes:
+    with _open_zip(Path(path)) as zf:
+        return b"".join(_load_png(zf, path, entry, size) for entry in entries)
+
+
+def _chunks(items: list[str], parts: int) -> list[list[str]]:
+    step = -(-len(items) // parts)
+    return [items[i : i + step] for i in range(0, len(items), step)]
+
+
+def _decode_all(jobs: list[tuple[str, list[str]]], size: int, workers: int) -> bytes:
+    """Decode the jobs' images in order, in ``workers`` processes where fork is available.
+
+    Fork (rather than spawn) because the workers need only Pillow and zipfile, and re-importing
+    torch in every spawned worker would cost more than the parallelism saves. Python 3.12+ warns
+    that forking a process with threads (torch's) may deadlock the child; that risk is in
+    children that use those threads' locks, and these never call into torch.
+    """
+    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("fork")
+        paths, entries = zip(*jobs, strict=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                return b"".join(pool.map(_decode_chunk, paths, entries, [size] * len(jobs)))
+    return b"".join(_decode_chunk(path, entries, size) for path, entries in jobs)
+
+
+def build_omniglot(
+    paths: dict[str, Path], image_size: int = 28, workers: int | None = None
+) -> OmniglotData:
+    """Validate both zips and preprocess every drawing (the slow path the cache avoids)."""
+    workers = workers or min(4, os.cpu_count() or 1)
+    names: list[str] = []
+    sources: list[str] = []
+    jobs: list[tuple[str, list[str]]] = []
+    for set_name in SETS:
+        characters = list_characters(paths[set_name], set_name)
+        names += characters
+        sources += [set_name] * len(characters)
+        entries = [entry for drawings in characters.values() for entry in drawings]
+        jobs += [(str(paths[set_name]), chunk) for chunk in _chunks(entries, workers)]
+    if len(set(names)) != len(names):
+        raise MamlrunError(f"{paths[SETS[1]]}: repeats alphabet names of {paths[SETS[0]]}")
+    pixels = bytearray(_decode_all(jobs, image_size, workers))
+    images = torch.frombuffer(pixels, dtype=torch.uint8)
+    images = 255 - images.view(len(names), DRAWINGS, image_size, image_size)
+    md5 = {set_name: md5sum(paths[set_name]) for set_name in SETS}
+    for set_name in SETS:
+        if md5[set_name] != OFFICIAL_MD5[set_name]:
+            log.info(
+                "%s differs from the official zip (md5); its content is valid", paths[set_name]
+            )
+    return OmniglotData(images, names, sources, md5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_paths(directory: Path, image_size: int) -> tuple[Path, Path]:
+    """Where the cache goes: next to the zips, or in the user cache if that is read-only."""
+    name = f"cache_{image_size}"
+    tag = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
+    return directory / f"{name}.pt", user_cache_dir() / "omniglot" / f"{name}-{tag}.pt"
+
+
+def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
+    key: dict = {"format": _CACHE_FORMAT, "image_size": image_size}
+    for set_name in SETS:
+        stat = paths[set_name].stat()
+        key[set_name] = [stat.st_size, stat.st_mtime_ns]
+    return key
+
+
+def _read_cache(path: Path, key: dict) -> OmniglotData | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob["key"] != key:
+            return None
+        data = OmniglotData(blob["images"], blob["names"], blob["sources"], blob["md5"])
+        size = key["image_size"]
+        shape = (len(data.names), DRAWINGS, size, size)
+        if data.images.dtype != torch.uint8 or data.images.shape != shape:
+            raise ValueError(f"images are {data.images.dtype} {tuple(data.images.shape)}")
+        if len(data.sources) != len(data.names):
+            raise ValueError("names and sources differ in length")
+        return data
+    except Exception as e:  # whatever is wrong with a cache, rebuilding it fixes it
+        log.warning("ignoring unreadable cache %s (%s)", path, _one_line(e))
+        return None
+
+
+def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
+    blob = {
+        "key": key,
+        "images": data.images,
+        "names": data.names,
+        "sources": data.sources,
+        "md5": data.md5,
+    }
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        log.warning("could not write cache %s (%s)", path, _one_line(e))
+        return False
+
+
+def ensure_zips(directory: Path) -> dict[str, Path]:
+    """The two zips in ``directory``, downloading (and md5-checking) any that is missing."""
+    return {
+        set_name: ensure_file(
+            directory / f"{set_name}.zip", URL.format(set_name), OFFICIAL_MD5[set_name]
+        )
+        for set_name in SETS
+    }
+
+
+def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 28) -> OmniglotData:
+    """The preprocessed dataset from the cache, building (and validating) it if needed."""
+    directory = resolve_root(root) / "omniglot"
+    paths = ensure_zips(directory)
+    key = _cache_key(paths, image_size)
+    primary, fallback = cache_paths(directory, image_size)
+    for candidate in (primary, fallback):
+        data = _read_cache(candidate, key)
+        if data is not None:
+            return data
+    log.info("building the Omniglot cache from %s (once; takes a few seconds)", directory)
+    start = time.perf_counter()
+    data = build_omniglot(paths, image_size)
+    log.info("built in %.1f s", time.perf_counter() - start)
+    targets = (primary, fallback) if is_writable_dir(directory) else (fallback,)
+    if not any(_write_cache(target, key, data) for target in targets):
+        log.warning("no cache written; the next run will preprocess Omniglot again")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def character_splits(
+    names: Sequence[str], sources: Sequence[str], split: str = "maml", seed: int = 0
+) -> dict[str, list[int]]:
+    """Indices of the characters in train / val / test.
+
+    ``maml``: the MAML paper's split: 1,200 characters drawn at random for meta-training (the
+    last 100 of them held out for validation), the other 423 for testing. ``background_evaluation``:
+    Lake et al.'s split (background zip for training, evaluation zip for testing), validating on
+    a seeded choice of whole background alphabets so validation measures transfer to new
+    alphabets as the test does.
+    """
+    if split == "maml":
+        return _maml_split(len(names), seed)
+    if split == "background_evaluation":
+        return _background_evaluation_split(names, sources, seed)
+    raise MamlrunError(
+        f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
+    )
+
+
+def _maml_split(count: int, seed: int) -> dict[str, list[int]]:
+    if count <= MAML_META_TRAIN:
+        raise MamlrunError(f"the maml split needs over {MAML_META_TRAIN} characters, got {count}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)  # stable across torch versions, unlike randperm
+    train_end = MAML_META_TRAIN - MAML_VAL
+    return {
+        "train": sorted(order[:train_end]),
+        "val": sorted(order[train_end:MAML_META_TRAIN]),
+        "test": sorted(order[MAML_META_TRAIN:]),
+    }
+
+
+def _background_evaluation_split(
+    names: Sequence[str], sources: Sequence[str], seed: int
+) -> dict[str, list[int]]:
+    alphabet = [name.split("/")[0] for name in names]
+    background = sorted({a for a, s in zip(alphabet, sources, strict=True) if s == SETS[0]})
+    if len(background) <= VAL_ALPHABETS:
+        raise MamlrunError(
+            f"the background_evaluation split needs over {VAL_ALPHABETS} background alphabets, "
+            f"got {len(background)}"
+        )
+    held_out = set(random.Random(seed).sample(background, VAL_ALPHABETS))
+    splits: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, (a, s) in enumerate(zip(alphabet, sources, strict=True)):
+        splits["test" if s != SETS[0] else "val" if a in held_out else "train"].append(i)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Task source
+
+
+def _check_task_shape(ways: int, shots: int, query: int, image_size: int) -> None:
+    for name, value in (
+        ("ways", ways),
+        ("shots", shots),
+        ("query", query),
+        ("image_size", image_size),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise MamlrunError(f"omniglot: {name} must be a positive integer, got {value!r}")
+    if shots + query > DRAWINGS:
+        raise MamlrunError(
+            f"omniglot: shots+query K+Q={shots + query} exceeds the {DRAWINGS} drawings per "
+            f"character"
+        )
+
+
+def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
+    split, count = min(((s, len(c)) for s, c in classes.items()), key=lambda item: item[1])
+    if ways > count:
+        raise MamlrunError(
+            f"omniglot: {ways}-way tasks need {ways} classes but the {split!r} split has {count}"
+        )
+
+
+def _class_images(
+    images: torch.Tensor, index: list[int], turns: range, device: torch.device
+) -> torch.Tensor:
+    """``[classes, 20, 1, s, s]`` floats in [0, 1] on ``device``; class ``len(turns)*i + k`` is
+    character ``index[i]`` rotated ``k`` times by 90° counterclockwise."""
+    characters = images[torch.as_tensor(index, dtype=torch.long)].to(device)
+    rotated = torch.stack([torch.rot90(characters, k, dims=(-2, -1)) for k in turns], dim=1)
+    return rotated.flatten(0, 1).unsqueeze(2).float().div_(255)
+
+
+class OmniglotTasks:
+    """N-way K-shot Omniglot tasks, each split's images held on ``device`` as one tensor.
+
+    Keeping everything on the device lets ``sample`` build a meta-batch by indexing alone, with
+    no per-image Python work and no host synchronisation, which is what makes small Omniglot
+    tasks fast on a GPU.
+    """
+
+    kind = "classification"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        ways: int = 5,
+        shots: int = 1,
+        query: int = 15,
+        split: str = "maml",
+        split_seed: int = 0,
+        rotations: bool = True,
+        image_size: int = 28,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        _check_task_shape(ways, shots, query, image_size)
+        if split not in SPLIT_NAMES:
+            raise MamlrunError(
+                f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
+            )
+        self.ways, self.shots, self.query = ways, shots, query
+        self.split, self.split_seed, self.rotations = split, split_seed, rotations
+        self.image_size = image_size
+        self.input_shape = (1, image_size, image_size)
+        self.output_size = ways
+        self.device = torch.device(device)
+
+        data = load_omniglot(root, image_size)
+        index = character_splits(data.names, data.sources, split, split_seed)
+        turns = range(4) if rotations else range(1)
+        self.characters = {s: [data.names[i] for i in index[s]] for s in SPLITS}
+        #: class names ``Alphabet/characterNN/rot<degrees>``, in class-index order
+        self.classes = {
+            s: [f"{name}/rot{90 * k}" for name in self.characters[s] for k in turns] for s in SPLITS
+        }
+        _check_ways(ways, self.classes)
+        self.md5 = data.md5
+        #: ``[classes, 20, 1, size, size]`` floats in [0, 1] per split, in class-index order
+        self.images = {s: _class_images(data.images, index[s], turns, self.device) for s in SPLITS}
+
+    def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """Draw tasks by indexing: random classes, random distinct drawings, shuffled labels.
+
+        Support and query are ordered by class slot (``[slot0 × K, slot1 × K, ...]``); the
+        labels of the slots are a random permutation per task, so the order carries no
+        information.
+        """
+        check_split(split)
+        if num_tasks < 1:
+            raise MamlrunError(f"omniglot: num_tasks must be positive, got {num_tasks}")
+        images = self.images[split]
+        n, k, kq = self.ways, self.shots, self.shots + self.query
+
+        def ranks(*shape: int) -> torch.Tensor:
+            noise = torch.rand(*shape, generator=generator, device=self.device)
+            return noise.argsort(dim=-1, stable=True)
+
+        classes = ranks(num_tasks, images.shape[0])[:, :n]  # [B, N]
+        drawings = ranks(num_tasks, n, images.shape[1])[..., :kq]  # [B, N, K+Q]
+        labels = ranks(num_tasks, n)  # [B, N]: the label of each class slot
+        x = images[classes.unsqueeze(-1), drawings]  # [B, N, K+Q, 1, s, s]
+        y = labels.unsqueeze(-1).expand(-1, -1, kq)
+        return TaskBatch(
+            x[:, :, :k].reshape(num_tasks, n * k, *self.input_shape),
+            y[:, :, :k].reshape(num_tasks, n * k),
+            x[:, :, k:].reshape(num_tasks, n * self.query, *self.input_shape),
+            y[:, :, k:].reshape(num_tasks, n * self.query),
+        )
+
+    def describe(self) -> dict:
+        """Task shape, split sizes and the zips' md5, enough to tell two runs' data apart."""
+        return {
+            "name": "omniglot",
+            "ways": self.ways,
+            "shots": self.shots,
+            "query": self.query,
+            "split": self.split,
+            "split_seed": self.split_seed,
+            "rotations": self.rotations,
+            "image_size": self.image_size,
+            "characters": {s: len(c) for s, c in self.characters.items()},
+            "classes": {s: len(c) for s, c in self.classes.items()},
+            "zip_md5": dict(self.md5),
+            "official_zips": self.md5 == OFFICIAL_MD5,
+        }
+
+    def save_splits(self, directory: Path) -> None:
+        """Write ``splits.json``: every split's classes in class-index order, so a result can be
+        traced to exactly the characters (and rotations) it was trained and tested on."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        document = {
+            "dataset": "omniglot",
+            "split": self.split,
+            "split_seed": self.split_seed,
+            "rotations": [90 * k for k in (range(4) if self.rotations else range(1))],
+            "class_format": "Alphabet/characterNN/rot<degrees, counterclockwise>",
+            "classes": self.classes,
+        }
+        (directory / "splits.json").write_text(json.dumps(document, indent=1) + "\n")

@@ -1,0 +1,216 @@
+"""The command line, as a researcher uses it: smoke cycle, outputs, Hydra flags, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mamlrun.cli import main
+
+SMOKE = ("train", "debug=smoke")
+
+
+def run_dir_of(cwd: Path, command: str = "train") -> Path:
+    dirs = sorted((cwd / "outputs" / command).glob("*/*"))
+    assert dirs, f"no run directory under {cwd}/outputs/{command}"
+    return dirs[-1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One `mamlrun train debug=smoke` shared by the tests that inspect its outputs."""
+    from conftest import run_cli
+
+    cwd = tmp_path_factory.mktemp("smoke")
+    result = run_cli(*SMOKE, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, run_dir_of(cwd), result
+
+
+def test_help_lists_the_subcommands(cli):
+    out = cli("--help")
+    assert out.returncode == 0
+    for command in ("train", "test", "adapt"):
+        assert command in out.stdout
+
+
+def test_unknown_subcommand_is_one_line_and_nonzero(cli):
+    out = cli("trian")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "unknown command 'trian'" in out.stderr
+
+
+def test_smoke_cycle_writes_config_checkpoints_results_and_events(smoke_run):
+    _, run_dir, _ = smoke_run
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["metric"] == "mse" and results["best_step"] in (10, 20)
+    assert [h["step"] for h in results["val_history"]] == [10, 20]
+    test = json.loads((run_dir / "test" / "results.json").read_text())
+    assert set(test) >= {"metric", "n_tasks", "inner_steps", "mean", "ci95"}
+    assert test["n_tasks"] == 8 and test["inner_steps"] == 10
+    adapt = json.loads((run_dir / "adapt" / "results.json").read_text())
+    assert adapt["steps"] == list(range(11)) and len(adapt["mean"]) == len(adapt["ci95"]) == 11
+    assert len(adapt["baseline"]["mean"]) == 11
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_events_hold_train_val_and_hparams(smoke_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = smoke_run
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/mse", "val/mse", "val/loss"} <= tags
+    assert [e.step for e in events.Scalars("val/mse")] == [10, 20]
+    hparams_runs = [p for p in (run_dir / "tb").rglob("events.out.tfevents.*")]
+    assert len(hparams_runs) >= 2, "add_hparams writes its own event file"
+
+
+def test_checkpoint_holds_everything_needed_to_resume(smoke_run):
+    _, run_dir, _ = smoke_run
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "generator", "rng", "progress", "config"} <= set(state)
+    assert state["progress"]["step"] == 20
+    assert state["config"]["components"]["backbone"]["hidden"] == [40, 40]
+
+
+def test_test_and_adapt_commands_on_the_checkpoint(smoke_run, cli, tmp_path):
+    _, run_dir, _ = smoke_run
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    out = cli("test", f"checkpoint={ckpt}", "n_tasks=12", "device=cpu")
+    assert out.returncode == 0, out.stderr
+    assert "±" in out.stdout
+    result = json.loads((run_dir_of(tmp_path, "test") / "results.json").read_text())
+    assert result["metric"] == "mse" and result["n_tasks"] == 12 and result["inner_steps"] == 10
+    assert result["ci95"] > 0
+
+    out = cli("adapt", f"checkpoint={ckpt}", "n_tasks=6", "inner_steps=3", "baseline.steps=5")
+    assert out.returncode == 0, out.stderr
+    result = json.loads((run_dir_of(tmp_path, "adapt") / "results.json").read_text())
+    assert result["steps"] == [0, 1, 2, 3] and result["baseline"]["steps"] == [0, 1, 2, 3]
+
+
+def test_the_same_seed_gives_the_same_test_tasks(smoke_run, cli, tmp_path):
+    _, run_dir, _ = smoke_run
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    means = []
+    for i in range(2):
+        out = cli("test", f"checkpoint={ckpt}", "n_tasks=5", f"hydra.run.dir=t{i}")
+        assert out.returncode == 0, out.stderr
+        means.append(json.loads((tmp_path / f"t{i}" / "results.json").read_text())["mean"])
+    assert means[0] == means[1]
+
+
+def test_cfg_job_prints_the_composed_config(cli):
+    out = cli("train", "experiment=sinusoid_maml_paper", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "iterations: 70000" in out.stdout and "inner_lr: 0.01" in out.stdout
+
+
+def test_hydra_help_lists_config_groups(cli):
+    out = cli("train", "--help")
+    assert out.returncode == 0
+    assert "meta_optimizer: fomaml, maml" in out.stdout
+
+
+def test_multirun_runs_each_job_in_its_own_directory(cli, tmp_path):
+    out = cli(
+        "train",
+        "-m",
+        "debug=smoke",
+        "final_adapt=false",
+        "final_test=false",
+        "seed=0,1",
+        "hydra.sweep.dir=sweep",
+    )
+    assert out.returncode == 0, out.stderr
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("meta_optimizer.inner_lrr=0.1", "inner_lrr"),
+        ("seed=abc", "seed"),
+        ("meta_optimizer.inner_lr=fast", "meta_optimizer.inner_lr"),
+        ("dataset=imagenet9000", "imagenet9000"),
+        ("dataset.shots=0", "shots must be a positive"),
+        ("dataset.query=-1", "query must be a positive"),
+        ("device=cuda:7" if not torch.cuda.is_available() else "device=cuda:99", "cuda"),
+        ("device=tpu", "device"),
+        ("iterations=0", "iterations must be positive"),
+        ("meta_optimizer.task_batching=fast", "task_batching"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_nonzero_exit(
+    override, message, capfd, monkeypatch, tmp_path
+):
+    # In-process (the CLI's own main) to keep the suite fast; one case below runs it as a
+    # subprocess too.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMOKE, override])
+    assert exit_info.value.code == 2
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mamlrun: error:") and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_input_in_a_real_process(cli):
+    out = cli(*SMOKE, "meta_optimizer.inner_lr=fast")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: meta_optimizer.inner_lr='fast' has the wrong type: expected float"
+    ]
+
+
+def test_full_traceback_on_request(cli):
+    out = cli(*SMOKE, "dataset.shots=0", env={"HYDRA_FULL_ERROR": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(cli):
+    out = cli(*SMOKE, "device=cuda")
+    assert out.returncode == 2
+    assert "CUDA is not available" in out.stderr
+
+
+def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli, tmp_path):
+    out = cli("test", "checkpoint=nope.pt")
+    assert out.returncode == 2 and "checkpoint not found: nope.pt" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    out = cli("test", f"checkpoint={bad}")
+    assert out.returncode == 2 and "corrupt" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+    out = cli("test")
+    assert out.returncode == 2 and "checkpoint" in out.stderr
+
+
+def test_truncated_checkpoint_is_rejected(smoke_run, cli, tmp_path):
+    _, run_dir, _ = smoke_run
+    data = (run_dir / "checkpoints" / "best.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    out = cli("test", f"checkpoint={cut}")
+    assert out.returncode == 2 and "corrupt" in out.stderr
+
+
+def test_non_tty_output_has_no_progress_bar_garbage(smoke_run):
+    _, _, result = smoke_run
+    assert "\r" not in result.stderr and "\r" not in result.stdout
+    assert "val/mse" in result.stdout + result.stderr

@@ -1,0 +1,106 @@
+"""Every shipped config composes and validates; bad configs fail with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mamlrun import config
+from mamlrun.errors import MamlrunError
+
+CONF = config.config_dir()
+config.register_schemas()
+
+
+def choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_config_dir_is_the_checkout_conf_or_the_packaged_one():
+    assert (CONF / "train.yaml").is_file()
+    assert CONF.name == "conf"
+
+
+@pytest.mark.parametrize("experiment", choices("experiment"))
+def test_every_experiment_preset_composes_and_validates(experiment):
+    cfg = config.validate(compose_train(f"experiment={experiment}"), config.TrainConfig)
+    assert cfg.iterations > 0
+
+
+@pytest.mark.parametrize("group", ["dataset", "backbone", "meta_optimizer", "debug"])
+def test_every_group_choice_composes_and_validates(group):
+    for choice in choices(group):
+        cfg = compose_train(f"{group}={choice}")
+        config.validate(cfg, config.TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "name,schema", [("test", config.TestConfig), ("adapt", config.AdaptConfig)]
+)
+def test_test_and_adapt_configs_compose(name, schema):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(name, overrides=["checkpoint=x.pt"])
+    assert config.validate(cfg, schema).n_tasks == 600
+
+
+def test_paper_preset_sets_the_papers_hyperparameters():
+    cfg = compose_train("experiment=sinusoid_maml_paper")
+    assert (cfg.dataset.shots, cfg.meta_batch_size, cfg.iterations) == (10, 25, 70000)
+    mo = cfg.meta_optimizer
+    assert (mo.inner_lr, mo.inner_steps, mo.inner_steps_test) == (0.01, 1, 10)
+    assert mo.optimizer._target_ == "torch.optim.Adam" and mo.optimizer.lr == 0.001
+    assert cfg.backbone.hidden == [40, 40]
+
+
+def test_presets_override_the_primary_config():
+    """`_self_` before the groups: a preset must win over train.yaml's defaults."""
+    assert compose_train("debug=smoke").iterations == 20
+
+
+def test_fomaml_is_maml_with_the_first_order_flag():
+    mo = compose_train("meta_optimizer=fomaml").meta_optimizer
+    assert mo.first_order is True and mo._target_.endswith("MAML")
+
+
+def test_unknown_component_key_is_rejected_with_its_name():
+    cfg = compose_train("+meta_optimizer.inner_lrr=0.1")
+    with pytest.raises(MamlrunError, match=r"unknown key meta_optimizer\.inner_lrr"):
+        config.validate(cfg, config.TrainConfig)
+
+
+def test_wrong_component_type_is_rejected():
+    cfg = compose_train("meta_optimizer.inner_lr=fast")
+    with pytest.raises(MamlrunError, match=r"meta_optimizer\.inner_lr='fast'.*float"):
+        config.validate(cfg, config.TrainConfig)
+
+
+def test_wrong_top_level_type_is_rejected():
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_train()))
+    cfg.iterations = "many"
+    with pytest.raises(MamlrunError, match="iterations"):
+        config.validate(cfg, config.TrainConfig)
+
+
+def test_keys_that_mamlrun_injects_cannot_be_set():
+    cfg = compose_train("+dataset.device=cuda")
+    with pytest.raises(MamlrunError, match="dataset.device is set by mamlrun"):
+        config.validate(cfg, config.TrainConfig)
+
+
+def test_tuple_lengths_are_checked():
+    cfg = compose_train("dataset.amplitude=[0.1,5.0,9.0]")
+    with pytest.raises(MamlrunError, match="dataset.amplitude"):
+        config.validate(cfg, config.TrainConfig)
+
+
+def test_shipped_yaml_has_no_tabs_or_stray_keys():
+    for path in Path(CONF).rglob("*.yaml"):
+        assert "\t" not in path.read_text(), path

@@ -1,0 +1,149 @@
+"""A run stopped by a signal saves, and resumed it ends exactly where an unbroken run ends."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from mamlrun import checkpoint, config, run
+from mamlrun.errors import MamlrunError
+
+OVERRIDES = [
+    "iterations=600",
+    "meta_batch_size=4",
+    "val_every=200",
+    "val_tasks=10",
+    "checkpoint_every=25",
+    "log_every=50",
+    "device=cpu",
+    "meta_optimizer.task_batching=vmap",
+    "seed=3",
+]
+
+
+def compose_train(*extra: str):
+    config.register_schemas()
+    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
+        return compose("train", overrides=[*OVERRIDES, *extra])
+
+
+def start_cli(run_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "mamlrun.cli",
+        "train",
+        *OVERRIDES,
+        *extra,
+        f"hydra.run.dir={run_dir}",
+    ]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def final_state(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("unbroken")
+    run.train(compose_train(), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_and_resumed_run_matches_an_unbroken_run_bit_for_bit(
+    tmp_path, unbroken, signum
+):
+    broken = tmp_path / "broken"
+    proc = start_cli(broken)
+    last = broken / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, output
+    assert "resume=true" in output
+    stopped_at = final_state(broken)["progress"]["step"]
+    assert 25 <= stopped_at < 600, "the signal must arrive mid-run for this test to mean much"
+
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mamlrun.cli",
+            "train",
+            *OVERRIDES,
+            "resume=true",
+            f"hydra.run.dir={broken}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = final_state(unbroken), final_state(broken)
+    assert a["progress"]["step"] == b["progress"]["step"] == 600
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][key]["exp_avg"])
+    assert a["progress"]["history"] == b["progress"]["history"]
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(MamlrunError, match="checkpoint not found"):
+        run.train(compose_train("resume=true"), run_dir=tmp_path)
+
+
+def test_a_finished_run_directory_is_not_overwritten(tmp_path):
+    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    with pytest.raises(MamlrunError, match="already holds a run"):
+        run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    with pytest.raises(MamlrunError, match="config differs"):
+        run.train(
+            compose_train("iterations=6", "resume=true", "meta_optimizer.inner_lr=0.5"),
+            run_dir=tmp_path,
+        )
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    run.train(compose_train("iterations=6", "val_every=3", "resume=true"), run_dir=tmp_path)
+    assert final_state(tmp_path)["progress"]["step"] == 6
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"model": {"w": torch.ones(2)}})
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", explode)
+    with pytest.raises(OSError):
+        checkpoint.save(path, {"model": {"w": torch.zeros(2)}})
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["c.pt"], "no temporary file may be left behind"
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    checkpoint.save(path, {"model": {}, "evil": torch.nn.Linear(1, 1)})
+    with pytest.raises(MamlrunError, match="corrupt or not a mamlrun checkpoint"):
+        checkpoint.load(path)
