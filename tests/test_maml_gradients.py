@@ -29,10 +29,13 @@ def meta_loss_by_hand(model, theta: list[torch.Tensor], batch: TaskBatch, steps:
     for xs, ys, xq, yq in zip(*batch, strict=True):
         params = [t.detach().clone().requires_grad_() for t in theta]
         for _ in range(steps):
-            out = torch.func.functional_call(model, dict(zip(names, params)), (xs,))
+            out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xs,))
             grads = torch.autograd.grad(((out - ys) ** 2).mean(), params)
-            params = [(p - ALPHA * g).detach().requires_grad_() for p, g in zip(params, grads)]
-        out = torch.func.functional_call(model, dict(zip(names, params)), (xq,))
+            params = [
+                (p - ALPHA * g).detach().requires_grad_()
+                for p, g in zip(params, grads, strict=True)
+            ]
+        out = torch.func.functional_call(model, dict(zip(names, params, strict=True)), (xq,))
         total += float(((out - yq) ** 2).mean().detach())
     return total / batch.num_tasks
 
@@ -83,10 +86,12 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(problem):
     expected = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     for xs, ys, xq, yq in zip(*batch, strict=True):
         theta = [p.detach().clone().requires_grad_() for p in model.parameters()]
-        out = torch.func.functional_call(model, dict(zip(names, theta)), (xs,))
+        out = torch.func.functional_call(model, dict(zip(names, theta, strict=True)), (xs,))
         g = torch.autograd.grad(((out - ys) ** 2).mean(), theta)
-        adapted = [(t - ALPHA * gi).detach().requires_grad_() for t, gi in zip(theta, g)]
-        out = torch.func.functional_call(model, dict(zip(names, adapted)), (xq,))
+        adapted = [
+            (t - ALPHA * gi).detach().requires_grad_() for t, gi in zip(theta, g, strict=True)
+        ]
+        out = torch.func.functional_call(model, dict(zip(names, adapted, strict=True)), (xq,))
         gq = torch.autograd.grad(((out - yq) ** 2).mean(), adapted)
         expected += torch.cat([x.flatten() for x in gq]) / batch.num_tasks
 

@@ -30,6 +30,7 @@ from mamlrun.errors import MamlrunError
 from mamlrun.logging import ConsoleLogger, TensorBoardLogger
 from mamlrun.loop import episodes, evaluate
 from mamlrun.metrics import METRIC, better, mean_ci95
+from mamlrun.visualize import task_grid
 
 log = logging.getLogger("mamlrun")
 COMPONENTS = ("dataset", "backbone", "meta_optimizer")
@@ -210,6 +211,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     source.save_splits(run_dir)
     tb = TensorBoardLogger(run_dir / "tb")
     console = ConsoleLogger()
+    if source.kind == "classification" and state.step == 0:
+        example = source.sample("train", 1, torch.Generator(device=device).manual_seed(cfg.seed))
+        tb.log_image("data/train_task (rows: labels; support | query)", task_grid(example))
 
     def save(path: Path) -> None:
         checkpoint.save(

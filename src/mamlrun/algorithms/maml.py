@@ -24,7 +24,7 @@ from mamlrun.algorithms.inner import (
 )
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
-from mamlrun.metrics import loss_fn, metric_fn
+from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, metric_fn
 
 TASK_BATCHING = ("auto", "loop", "vmap")
 
@@ -39,6 +39,8 @@ class MAML:
         inner_steps_test: inner steps at validation and test time (the paper uses more).
         first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
         task_batching: ``loop``, ``vmap`` or ``auto`` (measure both at start-up).
+        loss_normalization: ``mean`` or ``tf_maml`` (see ``metrics.loss_fn``): what the inner
+            learning rate is relative to.
     """
 
     inner_lr: float = 0.01
@@ -46,6 +48,7 @@ class MAML:
     inner_steps_test: int = 10
     first_order: bool = False
     task_batching: str = "auto"
+    loss_normalization: str = "mean"
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0:
@@ -54,6 +57,11 @@ class MAML:
             raise MamlrunError(
                 "meta_optimizer.inner_steps must be >= 1 and inner_steps_test >= 0, got "
                 f"{self.inner_steps} and {self.inner_steps_test}"
+            )
+        if self.loss_normalization not in LOSS_NORMALIZATION:
+            raise MamlrunError(
+                "meta_optimizer.loss_normalization must be one of "
+                f"{', '.join(LOSS_NORMALIZATION)}, got {self.loss_normalization!r}"
             )
         if self.task_batching not in TASK_BATCHING:
             raise MamlrunError(
@@ -70,7 +78,11 @@ class MAML:
         caller decides when to synchronise with the device).
         """
         params = dict(model.named_parameters())
-        forward, loss, metric = forward_fn(model), loss_fn(kind), metric_fn(kind)
+        forward, loss, metric = (
+            forward_fn(model),
+            loss_fn(kind, self.loss_normalization),
+            metric_fn(kind),
+        )
         n = batch.num_tasks
 
         if batching == "vmap":
@@ -110,7 +122,11 @@ class MAML:
         Returns two ``[tasks, steps + 1]`` tensors. The meta-parameters are not touched.
         """
         params = {k: p.detach() for k, p in model.named_parameters()}
-        forward, loss, metric = forward_fn(model), loss_fn(kind), metric_fn(kind)
+        forward, loss, metric = (
+            forward_fn(model),
+            loss_fn(kind, self.loss_normalization),
+            metric_fn(kind),
+        )
 
         if batching == "vmap":
             grad = functional_grad(first_order=True)

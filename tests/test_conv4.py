@@ -1,0 +1,122 @@
+"""conv4 is the paper's network, and MAML through it is exact whichever way tasks are batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamlrun.algorithms.maml import MAML
+from mamlrun.data.tasks import TaskBatch
+from mamlrun.metrics import loss_fn
+from mamlrun.models.conv4 import conv4
+
+
+def test_strided_omniglot_network_shapes_and_size():
+    model = conv4((1, 28, 28), 5)
+    assert model(torch.rand(7, 1, 28, 28)).shape == (7, 5)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 4 and all(c.out_channels == 64 for c in convs)
+    assert model[-1].in_features == 64, "Omniglot head averages the 2x2 map, as the original"
+
+
+def test_max_pool_variant_for_miniimagenet():
+    model = conv4((3, 84, 84), 5, filters=32, downsample="max_pool", head="flatten")
+    assert model(torch.rand(2, 3, 84, 84)).shape == (2, 5)
+    assert model[-1].in_features == 32 * 5 * 5
+
+
+def test_batch_norm_uses_task_statistics_and_keeps_no_running_state():
+    model = conv4((1, 28, 28), 5)
+    assert list(model.buffers()) == [], "no running statistics that could leak between tasks"
+    x = torch.rand(10, 1, 28, 28)
+    model.eval()
+    a = model(x)
+    b = model(torch.cat([x, 10 * torch.rand(10, 1, 28, 28)]))[:10]
+    assert not torch.allclose(a, b), "evaluation normalises with the batch it sees"
+
+
+def test_task_batch_norm_equals_torch_batch_norm_in_training_mode():
+    from mamlrun.models.conv4 import TaskBatchNorm2d
+
+    ours, reference = TaskBatchNorm2d(6).double(), torch.nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        for p in (*ours.parameters(), *reference.parameters()):
+            p.uniform_(-1, 1)
+        reference.weight.copy_(ours.weight)
+        reference.bias.copy_(ours.bias)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 3 + 1
+    assert torch.allclose(ours(x), reference(x), atol=1e-10)
+
+
+def test_invalid_settings_are_rejected():
+    with pytest.raises(ValueError, match="downsample"):
+        conv4((1, 28, 28), 5, downsample="avg")
+    with pytest.raises(ValueError, match="image inputs"):
+        conv4((28,), 5)
+
+
+def tiny_classification_batch(tasks=3, ways=3, shots=2, query=2):
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):
+        return torch.rand(tasks, n, 1, 8, 8, generator=g, dtype=torch.float64)
+
+    def labels(k):
+        return torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()
+
+    return TaskBatch(images(ways * shots), labels(shots), images(ways * query), labels(query))
+
+
+def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
+    torch.manual_seed(0)
+    model = conv4((1, 8, 8), 3, filters=4).double()
+    batch = tiny_classification_batch()
+    grads = {}
+    for mode in ("loop", "vmap"):
+        model.zero_grad(set_to_none=True)
+        MAML(inner_lr=0.3, inner_steps=2).meta_gradient(model, batch, "classification", mode)
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert (grads["loop"] - grads["vmap"]).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_conv4_second_order_gradient_matches_finite_differences(batching):
+    torch.manual_seed(1)
+    model = conv4((1, 8, 8), 3, filters=3).double()
+    batch = tiny_classification_batch(tasks=2)
+    algo = MAML(inner_lr=0.3, inner_steps=1)
+    model.zero_grad(set_to_none=True)
+    algo.meta_gradient(model, batch, "classification", batching)
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def meta_loss() -> float:
+        loss, _ = algo.evaluate(model, batch, "classification", steps=1, batching="loop")
+        return float(loss[:, 1].mean())
+
+    params = list(model.parameters())
+    # Check a spread of coordinates across every layer rather than all ~400.
+    picks = [(i, j) for i, p in enumerate(params) for j in range(0, p.numel(), 7)]
+    numeric, analytic = [], []
+    eps = 1e-6
+    with torch.no_grad():
+        for i, j in picks:
+            flat = params[i].view(-1)
+            flat[j] += eps
+            up = meta_loss()
+            flat[j] -= 2 * eps
+            down = meta_loss()
+            flat[j] += eps
+            numeric.append((up - down) / (2 * eps))
+            offset = sum(p.numel() for p in params[:i])
+            analytic.append(float(exact[offset + j]))
+    numeric, analytic = torch.tensor(numeric), torch.tensor(analytic)
+    assert (numeric - analytic).norm() / numeric.norm() < 1e-5
+
+
+def test_tf_maml_loss_is_n_times_the_mean_cross_entropy():
+    logits, y = torch.randn(10, 5), torch.arange(5).repeat(2)
+    per_example = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    shots = 2
+    original = (per_example / shots).sum()  # what tf.gradients differentiates in the original
+    assert torch.allclose(loss_fn("classification", "tf_maml")(logits, y), original)
+    assert torch.allclose(loss_fn("regression", "tf_maml")(logits, logits + 1), torch.tensor(1.0))
