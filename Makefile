@@ -11,7 +11,6 @@ help:  ## list the targets
 
 install:  ## create .venv and install mamlrun with pinned dependencies (CPU or CUDA torch)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 
 test:  ## run the test suite

@@ -214,3 +214,13 @@ def test_non_tty_output_has_no_progress_bar_garbage(smoke_run):
     _, _, result = smoke_run
     assert "\r" not in result.stderr and "\r" not in result.stdout
     assert "val/mse" in result.stdout + result.stderr
+
+
+def test_shell_completion_completes_subcommands_and_config_groups(cli):
+    out = cli("train", "-sc", "install=bash")
+    assert out.returncode == 0 and "complete" in out.stdout and "mamlrun" in out.stdout
+    out = cli("-sc", "query=bash", env={"COMP_LINE": "mamlrun tr"})
+    assert out.stdout.split() == ["train"]
+    out = cli("-sc", "query=bash", env={"COMP_LINE": "mamlrun train meta_optimizer="})
+    assert out.returncode == 0, out.stderr
+    assert {"meta_optimizer=maml", "meta_optimizer=fomaml"} <= set(out.stdout.split())

@@ -49,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args[0] == "--version":
         print(f"mamlrun {__version__}")
         return 0
+    if args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
+        return _complete(args)
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(
@@ -90,6 +92,22 @@ def _run_hydra(command: str, overrides: list[str]) -> Any:
         return entry()
     finally:
         hydra_utils.run_and_report = original
+
+
+def _complete(args: list[str]) -> Any:
+    """Shell completion: Hydra's script calls ``mamlrun -sc query=SHELL`` with the typed line in
+    ``COMP_LINE``; pick the subcommand from that line and let Hydra complete the rest."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+        return 0
+    command = words[1]
+    if command not in COMMANDS:
+        return 0
+    os.environ["COMP_LINE"] = line.replace(f" {command}", "", 1)
+    return _run_hydra(command, args)
 
 
 def _run_and_report_one_line(func: Callable[[], Any]) -> Any:
