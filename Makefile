@@ -16,15 +16,15 @@ install:  ## create .venv and install mamlrun with pinned dependencies (CPU or C
 test:  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-smoke:  ## a whole train -> test -> adapt cycle in seconds, for each shipped experiment
+smoke:  ## a whole train -> test -> adapt cycle in seconds (sinusoid, CPU)
 	cd $$(mktemp -d) && $(abspath $(BIN))/mamlrun train debug=smoke
 
 lint:  ## ruff check and format check
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests $(wildcard scripts)
+	$(BIN)/ruff format --check src tests $(wildcard scripts)
 
 format:  ## apply ruff's formatting
-	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff format src tests $(wildcard scripts)
 
 tb:  ## open TensorBoard on the runs under outputs/ and multirun/
 	$(BIN)/tensorboard --logdir .
