@@ -184,14 +184,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     batching = algorithm.task_batching
 
     if cfg.resume:
-        saved = checkpoint.load(last_path, map_location=device)
+        # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
+        saved = checkpoint.load(last_path, map_location="cpu")
         if saved["config"]["components"] != component_config(cfg):
             raise MamlrunError(f"resume=true but the config differs from {last_path}'s")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        generator.set_state(
-            saved["generator"].cpu() if device.type == "cpu" else saved["generator"]
-        )
+        generator.set_state(saved["generator"])
         checkpoint.set_rng_state(saved["rng"])
         state = Progress(**saved["progress"])
         batching = saved["task_batching"]
@@ -332,7 +331,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 # --------------------------------------------------------------------------- test and adapt
 def _restore(cfg: DictConfig) -> tuple[Components, dict, DictConfig]:
     device = resolve_device(cfg.device)
-    saved = checkpoint.load(cfg.checkpoint, map_location=device)
+    saved = checkpoint.load(cfg.checkpoint, map_location="cpu")
     try:
         components = OmegaConf.create(saved["config"]["components"])
     except (KeyError, TypeError):
