@@ -1,0 +1,28 @@
+"""The built wheel carries the configs, so a non-editable install works from any directory."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_wheel_ships_every_config(tmp_path):
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("mamlrun-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mamlrun/conf/")}
+    expected = {
+        f"mamlrun/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")
+    }
+    assert expected and expected <= shipped
+    assert "mamlrun/cli.py" in zipfile.ZipFile(wheel).namelist()
