@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MAMLRUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test smoke lint format tb
+.PHONY: help install test smoke lint format tb bench
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,3 +28,6 @@ format:  ## apply ruff's formatting
 
 tb:  ## open TensorBoard on the runs under outputs/ and multirun/
 	$(BIN)/tensorboard --logdir .
+
+bench:  ## meta-training throughput and memory vs a learn2learn-style reference (writes bench.json)
+	$(BIN)/python scripts/bench.py --json bench.json
