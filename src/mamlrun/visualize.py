@@ -17,7 +17,7 @@ def task_grid(batch: TaskBatch, max_query: int = 5, pad: int = 2) -> torch.Tenso
     ways = int(ys.max()) + 1
     c, h, w = xs.shape[1:]
     shots = int((ys == 0).sum())
-    cols = shots + 1 + max_query
+    cols = shots + 1 + min(max_query, int((yq == 0).sum()))
     grid = torch.ones(c, ways * (h + pad) + pad, cols * (w + pad) + pad) * 0.5
     for label in range(ways):
         row = [*xs[ys == label], None, *xq[yq == label][:max_query]]
