@@ -116,7 +116,7 @@ def test_cfg_job_prints_the_composed_config(cli):
 def test_hydra_help_lists_config_groups(cli):
     out = cli("train", "--help")
     assert out.returncode == 0
-    assert "meta_optimizer: fomaml, maml" in out.stdout
+    assert "meta_optimizer: anil, fomaml, maml, mamlpp, metasgd, reptile" in out.stdout
 
 
 def test_multirun_runs_each_job_in_its_own_directory(cli, tmp_path):

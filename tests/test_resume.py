@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -147,3 +148,12 @@ def test_checkpoints_load_with_weights_only(tmp_path):
     checkpoint.save(path, {"model": {}, "evil": torch.nn.Linear(1, 1)})
     with pytest.raises(MamlrunError, match="corrupt or not a mamlrun checkpoint"):
         checkpoint.load(path)
+
+
+def test_a_time_budget_stops_training_early_but_validates_saves_and_reports(tmp_path):
+    run.train(compose_train("max_minutes=0.0001", "iterations=100000"), run_dir=tmp_path)
+    state = final_state(tmp_path)
+    assert 1 <= state["progress"]["step"] < 100000
+    assert state["progress"]["history"][-1][0] == state["progress"]["step"], "validated at the end"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stopped_by"] == "max_minutes" and results["steps"] == state["progress"]["step"]

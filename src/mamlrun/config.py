@@ -25,6 +25,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from mamlrun.errors import MamlrunError
 
+#: Parts of ``meta_optimizer`` that configure the outer loop, not the algorithm.
+OUTER_PARTS = ("optimizer", "scheduler")
+
 #: Arguments the runner passes itself; a config that sets them would be silently overridden.
 INJECTED = {
     "dataset": {"device"},
@@ -60,6 +63,7 @@ class TrainConfig:
     eval_batch_size: int = 25
     checkpoint_every: int = 1000
     resume: bool = False
+    max_minutes: float | None = None
     final_test: bool = False
     final_adapt: bool = False
     test_tasks: int = 600
@@ -116,9 +120,11 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         if group not in merged:
             continue
         node = merged[group]
-        if group == "meta_optimizer" and isinstance(node, DictConfig) and "optimizer" in node:
-            check_component(node.optimizer, "meta_optimizer.optimizer")
-            node = OmegaConf.masked_copy(node, [k for k in node if k != "optimizer"])
+        if group == "meta_optimizer" and isinstance(node, DictConfig):
+            for part in OUTER_PARTS:
+                if node.get(part) is not None:
+                    check_component(node[part], f"meta_optimizer.{part}")
+            node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
         check_component(node, group, injected=INJECTED[group])
     return merged
 
@@ -176,11 +182,22 @@ def build_meta_optimizer(node: DictConfig) -> tuple[Any, Callable[..., Any]]:
     The algorithm owns no optimizer: it only computes meta-gradients, which keeps it a set of
     pure functions that tests can call on their own.
     """
-    algorithm_node = OmegaConf.masked_copy(node, [k for k in node if k != "optimizer"])
+    algorithm_node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
     algorithm = instantiate(algorithm_node)
     if "optimizer" not in node:
         raise MamlrunError("missing key meta_optimizer.optimizer (e.g. torch.optim.Adam)")
     return algorithm, instantiate(node.optimizer)
+
+
+def build_scheduler(node: DictConfig) -> Callable[..., Any] | None:
+    """A factory ``optimizer -> scheduler`` for the outer learning rate, or None.
+
+    ``meta_optimizer.scheduler`` is optional (e.g. MAML++'s cosine annealing); the runner steps
+    it once per iteration and checkpoints its state.
+    """
+    if node.get("scheduler") is None:
+        return None
+    return instantiate(node.scheduler)
 
 
 def _locate(name: str, path: str) -> Any:

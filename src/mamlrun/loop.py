@@ -27,21 +27,28 @@ def episodes(
     num_tasks: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     steps: int | None = None,
+    first_step: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield per-meta-batch results until ``num_tasks`` tasks are done (forever if None).
 
     With an ``optimizer`` this trains: each meta-batch ends with an outer step and yields the
-    mean query ``loss`` and ``metric``. Without one it evaluates: each yields ``[tasks, steps+1]``
-    query ``loss`` and ``metric`` after 0…``steps`` inner steps.
+    mean query ``loss`` and ``metric``. The algorithm is told the training iteration
+    (``first_step``, ``first_step + 1``, …; a resumed run starts where it stopped), for the
+    settings that change over training. Without an optimizer it evaluates: each yields
+    ``[tasks, steps+1]`` query ``loss`` and ``metric`` after 0…``steps`` inner steps.
     """
     remaining = num_tasks
+    iteration = first_step
     while remaining is None or remaining > 0:
         size = batch_size if remaining is None else min(batch_size, remaining)
         batch = source.sample(split, size, generator)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-            loss, metric = algorithm.meta_gradient(model, batch, source.kind, batching)
+            loss, metric = algorithm.meta_gradient(
+                model, batch, source.kind, batching, step=iteration
+            )
             optimizer.step()
+            iteration += 1
         else:
             loss, metric = algorithm.evaluate(model, batch, source.kind, steps, batching)
         yield {"loss": loss, "metric": metric}

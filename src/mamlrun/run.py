@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,17 +70,24 @@ class Components:
     model: torch.nn.Module
     algorithm: Any
     make_optimizer: Any
+    make_scheduler: Any = None
 
 
 def build(cfg: DictConfig, device: torch.device, seed: int) -> Components:
-    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``."""
+    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``.
+
+    The model is the backbone plus whatever extra meta-parameters the algorithm learns
+    (``algorithm.meta_model``), so optimizer and checkpoints cover those too.
+    """
     torch.manual_seed(seed)
     source = config.instantiate(cfg.dataset, device=device)
-    model = config.instantiate(
+    backbone = config.instantiate(
         cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
     ).to(device)
     algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
-    return Components(source, model, algorithm, make_optimizer)
+    model = algorithm.meta_model(backbone)
+    make_scheduler = config.build_scheduler(cfg.meta_optimizer)
+    return Components(source, model, algorithm, make_optimizer, make_scheduler)
 
 
 def run_dir_of(run_dir: str | Path | None) -> Path:
@@ -176,6 +184,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     parts = build(cfg, device, cfg.seed)
     source, model, algorithm = parts.source, parts.model, parts.algorithm
     optimizer = parts.make_optimizer(model.parameters())
+    scheduler = parts.make_scheduler(optimizer) if parts.make_scheduler else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     metric_name, _ = METRIC[source.kind]
     ckpt_dir = run_dir / "checkpoints"
@@ -190,6 +199,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             raise MamlrunError(f"resume=true but the config differs from {last_path}'s")
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
         generator.set_state(saved["generator"])
         checkpoint.set_rng_state(saved["rng"])
         state = Progress(**saved["progress"])
@@ -204,7 +215,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             algorithm, model, source, cfg.meta_batch_size, seed=cfg.seed + 1
         )
         timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
-        log.info(f"task_batching=auto chose {batching} ({timing} per meta-batch)")
+        log.info(
+            f"task_batching=auto chose {batching} ({timing} per meta-batch)"
+            if seconds
+            else f"task_batching=auto chose {batching}, the only mode this algorithm supports"
+        )
 
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     source.save_splits(run_dir)
@@ -220,6 +235,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "generator": generator.get_state(),
                 "rng": checkpoint.rng_state(),
                 "progress": state.__dict__,
@@ -262,24 +278,32 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         batch_size=cfg.meta_batch_size,
         batching=batching,
         optimizer=optimizer,
+        first_step=state.step,
     )
     with (
         stop_on_signal() as stop,
         logging_redirect_tqdm(),
         progress(cfg.iterations, state.step, "train") as bar,
     ):
-        while state.step < cfg.iterations:
+        started = time.monotonic()
+        out_of_time = False
+        while state.step < cfg.iterations and not out_of_time:
             out = next(stream)
+            if scheduler is not None:
+                scheduler.step()
             state.step += 1
             bar.update(1)
             step = state.step
-            if step % cfg.log_every == 0 or step == cfg.iterations:
+            budget = cfg.max_minutes
+            out_of_time = budget is not None and time.monotonic() - started >= 60 * budget
+            last = step == cfg.iterations or out_of_time
+            if step % cfg.log_every == 0 or last:
                 loss, metric = float(out["loss"]), float(out["metric"])
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 tb.log_dict({"train/loss": loss, f"train/{metric_name}": metric}, step)
-            if step % cfg.val_every == 0 or step == cfg.iterations:
+            if step % cfg.val_every == 0 or last:
                 validate()
-            if step % cfg.checkpoint_every == 0 or step == cfg.iterations or stop["signal"]:
+            if step % cfg.checkpoint_every == 0 or last or stop["signal"]:
                 save(last_path)
             if stop["signal"]:
                 name = signal.Signals(stop["signal"]).name
@@ -297,9 +321,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         "best_val_ci95": state.best_ci95,
         "best_step": state.best_step,
         "steps": state.step,
+        "stopped_by": "max_minutes" if out_of_time else "iterations",
         "val_tasks": cfg.val_tasks,
         "val_inner_steps": algorithm.inner_steps_test,
         "task_batching": batching,
+        "bn_mode": algorithm.bn_mode,
         "val_history": [{"step": s, "mean": m, "ci95": c} for s, m, c in state.history],
         "dataset": source.describe(),
     }
@@ -388,6 +414,7 @@ def _test_results(cfg: DictConfig, run_dir: Path) -> dict:
         "inner_steps": steps,
         "mean": mean,
         "ci95": ci,
+        "bn_mode": parts.algorithm.bn_mode,
         "checkpoint": str(cfg.checkpoint),
         "dataset": parts.source.describe(),
     }

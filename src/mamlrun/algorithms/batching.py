@@ -30,11 +30,16 @@ def probe(
 
     Uses its own generator so the training task stream is the same whatever is chosen. A mode
     that fails (an operation without a batching rule, say) is reported as infinitely slow.
+    An algorithm that supports a single mode (``algorithm.batching_modes``) gets it untimed,
+    with no timings.
     """
+    modes = getattr(algorithm, "batching_modes", MODES)
+    if len(modes) == 1:
+        return modes[0], {}
     generator = torch.Generator(device=source.device).manual_seed(seed)
     batch = source.sample("train", batch_size, generator)
     seconds: dict[str, float] = {}
-    for mode in MODES:
+    for mode in modes:
         try:
             times = []
             for _ in range(repeats + 1):

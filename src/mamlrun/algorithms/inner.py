@@ -7,26 +7,15 @@ per task (``torch.autograd.grad``) or batched over tasks (``torch.func.grad`` un
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
-from torch import nn
-from torch.func import functional_call
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
 #: Gradient of a scalar function of the parameters, as a dict like the parameters.
 GradFn = Callable[[Callable[[Params], torch.Tensor], Params], Params]
-
-
-def forward_fn(model: nn.Module) -> Forward:
-    """``forward(params, x)`` through ``model`` with the given parameters."""
-    buffers = dict(model.named_buffers())
-
-    def forward(params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, (params, buffers), (x,))
-
-    return forward
 
 
 def autograd_grad(create_graph: bool) -> GradFn:
@@ -70,25 +59,64 @@ def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
     return {k: p - lr * grads[k] for k, p in params.items()}
 
 
+def adam_direction(
+    grads: Params, moments: tuple[Params, Params] | None, t: int, betas: tuple[float, float]
+) -> tuple[Params, tuple[Params, Params]]:
+    """Adam's step direction ``m̂ / (√v̂ + ε)`` at step ``t`` (from 1), and the new moments.
+
+    Written as a direction for ``sgd_step`` so that Adam is "SGD along another direction" and
+    learned rates compose with it. ``moments=None`` starts from zero, i.e. every task gets a
+    fresh optimizer state.
+    """
+    beta1, beta2 = betas
+    m, v = moments if moments is not None else ({k: 0.0 for k in grads}, {k: 0.0 for k in grads})
+    m = {k: beta1 * m[k] + (1 - beta1) * g for k, g in grads.items()}
+    v = {k: beta2 * v[k] + (1 - beta2) * g * g for k, g in grads.items()}
+    c1, c2 = 1 - beta1**t, 1 - beta2**t
+    direction = {k: (m[k] / c1) / ((v[k] / c2).sqrt() + 1e-8) for k in grads}
+    return direction, (m, v)
+
+
+T = TypeVar("T")
+
+
+def at_step(value: T | Sequence[T], step: int) -> T:
+    """``value`` itself, or its entry for ``step`` if it is a per-step list (last one reused)."""
+    if isinstance(value, list | tuple):
+        return value[min(step, len(value) - 1)]
+    return value
+
+
 def adapt(
-    forward: Forward,
+    forward: Forward | Sequence[Forward],
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     params: Params,
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    lr: float | Params,
+    lr: float | Params | Sequence[float | Params],
     steps: int,
     grad: GradFn,
+    adam: tuple[float, float] | None = None,
 ) -> list[Params]:
-    """Run ``steps`` inner SGD steps on one task's support set.
+    """Run ``steps`` inner steps on one task's support set.
 
     Returns the whole trajectory ``[θ₀, θ₁, …, θ_steps]`` (the dicts share tensors, so keeping
     it costs nothing extra in the graph) so that evaluation can report the metric after each
-    step and training can use the last one.
+    step and training can use the last one (or all of them, for MAML++'s multi-step loss).
+
+    ``forward`` and ``lr`` may be lists with one entry per step, for variants whose network or
+    rates change with the step (MAML++'s per-step batch norm and learned rates); past the end
+    of a list its last entry is reused, so evaluation can take more steps than training did.
+    ``adam=(β1, β2)`` steps along Adam's direction instead of the gradient (Reptile).
     """
     trajectory = [params]
-    for _ in range(steps):
-        params = sgd_step(params, grad(lambda p: loss(forward(p, x), y), params), lr)
+    moments = None
+    for step in range(steps):
+        f = at_step(forward, step)
+        grads = grad(lambda p, f=f: loss(f(p, x), y), params)
+        if adam is not None:
+            grads, moments = adam_direction(grads, moments, step + 1, adam)
+        params = sgd_step(params, grads, at_step(lr, step))
         trajectory.append(params)
     return trajectory

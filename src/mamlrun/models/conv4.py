@@ -71,18 +71,38 @@ class TaskBatchNorm2d(nn.Module):
     built by autograd from these operations: under ``torch.func.vmap`` + ``torch.func.grad``
     the fused kernel's double backward gave a meta-gradient that disagreed with finite
     differences (relative error ~2e-2, torch 2.13), while this one agrees on both paths.
+
+    The layer owns no running statistics (``running_mean``/``running_var`` are registered as
+    None, so checkpoints and ``buffers()`` hold none). An algorithm that keeps statistics
+    (MAML++'s per-step statistics, ``bn_mode=per_step``) passes them in as buffers through
+    ``functional_call``: in training mode they are then updated in place from the batch's
+    statistics (momentum ``momentum``, unbiased variance, as ``nn.BatchNorm2d``), and in
+    evaluation mode they replace the batch's statistics, so no example is normalised with
+    statistics of the others.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
         self.eps = eps
+        self.momentum = momentum
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("running_mean", None)
+        self.register_buffer("running_var", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = (0, 2, 3)
-        mean = x.mean(dim=dims, keepdim=True)
-        var = (x - mean).square().mean(dim=dims, keepdim=True)
+        if self.running_mean is not None and not self.training:
+            mean = self.running_mean[:, None, None]
+            var = self.running_var[:, None, None]
+        else:
+            mean = x.mean(dim=dims, keepdim=True)
+            var = (x - mean).square().mean(dim=dims, keepdim=True)
+            if self.running_mean is not None:
+                n = x.numel() // x.shape[1]
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean.flatten(), self.momentum)
+                    self.running_var.lerp_(var.flatten() * n / max(n - 1, 1), self.momentum)
         scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
         return (x - mean) * scale + self.bias[:, None, None]
 
