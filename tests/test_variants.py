@@ -507,6 +507,7 @@ RESUME = {
         "meta_optimizer=mamlpp",
         "meta_optimizer.msl_iterations=5",  # MSL weights and the derivative order both change
         "meta_optimizer.first_order_until=4",  # across the interruption at step 3
+        "meta_optimizer.task_batching=vmap",  # not auto: both runs must take the same path
     ],
     "omniglot": [
         "experiment=omniglot_5w1s_mamlpp",
@@ -515,6 +516,7 @@ RESUME = {
         "meta_optimizer.first_order_until=4",
         "meta_optimizer.inner_steps=2",
         "meta_optimizer.inner_steps_test=2",
+        "meta_optimizer.bn_mode=per_step",  # per-step statistics must survive the break too
     ],
 }
 
