@@ -1,0 +1,47 @@
+"""On a GPU the engine computes what it computes on the CPU. Skipped where there is no CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mamlrun.algorithms.maml import MAML
+from mamlrun.data.tasks import TaskBatch
+from mamlrun.models.conv4 import conv4
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def meta_gradient(device: str, batching: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = conv4((1, 28, 28), 5, filters=8).double().to(device)
+    g = torch.Generator().manual_seed(0)
+    xs, xq = torch.rand(4, 5, 1, 28, 28, generator=g), torch.rand(4, 10, 1, 28, 28, generator=g)
+    ys, yq = torch.arange(5).expand(4, -1), torch.arange(5).repeat(2).expand(4, -1)
+    batch = TaskBatch(*(t.double() if t.is_floating_point() else t for t in (xs, ys, xq, yq)))
+    batch = TaskBatch(*(t.to(device) for t in batch))
+    MAML(inner_lr=0.4, inner_steps=2).meta_gradient(model, batch, "classification", batching)
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+
+
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
+def test_cuda_meta_gradient_equals_the_cpu_one(batching):
+    assert torch.allclose(
+        meta_gradient("cuda", batching), meta_gradient("cpu", "loop"), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_training_runs_on_cuda(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mamlrun import checkpoint, config, run
+
+    config.register_schemas()
+    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["debug=smoke", "device=cuda", "final_adapt=false"])
+    run.train(cfg, run_dir=tmp_path)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["progress"]["step"] == 20
