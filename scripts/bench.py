@@ -211,7 +211,10 @@ class _Source:
 
 
 def peak_memory(engine: str, setting: str, first_order: bool, query: int, device: str) -> float:
-    """MiB of peak memory growth for one meta-gradient, measured in a fresh process."""
+    """MiB of peak memory growth for one cold meta-gradient, measured in a fresh process.
+
+    ``engine`` is ``reference`` or ``loop``/``vmap`` (mamlrun's mode, as the timing run chose).
+    """
     args = [
         sys.executable,
         __file__,
@@ -245,14 +248,7 @@ def memory_probe(args) -> None:
     if args.memory_probe == "reference":
         fn = reference_meta_gradient
     else:
-        mode, _ = (
-            batching_probe.probe(
-                algo, model, _Source(batch, device), s.meta_batch, seed=0, repeats=1
-            )
-            if args.memory_probe == "mamlrun"
-            else (args.memory_probe.split(":")[1], None)
-        )
-        fn = mamlrun_step(algo, mode)
+        fn = mamlrun_step(algo, args.memory_probe)
     if device.type == "cuda":
         fn(model, batch, s, args.first_order_probe)  # warm-up: allocator caches, lazy init
         model.zero_grad(set_to_none=True)
@@ -261,10 +257,8 @@ def memory_probe(args) -> None:
         fn(model, batch, s, args.first_order_probe)
         print((torch.cuda.max_memory_allocated(device) - base) / 2**20)
     else:
-        # ru_maxrss is a process-lifetime high-water mark that imports already set, so sample
-        # the current RSS from a thread while the call runs.
-        fn(model, batch, s, args.first_order_probe)
-        model.zero_grad(set_to_none=True)
+        # A cold call for every engine: after a warm-up the CPU allocator keeps freed pages, so
+        # a second call's growth says more about allocator reuse than about the engine.
         base = _rss_mib()
         with _PeakRss() as peak:
             fn(model, batch, s, args.first_order_probe)
@@ -340,7 +334,8 @@ def main() -> None:
             mem = {}
             if not args.no_memory:
                 for engine in rows:
-                    mem[engine] = peak_memory(engine, name, first_order, args.query, args.device)
+                    probe = "reference" if engine == "reference" else chosen
+                    mem[engine] = peak_memory(probe, name, first_order, args.query, args.device)
             ref = rows["reference"]
             for engine, row in rows.items():
                 ratio = row["tasks_per_s"] / ref["tasks_per_s"]
