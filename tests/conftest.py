@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from mamlrun.data.tasks import TaskBatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +40,27 @@ def cli(tmp_path):
         return run_cli(*args, cwd=kwargs.pop("cwd", tmp_path), **kwargs)
 
     return call
+
+
+def compose_train(*overrides: str):
+    """The `train` config as the CLI composes it, with these overrides."""
+    from hydra import compose, initialize_config_dir
+
+    from mamlrun import config
+
+    config.register_schemas()
+    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def image_batch(tasks: int = 2, ways: int = 3, shots: int = 2, query: int = 2) -> TaskBatch:
+    """Tiny float64 classification tasks of random 8×8 images, labels in class order."""
+    g = torch.Generator().manual_seed(0)
+
+    def images(n):
+        return torch.rand(tasks, n, 1, 8, 8, generator=g, dtype=torch.float64)
+
+    def labels(k):
+        return torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()
+
+    return TaskBatch(images(ways * shots), labels(shots), images(ways * query), labels(query))

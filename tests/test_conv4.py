@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import image_batch
 
 from mamlrun.algorithms.maml import MAML
-from mamlrun.data.tasks import TaskBatch
 from mamlrun.metrics import loss_fn
 from mamlrun.models.conv4 import conv4
 
@@ -55,22 +55,10 @@ def test_invalid_settings_are_rejected():
         conv4((28,), 5)
 
 
-def tiny_classification_batch(tasks=3, ways=3, shots=2, query=2):
-    g = torch.Generator().manual_seed(0)
-
-    def images(n):
-        return torch.rand(tasks, n, 1, 8, 8, generator=g, dtype=torch.float64)
-
-    def labels(k):
-        return torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()
-
-    return TaskBatch(images(ways * shots), labels(shots), images(ways * query), labels(query))
-
-
 def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
     torch.manual_seed(0)
     model = conv4((1, 8, 8), 3, filters=4).double()
-    batch = tiny_classification_batch()
+    batch = image_batch(tasks=3)
     grads = {}
     for mode in ("loop", "vmap"):
         model.zero_grad(set_to_none=True)
@@ -83,7 +71,7 @@ def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
 def test_conv4_second_order_gradient_matches_finite_differences(batching):
     torch.manual_seed(1)
     model = conv4((1, 8, 8), 3, filters=3).double()
-    batch = tiny_classification_batch(tasks=2)
+    batch = image_batch(tasks=2)
     algo = MAML(inner_lr=0.3, inner_steps=1)
     model.zero_grad(set_to_none=True)
     algo.meta_gradient(model, batch, "classification", batching)

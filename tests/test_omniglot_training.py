@@ -5,21 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import data_root
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, data_root
 
-from mamlrun import config, run
+from mamlrun import run
 
 pytestmark = pytest.mark.skipif(
     not (data_root() / "omniglot" / "images_background.zip").is_file(),
     reason=f"Omniglot zips not found under {data_root()}",
 )
-
-
-def compose_train(*overrides: str):
-    config.register_schemas()
-    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 @pytest.mark.slow

@@ -13,8 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import data_root
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, data_root, image_batch
 from torch.func import functional_call
 
 from mamlrun import checkpoint, config, run
@@ -39,18 +38,6 @@ def sinusoid_batch(tasks=3, shots=5, query=6) -> TaskBatch:
         "train", tasks, torch.Generator().manual_seed(1)
     )
     return TaskBatch(*(t.double() for t in batch))
-
-
-def image_batch(tasks=2, ways=3, shots=2, query=2) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-
-    def images(n):
-        return torch.rand(tasks, n, 1, 8, 8, generator=g, dtype=torch.float64)
-
-    def labels(k):
-        return torch.arange(ways).repeat_interleave(k).expand(tasks, -1).clone()
-
-    return TaskBatch(images(ways * shots), labels(shots), images(ways * query), labels(query))
 
 
 def tiny_mlp(algo):
@@ -477,12 +464,6 @@ def test_loop_and_vmap_paths_agree(variant, step):
 
 
 # --------------------------------------------------------------------------- the runner
-def compose_train(*overrides: str):
-    config.register_schemas()
-    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
-
-
 META_OPTIMIZERS = sorted(p.stem for p in (config.config_dir() / "meta_optimizer").glob("*.yaml"))
 
 
