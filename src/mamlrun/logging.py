@@ -55,18 +55,3 @@ class ConsoleLogger:
 
     def close(self) -> None:
         pass
-
-
-class Loggers:
-    """Fans one payload out to several loggers."""
-
-    def __init__(self, *loggers: MetricLogger) -> None:
-        self.loggers = loggers
-
-    def log_dict(self, payload: Mapping[str, float], step: int) -> None:
-        for logger in self.loggers:
-            logger.log_dict(payload, step)
-
-    def close(self) -> None:
-        for logger in self.loggers:
-            logger.close()

@@ -31,10 +31,6 @@ class TaskBatch(NamedTuple):
     def num_tasks(self) -> int:
         return self.x_support.shape[0]
 
-    def task(self, i: int) -> TaskBatch:
-        """The ``i``-th task, keeping a leading dimension of one."""
-        return TaskBatch(*(t[i : i + 1] for t in self))
-
 
 class TaskSource(Protocol):
     """A task distribution with train / val / test splits.
