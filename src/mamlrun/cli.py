@@ -7,8 +7,11 @@ Everything after the subcommand is Hydra's (``--cfg job``, ``--help``, ``-m``,
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from mamlrun import __version__
@@ -66,7 +69,7 @@ def _run_hydra(command: str, overrides: list[str]) -> Any:
     import hydra
     import hydra._internal.utils as hydra_utils
 
-    from mamlrun import config, run
+    from mamlrun import config, run, sweep
     from mamlrun.errors import MamlrunError
 
     config.register_schemas()
@@ -74,6 +77,8 @@ def _run_hydra(command: str, overrides: list[str]) -> Any:
 
     def task(cfg: Any) -> Any:
         # Report inside the job: once the error leaves it, Hydra adds a line of its own.
+        if run.in_sweep():
+            return _sweep_job(command_fn, cfg)
         try:
             return command_fn(cfg)
         except MamlrunError as ex:
@@ -82,16 +87,73 @@ def _run_hydra(command: str, overrides: list[str]) -> Any:
             print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
             return _exit(2)
 
+    scratch = None
+    if int(os.environ.get("RANK", "0")) > 0:
+        overrides, scratch = _quiet_rank(overrides)
     sys.argv = ["mamlrun", *overrides]
     entry = hydra.main(
         version_base="1.3", config_path=str(config.config_dir()), config_name=command
     )(task)
     original = hydra_utils.run_and_report
     hydra_utils.run_and_report = _run_and_report_one_line
+    sweep.LAST = None
     try:
-        return entry()
+        result = entry()
     finally:
         hydra_utils.run_and_report = original
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if sweep.LAST is not None and sweep.LAST.failed:
+        failed, total = len(sweep.LAST.failed), len(sweep.LAST.jobs)
+        print(
+            f"mamlrun: error: {failed} of {total} jobs did not finish; the others' results are "
+            f"in {sweep.LAST.sweep_dir / 'summary.csv'}",
+            file=sys.stderr,
+        )
+        return _exit(1)
+    return result
+
+
+def _sweep_job(command_fn: Callable, cfg: Any) -> Any:
+    """One job of a ``-m`` sweep: a failure is recorded in the job's directory and the sweep
+    goes on (an exception would stop Hydra's launcher and lose the summary).
+
+    The job returns NaN, which Optuna records as a failed trial.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    from mamlrun import sweep
+    from mamlrun.errors import MamlrunError, SweepConfigError
+
+    try:
+        return command_fn(cfg)
+    except SweepConfigError as ex:
+        print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Exception as ex:
+        message = _one_line(ex)
+        if not isinstance(ex, MamlrunError):
+            message = f"{type(ex).__name__}: {message}"
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        sweep.record_failure(job_dir, ex, message)
+        print(f"mamlrun: error in job {job_dir}: {message}", file=sys.stderr)
+        return float("nan")
+
+
+def _quiet_rank(overrides: list[str]) -> tuple[list[str], str | None]:
+    """Under torchrun, ranks other than 0 write nothing: no Hydra output directory of their
+    own (they use rank 0's, which it broadcasts), no log file, warnings only."""
+    quiet = [
+        *overrides,
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra.job_logging.root.level=WARNING",
+    ]
+    if any(o.startswith("hydra.run.dir=") for o in overrides):
+        return quiet, None
+    scratch = tempfile.mkdtemp(prefix="mamlrun-rank-")
+    return [*quiet, f"hydra.run.dir={scratch}"], scratch
 
 
 def _complete(args: list[str]) -> Any:
@@ -138,7 +200,7 @@ def _one_line(ex: BaseException) -> str:
     key = getattr(ex, "full_key", None)
     if key and key not in first:
         first = f"{key}: {first}"
-    cause = ex.__cause__ or ex.__context__
+    cause = ex.__cause__ or (None if ex.__suppress_context__ else ex.__context__)
     if cause is not None and _lines(cause) and _lines(cause)[0] not in first:
         first = f"{first.rstrip('.:')}: {_lines(cause)[0]}"
     return first

@@ -7,3 +7,8 @@ shape); let real bugs raise their own exceptions so that their tracebacks stay v
 
 class MamlrunError(Exception):
     """A problem with the user's input, reported as ``mamlrun: error: <message>``."""
+
+
+class SweepConfigError(MamlrunError):
+    """A problem that every job of a sweep would hit: it stops the whole sweep instead of
+    being recorded as one failed job."""

@@ -42,6 +42,22 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+class NullLogger:
+    """What ranks other than 0 log to under torchrun: nothing, so one run has one log."""
+
+    def log_dict(self, payload: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
+        pass
+
+    def log_image(self, tag: str, image: torch.Tensor, step: int = 0) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class ConsoleLogger:
     """One plain line per call through ``logging``: Hydra sends it to the console and to the
     run's log file; under ``logging_redirect_tqdm`` it does not break a progress bar."""

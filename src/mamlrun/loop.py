@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mamlrun.data.tasks import TaskSource
+from mamlrun.distributed import SINGLE, Context
 
 
 def episodes(
@@ -28,6 +29,7 @@ def episodes(
     optimizer: torch.optim.Optimizer | None = None,
     steps: int | None = None,
     first_step: int = 0,
+    distributed: Context = SINGLE,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield per-meta-batch results until ``num_tasks`` tasks are done (forever if None).
 
@@ -36,6 +38,9 @@ def episodes(
     (``first_step``, ``first_step + 1``, …; a resumed run starts where it stopped), for the
     settings that change over training. Without an optimizer it evaluates: each yields
     ``[tasks, steps+1]`` query ``loss`` and ``metric`` after 0…``steps`` inner steps.
+
+    Under ``torchrun`` (``distributed``), each rank trains on its share of every meta-batch
+    and the meta-gradient is averaged over all of them before the outer step.
     """
     remaining = num_tasks
     iteration = first_step
@@ -43,11 +48,16 @@ def episodes(
         size = batch_size if remaining is None else min(batch_size, remaining)
         batch = source.sample(split, size, generator)
         if optimizer is not None:
+            local = distributed.shard(batch)
             optimizer.zero_grad(set_to_none=True)
             loss, metric = algorithm.meta_gradient(
-                model, batch, source.kind, batching, step=iteration
+                model, local, source.kind, batching, step=iteration
+            )
+            loss, metric = distributed.average_gradients(
+                model, loss, metric, local.num_tasks, batch.num_tasks
             )
             optimizer.step()
+            distributed.average_buffers(model)
             iteration += 1
         else:
             loss, metric = algorithm.evaluate(model, batch, source.kind, steps, batching)

@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mamlrun import checkpoint, config
+from mamlrun import checkpoint, config, distributed
 from mamlrun.algorithms import batching as batching_probe
 from mamlrun.algorithms.pretrain import pretrain_jointly
 from mamlrun.data.tasks import TaskSource
-from mamlrun.errors import MamlrunError
-from mamlrun.logging import ConsoleLogger, TensorBoardLogger
+from mamlrun.errors import MamlrunError, SweepConfigError
+from mamlrun.logging import ConsoleLogger, NullLogger, TensorBoardLogger
 from mamlrun.loop import episodes, evaluate
 from mamlrun.metrics import METRIC, better, mean_ci95
 from mamlrun.visualize import task_grid
@@ -109,14 +109,14 @@ def write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def progress(total: int, initial: int, desc: str) -> tqdm:
+def progress(total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
     """A live bar on a terminal; nothing on a pipe or in a log file (the loggers print lines)."""
     return tqdm(
         total=total,
         initial=initial,
         desc=desc,
         dynamic_ncols=True,
-        disable=not sys.stderr.isatty(),
+        disable=not (enabled and sys.stderr.isatty()),
         unit="it",
     )
 
@@ -166,6 +166,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Meta-train; validate every ``val_every`` steps and keep the best checkpoint.
 
     Returns the best validation metric (accuracy or MSE), which a Hydra sweep can optimise.
+    Under ``torchrun`` the meta-batch is split across the processes (``distributed``); only
+    rank 0 validates, logs and checkpoints, and the other ranks return None.
     """
     cfg = config.validate(cfg, config.TrainConfig)
     for key in (
@@ -179,24 +181,63 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     ):
         if cfg[key] < 1:
             raise MamlrunError(f"{key} must be positive, got {cfg[key]}")
-    run_dir = run_dir_of(run_dir)
-    device = resolve_device(cfg.device)
+    world_size = distributed.world_size_from_env()
+    if world_size > 1 and in_sweep():
+        raise SweepConfigError("torchrun runs one training job: start a -m sweep without it")
+    if cfg.meta_batch_size < world_size:
+        raise MamlrunError(
+            f"meta_batch_size={cfg.meta_batch_size} cannot be split across {world_size} "
+            "processes: give each at least one task"
+        )
+    with distributed.session(resolve_device(cfg.device)) as (ctx, device):
+        return _train(cfg, run_dir, device, ctx)
+
+
+def in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _single_process(command: str) -> None:
+    if distributed.world_size_from_env() > 1:
+        raise MamlrunError(f"mamlrun {command} runs in one process: start it without torchrun")
+
+
+def _train(
+    cfg: DictConfig, run_dir: str | Path | None, device: torch.device, ctx: distributed.Context
+) -> float | None:
+    run_dir = Path(ctx.on_main(lambda: str(run_dir_of(run_dir))))
     parts = build(cfg, device, cfg.seed)
     source, model, algorithm = parts.source, parts.model, parts.algorithm
     optimizer = parts.make_optimizer(model.parameters())
     scheduler = parts.make_scheduler(optimizer) if parts.make_scheduler else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     metric_name, _ = METRIC[source.kind]
+    _check_sweep_direction(source.kind, metric_name)
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     state = Progress()
     batching = algorithm.task_batching
 
-    if cfg.resume:
+    def load_for_resume() -> dict:
         # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
         saved = checkpoint.load(last_path, map_location="cpu")
         if saved["config"]["components"] != component_config(cfg):
             raise MamlrunError(f"resume=true but the config differs from {last_path}'s")
+        return saved
+
+    def check_fresh() -> None:
+        if last_path.exists():
+            raise MamlrunError(
+                f"{run_dir} already holds a run; pass resume=true to continue it, "
+                "or choose another hydra.run.dir"
+            )
+
+    if cfg.resume:
+        # Rank 0 reads the checkpoint and sends it to the others: no shared disk needed.
+        saved = ctx.on_main(load_for_resume)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         if scheduler is not None:
@@ -205,14 +246,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         checkpoint.set_rng_state(saved["rng"])
         state = Progress(**saved["progress"])
         batching = saved["task_batching"]
-    elif last_path.exists():
-        raise MamlrunError(
-            f"{run_dir} already holds a run; pass resume=true to continue it, "
-            "or choose another hydra.run.dir"
-        )
+    else:
+        ctx.on_main(check_fresh)
     if batching == "auto":
-        batching, seconds = batching_probe.probe(
-            algorithm, model, source, cfg.meta_batch_size, seed=cfg.seed + 1
+        # Each rank adapts to its share of the meta-batch, so that is the workload to time.
+        share = -(-cfg.meta_batch_size // ctx.world_size)
+        batching, seconds = ctx.on_main(
+            lambda: batching_probe.probe(algorithm, model, source, share, seed=cfg.seed + 1)
         )
         timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
         log.info(
@@ -221,11 +261,13 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             else f"task_batching=auto chose {batching}, the only mode this algorithm supports"
         )
 
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    source.save_splits(run_dir)
-    tb = TensorBoardLogger(run_dir / "tb")
+    main = ctx.is_main
+    if main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        source.save_splits(run_dir)
+    tb = TensorBoardLogger(run_dir / "tb") if main else NullLogger()
     console = ConsoleLogger()
-    if source.kind == "classification" and state.step == 0:
+    if main and source.kind == "classification" and state.step == 0:
         example = source.sample("train", 1, torch.Generator(device=device).manual_seed(cfg.seed))
         tb.log_image("data/train_task (rows: labels; support | query)", task_grid(example))
 
@@ -279,11 +321,12 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         batching=batching,
         optimizer=optimizer,
         first_step=state.step,
+        distributed=ctx,
     )
     with (
         stop_on_signal() as stop,
         logging_redirect_tqdm(),
-        progress(cfg.iterations, state.step, "train") as bar,
+        progress(cfg.iterations, state.step, "train", enabled=main) as bar,
     ):
         started = time.monotonic()
         out_of_time = False
@@ -296,16 +339,21 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             step = state.step
             budget = cfg.max_minutes
             out_of_time = budget is not None and time.monotonic() - started >= 60 * budget
+            if ctx.enabled:  # rank 0's clock and any rank's signal decide for all
+                signalled, out_of_time = ctx.any(stop["signal"] is not None, main and out_of_time)
+                if signalled and stop["signal"] is None:
+                    stop["signal"] = signal.SIGTERM
             last = step == cfg.iterations or out_of_time
             if step % cfg.log_every == 0 or last:
                 loss, metric = float(out["loss"]), float(out["metric"])
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 tb.log_dict({"train/loss": loss, f"train/{metric_name}": metric}, step)
-            if step % cfg.val_every == 0 or last:
+            if main and (step % cfg.val_every == 0 or last):
                 validate()
-            if step % cfg.checkpoint_every == 0 or last or stop["signal"]:
+            if main and (step % cfg.checkpoint_every == 0 or last or stop["signal"]):
                 save(last_path)
             if stop["signal"]:
+                ctx.barrier()  # the others wait until rank 0 has saved
                 name = signal.Signals(stop["signal"]).name
                 log.info(
                     f"{name} received: saved {last_path} at step {step}; continue with "
@@ -315,6 +363,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
                 tb.close()
                 raise SystemExit(128 + stop["signal"])
 
+    if not main:
+        return None
     results = {
         "metric": metric_name,
         "best_val": state.best,
@@ -326,6 +376,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         "val_inner_steps": algorithm.inner_steps_test,
         "task_batching": batching,
         "bn_mode": algorithm.bn_mode,
+        "processes": ctx.world_size,
         "val_history": [{"step": s, "mean": m, "ci95": c} for s, m, c in state.history],
         "dataset": source.describe(),
     }
@@ -345,13 +396,32 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
             adapt_cfg = OmegaConf.create({**common, "baseline": cfg.baseline})
             results["adapt"] = _adapt_results(adapt_cfg, run_dir / "adapt")
     write_json(run_dir / "results.json", results)
-    tb.log_hparams(_flatten(component_config(cfg)) | {"seed": cfg.seed}, finals)
+    run_keys = ("seed", "meta_batch_size", "iterations")
+    hparams = _flatten(component_config(cfg)) | {k: cfg[k] for k in run_keys}
+    tb.log_hparams(hparams | {"processes": ctx.world_size}, finals)
     tb.close()
     log.info(
         f"best val {metric_name} {state.best:.4g} ± {state.best_ci95:.2g} "
         f"at step {state.best_step}; results in {run_dir}"
     )
     return state.best
+
+
+def _check_sweep_direction(kind: str, metric_name: str) -> None:
+    """An Optuna sweep that maximises MSE would search for the worst settings, silently."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    direction = HydraConfig.get().sweeper.get("direction")
+    if not isinstance(direction, str) or direction not in ("maximize", "minimize"):
+        return
+    wanted = "minimize" if kind == "regression" else "maximize"
+    if direction != wanted:
+        raise SweepConfigError(
+            f"the sweeper would {direction} {metric_name}, which this dataset wants to "
+            f"{wanted}: set hydra.sweeper.direction={wanted}"
+        )
 
 
 # --------------------------------------------------------------------------- test and adapt
@@ -487,11 +557,13 @@ def _adapt_results(cfg: DictConfig, run_dir: Path) -> dict:
 
 def test(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Meta-test a checkpoint: metric after the test-time inner steps, mean ± 95% CI."""
+    _single_process("test")
     return _test_results(cfg, run_dir_of(run_dir))["mean"]
 
 
 def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Metric after each inner step 0…S, for the meta-learned model and the baseline."""
+    _single_process("adapt")
     return _adapt_results(cfg, run_dir_of(run_dir))["mean"][-1]
 
 
