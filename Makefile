@@ -16,8 +16,15 @@ install:  ## create .venv and install mamlrun with pinned dependencies (CPU or C
 test:  ## run the test suite
 	$(BIN)/python -m pytest -q
 
-smoke:  ## a whole train -> test -> adapt cycle in seconds (sinusoid, CPU)
-	cd $$(mktemp -d) && $(abspath $(BIN))/mamlrun train debug=smoke
+smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, test, adapt
+	@set -e; out=$$(mktemp -d); \
+	for preset in conf/experiment/*.yaml; do \
+	  name=$$(basename $$preset .yaml); start=$$(date +%s); \
+	  if $(BIN)/mamlrun train experiment=$$name debug=smoke hydra.run.dir=$$out/$$name \
+	      > $$out/$$name.log 2>&1; then \
+	    echo "smoke: $$name ok ($$(( $$(date +%s) - start )) s)"; \
+	  else tail -5 $$out/$$name.log; echo "smoke: $$name FAILED (log: $$out/$$name.log)"; exit 1; fi; \
+	done; echo "smoke: every preset ran; runs and logs in $$out"
 
 lint:  ## ruff check and format check
 	$(BIN)/ruff check src tests $(wildcard scripts)

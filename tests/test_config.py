@@ -104,3 +104,34 @@ def test_tuple_lengths_are_checked():
 def test_shipped_yaml_has_no_tabs():
     for path in Path(CONF).rglob("*.yaml"):
         assert "\t" not in path.read_text(), path
+
+
+def every_yaml_in_conf() -> list[str]:
+    return sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", every_yaml_in_conf())
+def test_every_yaml_file_in_conf_composes(path):
+    """New files are covered as they are added: primary configs, every group, presets for
+    Hydra's own groups (launchers, sweepers) included."""
+    from hydra.utils import get_class
+
+    rel = Path(path)
+    schemas = {"train": config.TrainConfig, "test": config.TestConfig, "adapt": config.AdaptConfig}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        if rel.parent == Path("."):
+            extra = [] if rel.stem == "train" else ["checkpoint=x.pt"]
+            config.validate(compose(rel.stem, overrides=extra), schemas[rel.stem])
+            return
+        group = rel.parent.as_posix()
+        cfg = compose("train", overrides=[f"{group}={rel.stem}"], return_hydra_config=True)
+    config.validate(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), config.TrainConfig
+    )
+    if group.startswith("hydra/"):
+        node = OmegaConf.select(cfg, group.replace("/", "."))
+        assert get_class(node._target_), f"{path}: {node._target_} does not import"
+    if group == "hparams_search":
+        assert cfg.hydra.mode.name == "MULTIRUN"
+        assert "OptunaSweeper" in cfg.hydra.sweeper._target_
+        assert cfg.hydra.sweeper.direction == "maximize"
