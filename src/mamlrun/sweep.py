@@ -209,10 +209,7 @@ def render(summary: Summary) -> str:
             [
                 *(str(g.get(k, "")) for k in keys),
                 f"{g['jobs'] - g['failed']}/{g['jobs']}",
-                *(
-                    f"{_fmt(g[h])} ± {_fmt(g[f'{h}_ci95'])}" if h in g else "-"
-                    for h in headline
-                ),
+                *(f"{_fmt(g[h])} ± {_fmt(g[f'{h}_ci95'])}" if h in g else "-" for h in headline),
             ]
             for g in summary.groups
         ]
