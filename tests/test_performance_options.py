@@ -11,7 +11,7 @@ from conftest import image_batch
 from mamlrun.algorithms import inner
 from mamlrun.algorithms.maml import MAML
 from mamlrun.errors import MamlrunError
-from mamlrun.models.conv4 import conv4
+from mamlrun.models.conv4 import conv4, fused_batch_norm
 
 
 def meta_gradient(algo: MAML, model: torch.nn.Module, batch, step=None) -> torch.Tensor:
@@ -132,3 +132,19 @@ def test_checkpointing_leaves_first_order_alone():
     plain = meta_gradient(*build(2, False, first_order=True), batch)
     checkpointed = meta_gradient(*build(2, True, first_order=True), batch)
     assert torch.equal(plain, checkpointed)
+
+
+def test_fused_batch_norm_gives_the_same_values_and_first_derivatives():
+    torch.manual_seed(0)
+    model = conv4((1, 8, 8), 3, filters=4).double()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    outputs, grads = [], []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        with fused_batch_norm() if fused else torch.enable_grad():
+            out = model(x)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-12)
+    assert torch.allclose(grads[0], grads[1], atol=1e-10)
