@@ -8,14 +8,20 @@ a check that they compute the same meta-gradient, so the ratios hold even on a n
     python scripts/bench.py                      # CPU, all configs, both orders
     python scripts/bench.py --configs 5w1s --orders second --repeats 5 --json bench.json
 
-Peak memory is measured in a fresh subprocess per (engine, config): peak RSS growth on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA.
+Peak memory is measured in a fresh subprocess per (engine, config): on CPU the peak growth of
+the bytes malloc has handed out (``heap``, glibc's mallinfo2) and of RSS, on CUDA
+``torch.cuda.max_memory_allocated``. ``sample`` is the time mamlrun's ``OmniglotTasks`` takes
+to draw the meta-batch, as a share of (that time + the engine's meta-gradient).
+
+Second-order settings also time ``mamlrun+ckpt``: the per-task loop with inner-loop gradient
+checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import platform
 import resource
@@ -117,6 +123,25 @@ def mamlrun_step(algo: MAML, mode: str):
     return step
 
 
+def make_algo(s: Setting, first_order: bool, checkpoint_inner: bool = False) -> MAML:
+    return MAML(
+        inner_lr=s.inner_lr,
+        inner_steps=s.inner_steps,
+        first_order=first_order,
+        loss_normalization="tf_maml",
+        checkpoint_inner=checkpoint_inner,
+    )
+
+
+#: mamlrun's engines besides the reference: name -> (batching, checkpoint_inner); "chosen"
+#: is what the batching probe picks. The checkpointed loop only matters for second order.
+def mamlrun_engines(first_order: bool) -> dict[str, tuple[str, bool]]:
+    engines = {"mamlrun": ("chosen", False)}
+    if not first_order:
+        engines["mamlrun+ckpt"] = ("loop", True)
+    return engines
+
+
 def flat_grad(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -151,16 +176,15 @@ def bench_setting(s, first_order, query, device, repeats):
     torch.manual_seed(0)
     model = conv4((1, 28, 28), s.ways).to(device)
     batch = make_batch(s, query, device)
-    algo = MAML(
-        inner_lr=s.inner_lr,
-        inner_steps=s.inner_steps,
-        first_order=first_order,
-        loss_normalization="tf_maml",
-    )
+    algo = make_algo(s, first_order)
     chosen, probe_seconds = batching_probe.probe(
         algo, model, _Source(batch, device), s.meta_batch, seed=0, repeats=1
     )
-    engines = {"reference": reference_meta_gradient, "mamlrun": mamlrun_step(algo, chosen)}
+    engines = {"reference": reference_meta_gradient}
+    batching = {"reference": "loop"}
+    for name, (mode, checkpoint) in mamlrun_engines(first_order).items():
+        batching[name] = chosen if mode == "chosen" else mode
+        engines[name] = mamlrun_step(make_algo(s, first_order, checkpoint), batching[name])
 
     # Same meta-gradient first, in float64 so that float32 rounding (amplified by the large
     # inner steps) cannot hide or fake a difference.
@@ -173,7 +197,8 @@ def bench_setting(s, first_order, query, device, repeats):
         model64.zero_grad(set_to_none=True)
         fn(model64, batch64, s, first_order)
         grads[name] = flat_grad(model64)
-    rel = float((grads["mamlrun"] - grads["reference"]).norm() / grads["reference"].norm())
+    ref = grads.pop("reference")
+    rel = max(float((g - ref).norm() / ref.norm()) for g in grads.values())
     if rel > 1e-8:
         raise SystemExit(f"{s.name}: meta-gradients differ (relative {rel:.2e}); not timing")
 
@@ -195,7 +220,39 @@ def bench_setting(s, first_order, query, device, repeats):
             "seconds": median,
             "gflops": flops / median / 1e9,
         }
-    return rows, rel, chosen, probe_seconds
+    return rows, rel, batching, probe_seconds
+
+
+def sampling_seconds(s: Setting, query: int, device: torch.device, repeats: int) -> float:
+    """Median time for mamlrun's ``OmniglotTasks`` to draw one meta-batch of this setting.
+
+    The task source is built on a synthetic stand-in of the preprocessed dataset (1,623
+    characters × 20 drawings, random pixels) so that no download is needed: sampling is
+    indexing, whose cost depends on the shapes only.
+    """
+    from mamlrun.data import omniglot
+
+    characters = 964 + 659
+    names = [f"A{i // 20:03d}/character{i % 20 + 1:02d}" for i in range(characters)]
+    sources = [omniglot.SETS[0]] * 964 + [omniglot.SETS[1]] * 659
+    images = torch.randint(0, 256, (characters, omniglot.DRAWINGS, 28, 28), dtype=torch.uint8)
+    data = omniglot.OmniglotData(images, names, sources, {})
+    original = omniglot.load_omniglot
+    omniglot.load_omniglot = lambda root, image_size: data
+    try:
+        tasks = omniglot.OmniglotTasks(ways=s.ways, shots=s.shots, query=query, device=device)
+    finally:
+        omniglot.load_omniglot = original
+    g = torch.Generator(device=device).manual_seed(0)
+    tasks.sample("train", s.meta_batch, g)
+    times = []
+    for _ in range(max(repeats, 5)):
+        sync(device)
+        t = time.perf_counter()
+        tasks.sample("train", s.meta_batch, g)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 class _Source:
@@ -210,10 +267,13 @@ class _Source:
         return self.batch
 
 
-def peak_memory(engine: str, setting: str, first_order: bool, query: int, device: str) -> float:
+def peak_memory(
+    engine: str, setting: str, first_order: bool, query: int, device: str
+) -> tuple[float, float]:
     """MiB of peak memory growth for one cold meta-gradient, measured in a fresh process.
 
-    ``engine`` is ``reference`` or ``loop``/``vmap`` (mamlrun's mode, as the timing run chose).
+    ``engine`` is ``reference`` or ``loop``/``vmap`` (mamlrun's mode, as the timing run chose),
+    with ``+ckpt`` for inner-loop checkpointing.
     """
     args = [
         sys.executable,
@@ -230,7 +290,8 @@ def peak_memory(engine: str, setting: str, first_order: bool, query: int, device
     if first_order:
         args.append("--first-order-probe")
     out = subprocess.run(args, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    rss, _, heap = out.stdout.strip().splitlines()[-1].partition(" ")
+    return float(rss), float(heap or "nan")
 
 
 def memory_probe(args) -> None:
@@ -239,30 +300,51 @@ def memory_probe(args) -> None:
     torch.manual_seed(0)
     model = conv4((1, 28, 28), s.ways).to(device)
     batch = make_batch(s, args.query, device)
-    algo = MAML(
-        inner_lr=s.inner_lr,
-        inner_steps=s.inner_steps,
-        first_order=args.first_order_probe,
-        loss_normalization="tf_maml",
-    )
     if args.memory_probe == "reference":
         fn = reference_meta_gradient
     else:
-        fn = mamlrun_step(algo, args.memory_probe)
+        mode, _, checkpoint = args.memory_probe.partition("+")
+        algo = make_algo(s, args.first_order_probe, checkpoint_inner=checkpoint == "ckpt")
+        fn = mamlrun_step(algo, mode)
     if device.type == "cuda":
         fn(model, batch, s, args.first_order_probe)  # warm-up: allocator caches, lazy init
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn(model, batch, s, args.first_order_probe)
-        print((torch.cuda.max_memory_allocated(device) - base) / 2**20)
+        print((torch.cuda.max_memory_allocated(device) - base) / 2**20)  # allocated, no RSS
     else:
         # A cold call for every engine: after a warm-up the CPU allocator keeps freed pages, so
         # a second call's growth says more about allocator reuse than about the engine.
-        base = _rss_mib()
+        base = _rss_mib(), _heap_mib()
         with _PeakRss() as peak:
             fn(model, batch, s, args.first_order_probe)
-        print(peak.mib - base)
+        print(peak.mib - base[0], peak.heap - base[1])
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+        )
+    ]
+
+
+def _heap_mib() -> float:
+    """Bytes malloc has handed out and not got back (glibc's mallinfo2), NaN elsewhere.
+
+    RSS also counts what the allocator keeps after a free (fragmentation, a raised mmap
+    threshold), which moves by tens of MiB from run to run; this is the CPU analogue of
+    ``torch.cuda.max_memory_allocated``.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return float("nan")
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 
 
 def _rss_mib() -> float:
@@ -271,10 +353,10 @@ def _rss_mib() -> float:
 
 
 class _PeakRss:
-    """Highest RSS seen while the block runs (polled every millisecond)."""
+    """Highest RSS and malloc'd bytes seen while the block runs (polled every millisecond)."""
 
     def __enter__(self) -> _PeakRss:
-        self.mib, self._stop = _rss_mib(), threading.Event()
+        self.mib, self.heap, self._stop = _rss_mib(), _heap_mib(), threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
@@ -282,11 +364,13 @@ class _PeakRss:
     def _poll(self) -> None:
         while not self._stop.wait(0.001):
             self.mib = max(self.mib, _rss_mib())
+            self.heap = max(self.heap, _heap_mib())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
         self.mib = max(self.mib, _rss_mib())
+        self.heap = max(self.heap, _heap_mib())
 
 
 def main() -> None:
@@ -313,8 +397,8 @@ def main() -> None:
         f"{torch.__version__}, threads {torch.get_num_threads()}; 2048² matmul {peak:.0f} GFLOP/s"
     )
     header = (
-        f"{'config':<7}{'order':<8}{'engine':<11}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
-        f"{'GFLOP/s':>9}{'%peak':>7}{'peak MiB':>10}{'mem ratio':>10}"
+        f"{'config':<7}{'order':<8}{'engine':<14}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
+        f"{'GFLOP/s':>9}{'%peak':>7}{'heap MiB':>9}{'ratio':>7}{'RSS MiB':>8}{'sample':>9}"
     )
     print(header)
     results = {
@@ -328,34 +412,41 @@ def main() -> None:
         s = SETTINGS[name]
         for order in args.orders:
             first_order = order == "first"
-            rows, rel, chosen, probe = bench_setting(
+            rows, rel, batching, probe = bench_setting(
                 s, first_order, args.query, device, args.repeats
             )
+            sample_s = sampling_seconds(s, args.query, device, args.repeats)
             mem = {}
             if not args.no_memory:
                 for engine in rows:
-                    probe = "reference" if engine == "reference" else chosen
-                    mem[engine] = peak_memory(probe, name, first_order, args.query, args.device)
+                    how = "reference" if engine == "reference" else batching[engine]
+                    how += "+ckpt" if engine.endswith("+ckpt") else ""
+                    mem[engine] = peak_memory(how, name, first_order, args.query, args.device)
             ref = rows["reference"]
             for engine, row in rows.items():
                 ratio = row["tasks_per_s"] / ref["tasks_per_s"]
-                mem_ratio = mem[engine] / mem["reference"] if mem else float("nan")
+                rss, heap = mem.get(engine, (float("nan"), float("nan")))
+                heap_ratio = heap / mem["reference"][1] if mem else float("nan")
+                sampling = 100 * sample_s / (row["seconds"] + sample_s)
                 print(
-                    f"{name:<7}{order:<8}{engine:<11}"
-                    f"{(chosen if engine == 'mamlrun' else 'loop'):<9}"
+                    f"{name:<7}{order:<8}{engine:<14}{batching[engine]:<9}"
                     f"{row['tasks_per_s']:>9.2f}{ratio:>7.2f}{row['gflops']:>9.1f}"
                     f"{100 * row['gflops'] / peak:>6.0f}%"
-                    f"{mem.get(engine, float('nan')):>10.0f}{mem_ratio:>10.2f}"
+                    f"{heap:>9.0f}{heap_ratio:>7.2f}{rss:>8.0f}{sampling:>8.2f}%"
                 )
                 results["rows"].append(
                     {
                         "config": name,
                         "order": order,
                         "engine": engine,
-                        "batching": chosen if engine == "mamlrun" else "loop",
+                        "batching": batching[engine],
                         **row,
                         "ratio": ratio,
-                        "peak_mib": mem.get(engine),
+                        "peak_heap_mib": heap,
+                        "heap_ratio": heap_ratio,
+                        "peak_rss_mib": rss,
+                        "sampling_seconds": sample_s,
+                        "sampling_share": sampling / 100,
                         "grad_rel_diff": rel,
                         "probe_seconds": probe,
                     }

@@ -8,9 +8,11 @@ per task (``torch.autograd.grad``) or batched over tasks (``torch.func.grad`` un
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
@@ -120,3 +122,84 @@ def adapt(
         params = sgd_step(params, grads, at_step(lr, step))
         trajectory.append(params)
     return trajectory
+
+
+#: Where an inner step's network and rate come from, given the meta-parameters (any tree of
+#: tensors) and the step index: the meta-parameters are passed in rather than captured, so
+#: that a recomputation can swap in its own copies and see their gradients.
+ForwardAt = Callable[[Any, int], Forward]
+RateAt = Callable[[Any, int], float | Params]
+
+
+def checkpointed_adapt(
+    forward_at: ForwardAt,
+    lr_at: RateAt,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    meta: Any,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+) -> list[Params]:
+    """Second-order SGD inner loop that keeps only θ₀…θ_steps, not the steps' graphs.
+
+    A differentiable inner step holds the support activations and the graph of its own
+    gradient until the outer backward pass, and with many steps that is most of second-order
+    MAML's memory. Here each step runs without that graph; the outer backward recomputes one
+    step at a time (``create_graph=True``) and backpropagates through it, so at most one
+    step's graph exists at once, at the cost of running every step's forward and backward
+    twice. ``torch.utils.checkpoint`` cannot do this: its non-reentrant form recomputes the
+    region as soon as the ``autograd.grad`` inside it unpacks a saved tensor, i.e. already
+    during the forward pass, which costs time and saves nothing.
+
+    The meta-gradient is the one ``adapt`` gives with ``autograd_grad(create_graph=True)``;
+    only ``backward`` (not a higher derivative) may be taken through the result.
+    """
+
+    def step(tree: tuple[Any, Params], s: int, create_graph: bool) -> Params:
+        meta, params = tree
+        f = forward_at(meta, s)
+        grads = autograd_grad(create_graph)(lambda p: loss(f(p, x), y), params)
+        return sgd_step(params, grads, lr_at(meta, s))
+
+    trajectory = [params]
+    for s in range(steps):
+        flat, spec = tree_flatten((meta, params))
+        out = _RecomputedStep.apply(step, s, spec, *flat)
+        params = dict(zip(params, out, strict=True))
+        trajectory.append(params)
+    return trajectory
+
+
+class _RecomputedStep(torch.autograd.Function):
+    """One inner step whose graph is rebuilt in ``backward`` instead of kept from ``forward``.
+
+    Every tensor the step depends on is an explicit input (flattened meta-parameters and
+    θ_s), so the recomputation differentiates its own detached copies and the gradients of
+    all of them come back through this node, none through captured tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, step, s, spec, *tensors):
+        ctx.step, ctx.s, ctx.spec = step, s, spec
+        ctx.save_for_backward(*tensors)
+        with torch.enable_grad():
+            out = step(tree_unflatten(_fresh(tensors), spec), s, False)
+        return tuple(t.detach() for t in out.values())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_out):
+        inputs = _fresh(ctx.saved_tensors)
+        with torch.enable_grad():
+            out = ctx.step(tree_unflatten(inputs, ctx.spec), ctx.s, True)
+        needs = ctx.needs_input_grad[3:]
+        wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
+        grads = iter(torch.autograd.grad(tuple(out.values()), wanted, grad_out, allow_unused=True))
+        return None, None, None, *(next(grads) if need else None for need in needs)
+
+
+def _fresh(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaves sharing the tensors' storage: the inner gradient needs θ to require grad."""
+    return [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]

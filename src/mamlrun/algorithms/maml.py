@@ -17,7 +17,7 @@ loss, derivative-order annealing and per-step batch norm (in ``mamlpp``). Reptil
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +30,16 @@ from mamlrun.algorithms.inner import (
     GradFn,
     Params,
     adapt,
+    at_step,
     autograd_grad,
+    checkpointed_adapt,
     functional_grad,
 )
 from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, metric_fn
+from mamlrun.models.conv4 import fused_batch_norm
 
 TASK_BATCHING = ("auto", "loop", "vmap")
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
@@ -80,6 +83,13 @@ class MAML:
         inner_optimizer: ``sgd``, or ``adam`` (with ``adam_betas``, fresh state per task;
             first order only, as Adam's square root has no second derivative at a zero gradient).
         adam_betas: Adam's (β1, β2) when ``inner_optimizer=adam``.
+        checkpoint_inner: inner-loop gradient checkpointing for second-order training: keep
+            only the parameters after each inner step and recompute a step's graph during the
+            outer backward pass. Trades roughly one more forward and backward pass of every
+            inner step for memory that no longer grows with the steps' graphs (worth it with
+            many inner steps). Same meta-gradient. ``loop`` batching only, not with
+            ``bn_mode=per_step`` (the recomputation would update the statistics twice); no
+            effect on first-order iterations, which keep no such graph.
     """
 
     inner_lr: float = 0.01
@@ -97,6 +107,7 @@ class MAML:
     bn_mode: str = "transductive"
     inner_optimizer: str = "sgd"
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    checkpoint_inner: bool = False
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0:
@@ -125,6 +136,11 @@ class MAML:
                 "meta_optimizer.inner_optimizer=adam needs first_order=true (Adam's square root "
                 "has no second derivative where a gradient is zero)"
             )
+        if self.checkpoint_inner and self.bn_mode == "per_step":
+            raise MamlrunError(
+                "meta_optimizer.checkpoint_inner=true is not possible with bn_mode=per_step: "
+                "recomputing an inner step would update its running statistics a second time"
+            )
         if self.task_batching not in ("auto", *self.batching_modes):
             raise MamlrunError(self._no_vmap_message())
         self.adam_betas = tuple(self.adam_betas)
@@ -133,7 +149,8 @@ class MAML:
     @property
     def batching_modes(self) -> tuple[str, ...]:
         """The ways of running tasks this configuration supports (``auto`` picks among them)."""
-        return ("loop",) if self.bn_mode == "per_step" else ("loop", "vmap")
+        loop_only = self.bn_mode == "per_step" or self.checkpoint_inner
+        return ("loop",) if loop_only else ("loop", "vmap")
 
     def meta_model(self, backbone: nn.Module) -> nn.Module:
         """The module whose parameters are meta-learned: the backbone plus this algorithm's
@@ -193,11 +210,13 @@ class MAML:
         # Per task, backward right away: each task's graph is freed before the next is built,
         # so memory does not grow with the meta-batch.
         grad = autograd_grad(create_graph=not first_order)
+        checkpoint = self.checkpoint_inner and not first_order
         task = _scored(
-            self.inner_loop(model, kind, self.inner_steps, grad),
+            self.inner_loop(model, kind, self.inner_steps, grad, checkpoint),
             kind,
             self.loss_normalization,
             [s for s, _ in scored],
+            fused_query=True,
         )
         last_losses, last_metrics = [], []
         for xs, ys, xq, yq in zip(*batch, strict=True):
@@ -261,13 +280,17 @@ class MAML:
                 meta[name] = per_name(extras[name])
         return meta
 
-    def inner_loop(self, model: nn.Module, kind: str, steps: int, grad: GradFn) -> InnerLoop:
+    def inner_loop(
+        self, model: nn.Module, kind: str, steps: int, grad: GradFn, checkpoint: bool = False
+    ) -> InnerLoop:
         """One task's inner loop of ``steps`` steps with these settings.
 
         The returned function maps ``(meta, x, y)`` to the trajectory of the adapted
         parameters θ_0…θ_steps (only those that adapt) and the forward to use with each: the
         backbone with the parameters that do not adapt, and per-step batch-norm weights and
-        statistics of that step, filled in.
+        statistics of that step, filled in. ``checkpoint`` recomputes the (second-order,
+        SGD) steps during the outer backward pass instead of keeping their graphs (see
+        ``inner.checkpointed_adapt``); ``grad`` is then unused.
         """
         backbone, extras = split(model)
         adapted = self._adapted_names(backbone)
@@ -275,26 +298,40 @@ class MAML:
         loss = loss_fn(kind, self.loss_normalization)
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
 
+        def forward_at(meta: Meta, s: int) -> Forward:
+            """The backbone at inner step ``s``: the parameters that do not adapt and the
+            per-step batch-norm weights and statistics filled in from ``meta``."""
+            fixed = {k: t for k, t in meta["theta"].items() if k not in adapted}
+            params = {**fixed, **mamlpp.at_inner_step(meta.get("bn_weights", {}), s, first=1)}
+            buffers = mamlpp.at_inner_step(stats, s)
+
+            def forward(p: Params, inputs: torch.Tensor) -> torch.Tensor:
+                return functional_call(backbone, ({**params, **p}, buffers), (inputs,))
+
+            return forward
+
+        def rates(meta: Meta) -> float | Params | list[Params]:
+            return learned_lr.rates(self.learned_inner_lr, self.inner_lr, meta.get("inner_lr"))
+
         def run(meta: Meta, x: torch.Tensor, y: torch.Tensor):
-            theta = meta["theta"]
-            fixed = {k: t for k, t in theta.items() if k not in adapted}
-            bn_weights = meta.get("bn_weights", {})
-
-            def forward_at(s: int) -> Forward:
-                params = {**fixed, **mamlpp.at_inner_step(bn_weights, s, first=1)}
-                buffers = mamlpp.at_inner_step(stats, s)
-
-                def forward(p: Params, inputs: torch.Tensor) -> torch.Tensor:
-                    return functional_call(backbone, ({**params, **p}, buffers), (inputs,))
-
-                return forward
-
-            forwards = [forward_at(s) for s in range(steps + 1)]
-            lr = learned_lr.rates(self.learned_inner_lr, self.inner_lr, meta.get("inner_lr"))
-            start = {k: theta[k] for k in adapted}
-            trajectory = adapt(
-                forwards, loss, start, x, y, lr=lr, steps=steps, grad=grad, adam=adam
-            )
+            forwards = [forward_at(meta, s) for s in range(steps + 1)]
+            start = {k: meta["theta"][k] for k in adapted}
+            if checkpoint:
+                trajectory = checkpointed_adapt(
+                    forward_at,
+                    lambda meta, s: at_step(rates(meta), s),
+                    loss,
+                    meta,
+                    start,
+                    x,
+                    y,
+                    steps=steps,
+                )
+            else:
+                lr = rates(meta)
+                trajectory = adapt(
+                    forwards, loss, start, x, y, lr=lr, steps=steps, grad=grad, adam=adam
+                )
             return trajectory, forwards
 
         return run
@@ -323,6 +360,12 @@ class MAML:
             )
 
     def _no_vmap_message(self) -> str:
+        if self.checkpoint_inner:
+            return (
+                "meta_optimizer.task_batching=vmap is not possible with checkpoint_inner=true: "
+                "the recomputed inner step is a custom autograd function that vmap cannot "
+                "batch; use loop or auto"
+            )
         return (
             "meta_optimizer.task_batching=vmap is not possible with bn_mode=per_step: its "
             "running statistics are updated in place, which vmap cannot batch; use loop or auto"
@@ -341,16 +384,25 @@ class MAML:
 
 
 def _scored(
-    inner: InnerLoop, kind: str, normalization: str, steps: Sequence[int]
+    inner: InnerLoop,
+    kind: str,
+    normalization: str,
+    steps: Sequence[int],
+    fused_query: bool = False,
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
     """A task function ``(meta, xs, ys, xq, yq) -> (losses, metrics)``: the query loss and
     metric of the parameters after each of ``steps`` inner steps.
+
+    ``fused_query`` runs the query passes with the fused batch-norm kernel: the outer backward
+    differentiates them only once, so its untrustworthy second derivative is never used, and
+    its first is leaner and faster than the plain-op one (``conv4.fused_batch_norm``).
     """
     loss, metric = loss_fn(kind, normalization), metric_fn(kind)
 
     def task(meta: Meta, xs, ys, xq, yq):
         trajectory, forwards = inner(meta, xs, ys)
-        outs = [forwards[s](trajectory[s], xq) for s in steps]
+        with fused_batch_norm() if fused_query else nullcontext():
+            outs = [forwards[s](trajectory[s], xq) for s in steps]
         return (
             torch.stack([loss(o, yq) for o in outs]),
             torch.stack([metric(o, yq) for o in outs]),
