@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import sys
 import threading
@@ -290,6 +291,14 @@ def _train(
             },
         )
 
+    def diverged(what: str, step: int) -> MamlrunError:
+        """A NaN run must not end as a "best" result, nor overwrite a good checkpoint."""
+        kept = f"; checkpoints saved before it are in {ckpt_dir}" if last_path.exists() else ""
+        return MamlrunError(
+            f"{what} at step {step}: the run diverged; lower meta_optimizer.inner_lr or "
+            f"meta_optimizer.optimizer.lr{kept}"
+        )
+
     def validate() -> None:
         curves = evaluate(
             algorithm,
@@ -303,6 +312,9 @@ def _train(
             batching=batching,
         )
         mean, ci = mean_ci95(curves["metric"][:, -1])
+        if not math.isfinite(mean):
+            tb.close()
+            raise diverged(f"validation {metric_name} is {mean}", state.step)
         state.history.append([state.step, mean, ci])
         payload = {f"val/{metric_name}": mean, "val/loss": float(curves["loss"][:, -1].mean())}
         tb.log_dict(payload, state.step)
@@ -346,11 +358,17 @@ def _train(
             last = step == cfg.iterations or out_of_time
             if step % cfg.log_every == 0 or last:
                 loss, metric = float(out["loss"]), float(out["metric"])
+                if not math.isfinite(loss):
+                    tb.close()
+                    raise diverged(f"train loss is {loss}", step)
                 bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 tb.log_dict({"train/loss": loss, f"train/{metric_name}": metric}, step)
             if main and (step % cfg.val_every == 0 or last):
                 validate()
             if main and (step % cfg.checkpoint_every == 0 or last or stop["signal"]):
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    tb.close()
+                    raise diverged("a meta-parameter is not finite", step)
                 save(last_path)
             if stop["signal"]:
                 ctx.barrier()  # the others wait until rank 0 has saved
