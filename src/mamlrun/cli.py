@@ -34,6 +34,8 @@ examples:
   mamlrun train experiment=sinusoid_maml_paper
   mamlrun train debug=smoke                   a whole train → test → adapt cycle in seconds
   mamlrun train -m meta_optimizer.inner_lr=0.01,0.1 seed=0,1
+  mamlrun train hparams_search=optuna experiment=omniglot_5w1s
+  torchrun --standalone --nproc_per_node=2 -m mamlrun.cli train
   mamlrun test checkpoint=outputs/train/.../checkpoints/best.pt
   mamlrun train --help                        config groups and options of a command
   mamlrun train --cfg job                     print the composed config and exit
