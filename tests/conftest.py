@@ -53,6 +53,26 @@ def compose_train(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
+def finite_difference_error(meta_loss, params: list, exact: torch.Tensor, every: int) -> float:
+    """Relative error of the gradient ``exact`` (all ``params`` flattened) against central
+    differences of ``meta_loss`` at every ``every``-th coordinate of each parameter."""
+    numeric, analytic, eps, offset = [], [], 1e-6, 0
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for j in range(0, p.numel(), every):
+                flat[j] += eps
+                up = meta_loss()
+                flat[j] -= 2 * eps
+                down = meta_loss()
+                flat[j] += eps
+                numeric.append((up - down) / (2 * eps))
+                analytic.append(float(exact[offset + j]))
+            offset += p.numel()
+    numeric, analytic = torch.tensor(numeric), torch.tensor(analytic)
+    return float((numeric - analytic).norm() / numeric.norm())
+
+
 def image_batch(tasks: int = 2, ways: int = 3, shots: int = 2, query: int = 2) -> TaskBatch:
     """Tiny float64 classification tasks of random 8×8 images, labels in class order."""
     g = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose_train
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -17,11 +18,6 @@ config.register_schemas()
 
 def choices(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def test_config_dir_is_the_checkout_conf_or_the_packaged_one():

@@ -35,13 +35,11 @@ def test_cuda_meta_gradient_equals_the_cpu_one(batching):
 
 
 def test_training_runs_on_cuda(tmp_path):
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_train
 
-    from mamlrun import checkpoint, config, run
+    from mamlrun import checkpoint, run
 
-    config.register_schemas()
-    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=["debug=smoke", "device=cuda", "final_adapt=false"])
+    cfg = compose_train("debug=smoke", "device=cuda", "final_adapt=false")
     run.train(cfg, run_dir=tmp_path)
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["progress"]["step"] == 20

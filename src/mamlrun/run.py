@@ -163,7 +163,7 @@ class Progress:
     history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> float | None:
     """Meta-train; validate every ``val_every`` steps and keep the best checkpoint.
 
     Returns the best validation metric (accuracy or MSE), which a Hydra sweep can optimise.
