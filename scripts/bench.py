@@ -35,9 +35,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mamlrun.algorithms import batching as batching_probe
+from mamlrun import config
+from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.maml import MAML
 from mamlrun.data.tasks import TaskBatch
+from mamlrun.loop import backward
 from mamlrun.models.conv4 import conv4
 
 
@@ -118,13 +120,14 @@ def _update(module: nn.Module, new: list[torch.Tensor]) -> None:
 
 def mamlrun_step(algo: MAML, mode: str):
     def step(model: nn.Module, batch: TaskBatch, s: Setting, first_order: bool) -> None:
-        algo.meta_gradient(model, batch, "classification", mode)
+        backward(algo.meta_objective(model, batch, "classification", mode))
 
     return step
 
 
 def make_algo(s: Setting, first_order: bool, checkpoint_inner: bool = False) -> MAML:
-    return MAML(
+    return config.algorithm(
+        "maml",
         inner_lr=s.inner_lr,
         inner_steps=s.inner_steps,
         first_order=first_order,
@@ -177,9 +180,12 @@ def bench_setting(s, first_order, query, device, repeats):
     model = conv4((1, 28, 28), s.ways).to(device)
     batch = make_batch(s, query, device)
     algo = make_algo(s, first_order)
-    chosen, probe_seconds = batching_probe.probe(
-        algo, model, _Source(batch, device), s.meta_batch, seed=0, repeats=1
-    )
+
+    def one_step(mode: str) -> None:
+        model.zero_grad(set_to_none=True)
+        backward(algo.meta_objective(model, batch, "classification", mode))
+
+    chosen, probe_seconds = task_batching.choose(algo.batching_modes, one_step, device, repeats=1)
     engines = {"reference": reference_meta_gradient}
     batching = {"reference": "loop"}
     for name, (mode, checkpoint) in mamlrun_engines(first_order).items():
@@ -253,18 +259,6 @@ def sampling_seconds(s: Setting, query: int, device: torch.device, repeats: int)
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-class _Source:
-    """The slice of the TaskSource interface that the batching probe needs."""
-
-    kind = "classification"
-
-    def __init__(self, batch: TaskBatch, device: torch.device) -> None:
-        self.batch, self.device = batch, device
-
-    def sample(self, split, num_tasks, generator):
-        return self.batch
 
 
 def peak_memory(

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mamlrun.data.tasks import TaskBatch
+from mamlrun.loop import backward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,25 @@ def compose_train(*overrides: str):
     config.register_schemas()
     with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
         return compose("train", overrides=list(overrides))
+
+
+def maml(**settings):
+    """MAML with ``conf/meta_optimizer/maml.yaml``'s values, ``settings`` changed."""
+    from mamlrun import config
+
+    return config.algorithm("maml", **settings)
+
+
+def reptile(**settings):
+    from mamlrun import config
+
+    return config.algorithm("reptile", **settings)
+
+
+def meta_gradient(algo, model, batch, kind: str, batching: str, step: int | None = None):
+    """Accumulate the meta-gradient into ``.grad`` as the training loop does; returns the
+    logged (mean loss, mean metric)."""
+    return backward(algo.meta_objective(model, batch, kind, batching, step))
 
 
 def finite_difference_error(meta_loss, params: list, exact: torch.Tensor, every: int) -> float:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import finite_difference_error, image_batch
+from conftest import finite_difference_error, image_batch, maml, meta_gradient
 
-from mamlrun.algorithms.maml import MAML
 from mamlrun.metrics import loss_fn
 from mamlrun.models.conv4 import conv4
 
@@ -36,7 +35,7 @@ def test_batch_norm_uses_task_statistics_and_keeps_no_running_state():
 
 
 def test_task_batch_norm_equals_torch_batch_norm_in_training_mode():
-    from mamlrun.models.conv4 import TaskBatchNorm2d
+    from mamlrun.models.layers import TaskBatchNorm2d
 
     ours, reference = TaskBatchNorm2d(6).double(), torch.nn.BatchNorm2d(6).double()
     with torch.no_grad():
@@ -62,7 +61,7 @@ def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
     grads = {}
     for mode in ("loop", "vmap"):
         model.zero_grad(set_to_none=True)
-        MAML(inner_lr=0.3, inner_steps=2).meta_gradient(model, batch, "classification", mode)
+        meta_gradient(maml(inner_lr=0.3, inner_steps=2), model, batch, "classification", mode)
         grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert (grads["loop"] - grads["vmap"]).abs().max() < 1e-10
 
@@ -72,9 +71,9 @@ def test_conv4_second_order_gradient_matches_finite_differences(batching):
     torch.manual_seed(1)
     model = conv4((1, 8, 8), 3, filters=3).double()
     batch = image_batch(tasks=2)
-    algo = MAML(inner_lr=0.3, inner_steps=1)
+    algo = maml(inner_lr=0.3, inner_steps=1)
     model.zero_grad(set_to_none=True)
-    algo.meta_gradient(model, batch, "classification", batching)
+    meta_gradient(algo, model, batch, "classification", batching)
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
 
     def meta_loss() -> float:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import maml, meta_gradient
 
-from mamlrun.algorithms.maml import MAML
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.conv4 import conv4
 
@@ -15,7 +15,7 @@ pytestmark = [
 ]
 
 
-def meta_gradient(device: str, batching: str) -> torch.Tensor:
+def cuda_meta_gradient(device: str, batching: str) -> torch.Tensor:
     torch.manual_seed(0)
     model = conv4((1, 28, 28), 5, filters=8).double().to(device)
     g = torch.Generator().manual_seed(0)
@@ -23,14 +23,17 @@ def meta_gradient(device: str, batching: str) -> torch.Tensor:
     ys, yq = torch.arange(5).expand(4, -1), torch.arange(5).repeat(2).expand(4, -1)
     batch = TaskBatch(*(t.double() if t.is_floating_point() else t for t in (xs, ys, xq, yq)))
     batch = TaskBatch(*(t.to(device) for t in batch))
-    MAML(inner_lr=0.4, inner_steps=2).meta_gradient(model, batch, "classification", batching)
+    meta_gradient(maml(inner_lr=0.4, inner_steps=2), model, batch, "classification", batching)
     return torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
 
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_cuda_meta_gradient_equals_the_cpu_one(batching):
     assert torch.allclose(
-        meta_gradient("cuda", batching), meta_gradient("cpu", "loop"), rtol=1e-8, atol=1e-10
+        cuda_meta_gradient("cuda", batching),
+        cuda_meta_gradient("cpu", "loop"),
+        rtol=1e-8,
+        atol=1e-10,
     )
 
 

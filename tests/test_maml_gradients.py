@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import maml, meta_gradient
 
-from mamlrun.algorithms.maml import MAML
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.mlp import mlp
@@ -42,8 +42,8 @@ def meta_loss_by_hand(model, theta: list[torch.Tensor], batch: TaskBatch, steps:
 
 def engine_gradient(model, batch, batching: str, first_order=False, steps=1) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    algo = MAML(inner_lr=ALPHA, inner_steps=steps, first_order=first_order, task_batching=batching)
-    algo.meta_gradient(model, batch, "regression", batching)
+    algo = maml(inner_lr=ALPHA, inner_steps=steps, first_order=first_order, task_batching=batching)
+    meta_gradient(algo, model, batch, "regression", batching)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
@@ -104,7 +104,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(problem):
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_evaluation_reports_the_query_loss_after_each_inner_step(problem, batching):
     model, batch = problem
-    algo = MAML(inner_lr=ALPHA, inner_steps=1)
+    algo = maml(inner_lr=ALPHA, inner_steps=1)
     loss, metric = algo.evaluate(model, batch, "regression", steps=3, batching=batching)
     assert loss.shape == metric.shape == (3, 4)
     theta = [p.detach() for p in model.parameters()]
@@ -117,7 +117,7 @@ def test_evaluation_reports_the_query_loss_after_each_inner_step(problem, batchi
 
 def test_loop_and_vmap_evaluations_agree(problem):
     model, batch = problem
-    algo = MAML(inner_lr=ALPHA)
+    algo = maml(inner_lr=ALPHA)
     a = algo.evaluate(model, batch, "regression", steps=5, batching="loop")
     b = algo.evaluate(model, batch, "regression", steps=5, batching="vmap")
     assert torch.allclose(a[0], b[0], atol=1e-12)
@@ -130,5 +130,5 @@ def test_inner_steps_lower_the_support_loss():
     batch = SinusoidTasks(shots=10, query=10).sample("train", 8, torch.Generator().manual_seed(0))
     batch = TaskBatch(*(t.double() for t in batch))
     on_support = TaskBatch(batch.x_support, batch.y_support, batch.x_support, batch.y_support)
-    loss, _ = MAML(inner_lr=0.01).evaluate(model, on_support, "regression", 5, "loop")
+    loss, _ = maml(inner_lr=0.01).evaluate(model, on_support, "regression", 5, "loop")
     assert (loss[:, 1:] < loss[:, :-1]).all()

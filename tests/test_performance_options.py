@@ -6,23 +6,24 @@ import weakref
 
 import pytest
 import torch
-from conftest import finite_difference_error, image_batch
+from conftest import finite_difference_error, image_batch, maml, meta_gradient
 
 from mamlrun.algorithms import inner
 from mamlrun.algorithms.maml import MAML
 from mamlrun.errors import MamlrunError
-from mamlrun.models.conv4 import conv4, fused_batch_norm
+from mamlrun.models.conv4 import conv4
+from mamlrun.models.layers import fused_batch_norm
 
 
-def meta_gradient(algo: MAML, model: torch.nn.Module, batch, step=None) -> torch.Tensor:
+def flat_meta_gradient(algo: MAML, model: torch.nn.Module, batch, step=None) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    algo.meta_gradient(model, batch, "classification", "loop", step=step)
+    meta_gradient(algo, model, batch, "classification", "loop", step=step)
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 def build(steps: int, checkpoint: bool, **settings) -> tuple[MAML, torch.nn.Module]:
     torch.manual_seed(0)
-    algo = MAML(inner_lr=0.3, inner_steps=steps, checkpoint_inner=checkpoint, **settings)
+    algo = maml(inner_lr=0.3, inner_steps=steps, checkpoint_inner=checkpoint, **settings)
     return algo, algo.meta_model(conv4((1, 8, 8), 3, filters=4).double())
 
 
@@ -44,8 +45,8 @@ VARIANTS = {
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps, variant):
     """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient."""
     batch = image_batch(tasks=2)
-    plain = meta_gradient(*build(steps, False, **VARIANTS[variant]), batch, step=3)
-    recomputed = meta_gradient(*build(steps, True, **VARIANTS[variant]), batch, step=3)
+    plain = flat_meta_gradient(*build(steps, False, **VARIANTS[variant]), batch, step=3)
+    recomputed = flat_meta_gradient(*build(steps, True, **VARIANTS[variant]), batch, step=3)
     assert plain.abs().max() > 0
     assert (recomputed - plain).norm() / plain.norm() < 1e-10
 
@@ -53,7 +54,7 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps, variant):
 def test_checkpointed_meta_gradient_matches_finite_differences():
     batch = image_batch(tasks=2)
     algo, model = build(2, True)
-    exact = meta_gradient(algo, model, batch)
+    exact = flat_meta_gradient(algo, model, batch)
 
     def meta_loss() -> float:
         loss, _ = algo.evaluate(model, batch, "classification", steps=2, batching="loop")
@@ -72,7 +73,7 @@ def test_checkpointing_recomputes_every_step_in_the_outer_backward(monkeypatch):
         return original(ctx, *grads)
 
     monkeypatch.setattr(inner._RecomputedStep, "backward", staticmethod(counted))
-    meta_gradient(*build(3, True), image_batch(tasks=2))
+    flat_meta_gradient(*build(3, True), image_batch(tasks=2))
     assert sorted(calls) == [0, 0, 1, 1, 2, 2]
 
 
@@ -103,20 +104,20 @@ def test_checkpointing_keeps_less_for_the_outer_backward():
 
 def test_checkpointing_is_refused_where_it_cannot_work():
     with pytest.raises(MamlrunError, match="checkpoint_inner"):
-        MAML(checkpoint_inner=True, task_batching="vmap")
+        maml(checkpoint_inner=True, task_batching="vmap")
     with pytest.raises(MamlrunError, match="checkpoint_inner.*per_step"):
-        MAML(checkpoint_inner=True, bn_mode="per_step")
-    algo = MAML(checkpoint_inner=True)
+        maml(checkpoint_inner=True, bn_mode="per_step")
+    algo = maml(checkpoint_inner=True)
     assert algo.batching_modes == ("loop",)  # so task_batching=auto never picks vmap
     model = conv4((1, 8, 8), 3, filters=4).double()
     with pytest.raises(MamlrunError, match="checkpoint_inner"):
-        algo.meta_gradient(model, image_batch(), "classification", "vmap")
+        meta_gradient(algo, model, image_batch(), "classification", "vmap")
 
 
 def test_checkpointing_leaves_first_order_alone():
     batch = image_batch(tasks=2)
-    plain = meta_gradient(*build(2, False, first_order=True), batch)
-    checkpointed = meta_gradient(*build(2, True, first_order=True), batch)
+    plain = flat_meta_gradient(*build(2, False, first_order=True), batch)
+    checkpointed = flat_meta_gradient(*build(2, True, first_order=True), batch)
     assert torch.equal(plain, checkpointed)
 
 

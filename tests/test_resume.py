@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train as compose
+from conftest import run_cli
 
-from mamlrun import checkpoint, config, run
+from mamlrun import checkpoint, run
 from mamlrun.errors import MamlrunError
 
 OVERRIDES = [
@@ -31,9 +32,7 @@ OVERRIDES = [
 
 
 def compose_train(*extra: str):
-    config.register_schemas()
-    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
-        return compose("train", overrides=[*OVERRIDES, *extra])
+    return compose(*OVERRIDES, *extra)
 
 
 def start_cli(run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -104,7 +103,7 @@ def test_interrupted_and_resumed_run_matches_an_unbroken_run_bit_for_bit(
 
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(MamlrunError, match="checkpoint not found"):
+    with pytest.raises(MamlrunError, match="holds no checkpoints/last.pt"):
         run.train(compose_train("resume=true"), run_dir=tmp_path)
 
 
@@ -114,19 +113,84 @@ def test_a_finished_run_directory_is_not_overwritten(tmp_path):
         run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_resume_refuses_a_change_to_what_the_run_computes_and_lists_each_key(tmp_path):
     run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
-    with pytest.raises(MamlrunError, match="config differs"):
-        run.train(
-            compose_train("iterations=6", "resume=true", "meta_optimizer.inner_lr=0.5"),
-            run_dir=tmp_path,
-        )
+    changed = compose_train("iterations=6", "resume=true", "seed=4", "meta_optimizer.inner_lr=0.5")
+    with pytest.raises(MamlrunError) as error:
+        run.train(changed, run_dir=tmp_path)
+    assert "meta_optimizer.inner_lr: 0.01 → 0.5" in str(error.value)
+    assert "seed: 3 → 4" in str(error.value)
+    assert "iterations" not in str(error.value).split("may only")[0], "extending is allowed"
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
     run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
     run.train(compose_train("iterations=6", "val_every=3", "resume=true"), run_dir=tmp_path)
     assert final_state(tmp_path)["progress"]["step"] == 6
+
+
+def test_resuming_a_finished_run_without_more_iterations_says_how_to_extend_it(tmp_path):
+    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    with pytest.raises(MamlrunError, match="already finished at step 3 of iterations=3"):
+        run.train(compose_train("iterations=3", "val_every=3", "resume=true"), run_dir=tmp_path)
+
+
+# ---------------------------------------------------------------- resume from the command line
+SHORT = ["iterations=4", "val_every=2", "checkpoint_every=2", "meta_batch_size=3", "seed=7",
+         "device=cpu", "val_tasks=4"]  # fmt: skip
+
+
+@pytest.fixture
+def finished_run(tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    out = run_cli("train", *SHORT, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_resume_with_only_the_run_directory_continues_with_the_runs_own_config(finished_run):
+    """Forgetting the original overrides must not turn a 4-step run into a 70,000-step one."""
+    out = run_cli("train", "resume=true", f"hydra.run.dir={finished_run}", cwd=finished_run.parent)
+    assert out.returncode == 2
+    assert "already finished at step 4 of iterations=4" in out.stderr
+    out = run_cli(
+        "train", "resume=true", "iterations=6", f"hydra.run.dir={finished_run}",
+        cwd=finished_run.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if "[mamlrun]" in ln]
+    assert "resumed from step 4 of 6" in lines[0], "the first line says where the run goes on"
+    assert "resume changes iterations: 4 → 6" in out.stdout
+    saved = final_state(finished_run)
+    assert saved["progress"]["step"] == 6
+    kept = saved["config"]["run"]
+    assert (kept["seed"], kept["meta_batch_size"], kept["val_every"]) == (7, 3, 2)
+
+
+def test_resume_from_the_command_line_refuses_a_changed_seed(finished_run):
+    out = run_cli(
+        "train", "resume=true", "iterations=6", "seed=8", f"hydra.run.dir={finished_run}",
+        cwd=finished_run.parent,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "seed: 7 → 8" in out.stderr
+    assert final_state(finished_run)["progress"]["step"] == 4, "nothing ran"
+    assert "seed=7" in (finished_run / ".hydra" / "overrides.yaml").read_text(), "record kept"
+
+
+@pytest.mark.slow
+def test_resume_needs_a_run_directory_and_resume_latest_finds_the_newest(tmp_path):
+    out = run_cli("train", "resume=true", cwd=tmp_path)
+    assert out.returncode == 2 and "add hydra.run.dir=DIR" in out.stderr
+    assert not (tmp_path / "outputs").exists(), "a refused command leaves no folder"
+    out = run_cli("train", *SHORT, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = run_cli("train", "resume=latest", "iterations=6", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "outputs" / "train").glob("*/*")
+    assert final_state(run_dir)["progress"]["step"] == 6
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

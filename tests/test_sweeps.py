@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from mamlrun import sweep
 from mamlrun.metrics import mean_ci95_t, t_quantile_975
 
+pytestmark = pytest.mark.slow  # every test here runs sweeps of real jobs
+
 QUICK = ("debug=smoke", "final_adapt=false")
 
 

@@ -13,16 +13,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train, data_root, image_batch
+from conftest import compose_train, data_root, image_batch, maml, meta_gradient, reptile
 from torch.func import functional_call
 
 from mamlrun import checkpoint, config, run
-from mamlrun.algorithms import batching as batching_probe
+from mamlrun.algorithms.batching import choose
 from mamlrun.algorithms.inner import autograd_grad
-from mamlrun.algorithms.maml import MAML
-from mamlrun.algorithms.mamlpp import msl_weights
 from mamlrun.algorithms.meta_parameters import split
-from mamlrun.algorithms.reptile import Reptile
+from mamlrun.algorithms.schedules import msl_weights
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
@@ -59,7 +57,7 @@ def randomize(module: torch.nn.Module, low: float, high: float) -> None:
 
 def engine_gradient(algo, model, batch, kind, batching, step=None) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    algo.meta_gradient(model, batch, kind, batching, step=step)
+    meta_gradient(algo, model, batch, kind, batching, step=step)
     # First order leaves no gradient on what only the support gradient depends on (the
     # backbone's batch-norm weights when per-step ones take over after step 0).
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
@@ -117,7 +115,7 @@ def by_hand(backbone, theta, batch, *, steps, lr, adapted, weights) -> float:
 
 # --------------------------------------------------------------------------- ANIL
 def test_anil_adapts_only_the_head_in_the_inner_loop():
-    algo = MAML(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
+    algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model = tiny_mlp(algo)
     inner = algo.inner_loop(model, "regression", 2, autograd_grad(create_graph=False))
     meta = algo.meta_tensors(model)
@@ -129,7 +127,7 @@ def test_anil_adapts_only_the_head_in_the_inner_loop():
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_anil_meta_gradient_matches_finite_differences_and_reaches_the_body(batching):
-    algo = MAML(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
+    algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model, batch = tiny_mlp(algo), sinusoid_batch()
     exact = engine_gradient(algo, model, batch, "regression", batching)
     theta = dict(model.named_parameters())
@@ -153,13 +151,13 @@ def test_anil_meta_gradient_matches_finite_differences_and_reaches_the_body(batc
 
 def test_adapt_params_that_select_nothing_are_an_error():
     with pytest.raises(MamlrunError, match="selects no parameter"):
-        tiny_mlp(MAML(adapt_params=["body."]))
+        tiny_mlp(maml(adapt_params=["body."]))
 
 
 # --------------------------------------------------------------------------- Meta-SGD
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_meta_sgd_gradient_for_weights_and_rates_matches_finite_differences(batching):
-    algo = MAML(inner_lr=ALPHA, inner_steps=1, learned_inner_lr="per_element")
+    algo = maml(inner_lr=ALPHA, inner_steps=1, learned_inner_lr="per_element")
     model, batch = tiny_mlp(algo), sinusoid_batch()
     backbone, extras = split(model)
     randomize(extras["inner_lr"], 0.02, 0.1)
@@ -187,7 +185,7 @@ def test_meta_sgd_gradient_for_weights_and_rates_matches_finite_differences(batc
 
 
 def test_meta_sgd_rates_are_meta_parameters_of_the_model():
-    algo = MAML(inner_lr=0.03, learned_inner_lr="per_element")
+    algo = maml(inner_lr=0.03, learned_inner_lr="per_element")
     model = tiny_mlp(algo)
     backbone, _ = split(model)
     rates = {k: v for k, v in model.state_dict().items() if k.startswith("extras.inner_lr.")}
@@ -219,7 +217,7 @@ def test_msl_weights_are_maml_plus_plus_importance_vector():
 
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_multi_step_loss_matches_finite_differences_of_the_weighted_query_losses(batching):
-    algo = MAML(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=100)
+    algo = maml(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=100)
     model, batch = tiny_mlp(algo), sinusoid_batch()
     weights = msl_weights(40, 3, 100)
     assert len(set(weights)) == 2 and weights[-1] > 0.5, "mid-annealing, not uniform"
@@ -237,8 +235,8 @@ def test_multi_step_loss_matches_finite_differences_of_the_weighted_query_losses
 
 def test_multi_step_loss_with_all_weight_on_the_last_step_is_plain_maml():
     batch = sinusoid_batch()
-    msl = MAML(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=10)
-    plain = MAML(inner_lr=ALPHA, inner_steps=3)
+    msl = maml(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=10)
+    plain = maml(inner_lr=ALPHA, inner_steps=3)
     assert msl_weights(10, 3, 10) == [0, 0, 1]
     a = engine_gradient(msl, tiny_mlp(msl), batch, "regression", "loop", step=10)
     b = engine_gradient(plain, tiny_mlp(plain), batch, "regression", "loop", step=10)
@@ -247,9 +245,9 @@ def test_multi_step_loss_with_all_weight_on_the_last_step_is_plain_maml():
 
 def test_derivative_order_annealing_switches_to_second_order_at_the_configured_step():
     batch = sinusoid_batch()
-    da = MAML(inner_lr=ALPHA, inner_steps=2, first_order_until=5)
-    first = MAML(inner_lr=ALPHA, inner_steps=2, first_order=True)
-    second = MAML(inner_lr=ALPHA, inner_steps=2)
+    da = maml(inner_lr=ALPHA, inner_steps=2, first_order_until=5)
+    first = maml(inner_lr=ALPHA, inner_steps=2, first_order=True)
+    second = maml(inner_lr=ALPHA, inner_steps=2)
 
     def grad(algo, step):
         return engine_gradient(algo, tiny_mlp(algo), batch, "regression", "loop", step=step)
@@ -261,7 +259,7 @@ def test_derivative_order_annealing_switches_to_second_order_at_the_configured_s
 
 
 def test_per_layer_per_step_rates_match_finite_differences():
-    algo = MAML(inner_lr=ALPHA, inner_steps=2, learned_inner_lr="per_layer_per_step")
+    algo = maml(inner_lr=ALPHA, inner_steps=2, learned_inner_lr="per_layer_per_step")
     model, batch = tiny_mlp(algo), sinusoid_batch()
     backbone, extras = split(model)
     randomize(extras["inner_lr"], 0.02, 0.1)
@@ -286,7 +284,7 @@ def test_per_layer_per_step_rates_match_finite_differences():
 
 
 def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
-    algo = MAML(inner_lr=0.3, inner_steps=2, per_step_bn_weights=True)
+    algo = maml(inner_lr=0.3, inner_steps=2, per_step_bn_weights=True)
     model = tiny_conv4(algo)
     backbone, extras = split(model)
     randomize(extras["bn_weights"], 0.5, 1.5)
@@ -312,7 +310,7 @@ def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
     """LSLR, per-step batch-norm weights and multi-step loss together, through conv4."""
-    algo = MAML(
+    algo = maml(
         inner_lr=0.3,
         inner_steps=2,
         learned_inner_lr="per_layer_per_step",
@@ -338,12 +336,12 @@ def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
 
 
 def test_per_step_running_statistics_are_collected_in_training():
-    algo = MAML(inner_lr=0.3, inner_steps=1, bn_mode="per_step")
+    algo = maml(inner_lr=0.3, inner_steps=1, bn_mode="per_step")
     model, batch = tiny_conv4(algo), image_batch(tasks=3)
     backbone, extras = split(model)
     stats = extras["bn_stats"]
     assert stats.get_buffer("1:running_mean").shape == (2, 3), "one row per inner step 0…S"
-    algo.meta_gradient(model, batch, "classification", "loop")
+    meta_gradient(algo, model, batch, "classification", "loop")
 
     # Step 0 of each task is the support set through θ: fold its conv-0 statistics in turn.
     mean, var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
@@ -358,10 +356,10 @@ def test_per_step_running_statistics_are_collected_in_training():
 
 @pytest.mark.parametrize("bn_mode", ["transductive", "per_step"])
 def test_evaluation_with_running_statistics_is_not_transductive(bn_mode):
-    algo = MAML(inner_lr=0.3, inner_steps=1, bn_mode=bn_mode)
+    algo = maml(inner_lr=0.3, inner_steps=1, bn_mode=bn_mode)
     model, batch = tiny_conv4(algo), image_batch()
     if bn_mode == "per_step":
-        algo.meta_gradient(model, batch, "classification", "loop")  # collect some statistics
+        meta_gradient(algo, model, batch, "classification", "loop")  # collect some statistics
     meta = algo.meta_tensors(model)
     inner = algo.inner_loop(model, "classification", 1, autograd_grad(create_graph=False))
     model.eval()
@@ -374,13 +372,13 @@ def test_evaluation_with_running_statistics_is_not_transductive(bn_mode):
 
 def test_running_statistics_cannot_be_batched_with_vmap():
     with pytest.raises(MamlrunError, match="vmap"):
-        MAML(bn_mode="per_step", task_batching="vmap")
-    algo = MAML(bn_mode="per_step")
+        maml(bn_mode="per_step", task_batching="vmap")
+    algo = maml(bn_mode="per_step")
     model = tiny_conv4(algo)
     with pytest.raises(MamlrunError, match="vmap"):
-        algo.meta_gradient(model, image_batch(), "classification", "vmap")
-    source = SinusoidTasks()
-    assert batching_probe.probe(algo, model, source, 2, seed=0) == ("loop", {})
+        meta_gradient(algo, model, image_batch(), "classification", "vmap")
+    assert algo.batching_modes == ("loop",)
+    assert choose(algo.batching_modes, lambda mode: None, torch.device("cpu")) == ("loop", {})
 
 
 # --------------------------------------------------------------------------- Reptile
@@ -388,7 +386,7 @@ def test_running_statistics_cannot_be_batched_with_vmap():
 def test_reptile_step_moves_theta_toward_the_mean_adapted_weights(inner_optimizer):
     """θ ← θ + ε (mean φ − θ), with φ from torch.optim on each task's support and query."""
     lr, steps, eps = 0.02, 3, 0.7
-    algo = Reptile(
+    algo = reptile(
         inner_lr=lr, inner_steps=steps, inner_optimizer=inner_optimizer, adam_betas=(0.0, 0.99)
     )
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -412,7 +410,7 @@ def test_reptile_step_moves_theta_toward_the_mean_adapted_weights(inner_optimize
 
     outer = torch.optim.SGD(model.parameters(), lr=eps)
     outer.zero_grad()
-    algo.meta_gradient(model, batch, "regression", "loop")
+    meta_gradient(algo, model, batch, "regression", "loop")
     outer.step()
     for k, p in model.named_parameters():
         mean_phi = torch.stack([phi[k].detach() for phi in phis]).mean(0)
@@ -420,22 +418,30 @@ def test_reptile_step_moves_theta_toward_the_mean_adapted_weights(inner_optimize
         assert torch.allclose(p.detach(), expected, atol=1e-12), k
 
 
-def test_reptile_evaluation_adapts_on_the_support_set_like_maml():
-    batch = sinusoid_batch()
-    reptile = Reptile(inner_lr=ALPHA, inner_optimizer="sgd")
-    maml = MAML(inner_lr=ALPHA)
-    a = reptile.evaluate(tiny_mlp(reptile), batch, "regression", 3, "loop")
-    b = maml.evaluate(tiny_mlp(maml), batch, "regression", 3, "loop")
-    assert torch.equal(a[0], b[0])
+def test_reptile_evaluation_adapts_on_the_support_set_and_scores_the_query_set():
+    """Checked against torch.optim on a copy: SGD on the support set, loss on the query set."""
+    lr, steps = 0.05, 3
+    algo = reptile(inner_lr=lr, inner_optimizer="sgd")
+    model, batch = tiny_mlp(algo), sinusoid_batch()
+    losses, _ = algo.evaluate(model, batch, "regression", steps, "loop")
+    for i, (xs, ys, xq, yq) in enumerate(zip(*batch, strict=True)):
+        copy = mlp((1,), 1, hidden=(4, 3)).double()
+        copy.load_state_dict(model.state_dict())
+        sgd = torch.optim.SGD(copy.parameters(), lr=lr)
+        for s in range(steps + 1):
+            assert torch.allclose(losses[i, s], F.mse_loss(copy(xq), yq), atol=1e-12), (i, s)
+            sgd.zero_grad()
+            F.mse_loss(copy(xs), ys).backward()
+            sgd.step()
 
 
 # --------------------------------------------------------------------------- loop and vmap
 VMAP_VARIANTS = {
-    "maml": lambda: MAML(inner_lr=0.3, inner_steps=2),
-    "fomaml": lambda: MAML(inner_lr=0.3, inner_steps=2, first_order=True),
-    "anil": lambda: MAML(inner_lr=0.3, inner_steps=2, adapt_params="head"),
-    "metasgd": lambda: MAML(inner_lr=0.3, inner_steps=2, learned_inner_lr="per_element"),
-    "mamlpp_without_running_statistics": lambda: MAML(
+    "maml": lambda: maml(inner_lr=0.3, inner_steps=2),
+    "fomaml": lambda: maml(inner_lr=0.3, inner_steps=2, first_order=True),
+    "anil": lambda: maml(inner_lr=0.3, inner_steps=2, adapt_params="head"),
+    "metasgd": lambda: maml(inner_lr=0.3, inner_steps=2, learned_inner_lr="per_element"),
+    "mamlpp_without_running_statistics": lambda: maml(
         inner_lr=0.3,
         inner_steps=2,
         learned_inner_lr="per_layer_per_step",
@@ -444,8 +450,8 @@ VMAP_VARIANTS = {
         first_order_until=2,
         per_step_bn_weights=True,
     ),
-    "reptile_adam": lambda: Reptile(inner_lr=0.01, inner_steps=2),
-    "reptile_sgd": lambda: Reptile(inner_lr=0.3, inner_steps=2, inner_optimizer="sgd"),
+    "reptile_adam": lambda: reptile(inner_lr=0.01, inner_steps=2),
+    "reptile_sgd": lambda: reptile(inner_lr=0.3, inner_steps=2, inner_optimizer="sgd"),
 }
 
 

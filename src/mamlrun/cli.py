@@ -1,20 +1,25 @@
-"""``mamlrun train|test|adapt [hydra overrides]``: picks the command, hands Hydra the rest.
+"""``mamlrun train|test|adapt [overrides]``: picks the command, hands Hydra the rest.
 
-Everything after the subcommand is Hydra's (``--cfg job``, ``--help``, ``-m``,
-``hydra.run.dir=...``), so the CLI only routes and turns user errors into one line.
+Everything Hydra-specific lives here: the command line is prepared (``overrides``) and
+composed once up front so that a mistake becomes one line that keeps its detail
+(``messages``), then ``hydra.main`` runs the job and this module tells the plain functions
+of ``run`` what only Hydra knows (the run directory, the keys a resume changes, a
+sweeper's direction). ``--help`` is per command (``helptext``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mamlrun import __version__
+from mamlrun.errors import MamlrunError, SweepConfigError
 
 COMMANDS: dict[str, str] = {
     "train": "meta-train a model (validates periodically, keeps the best checkpoint)",
@@ -22,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "adapt": "metric after each inner step 0…S, against a pretrained baseline",
 }
 
-USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [hydra overrides] [hydra flags]
+USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [overrides] [hydra flags]
 
 Meta-learning experiments (MAML and its family) configured with Hydra.
 
@@ -31,13 +36,14 @@ commands:
 
 examples:
   mamlrun train                               sinusoid regression with MAML
-  mamlrun train experiment=sinusoid_maml_paper
+  mamlrun train dataset=omniglot              Omniglot 5-way 1-shot, the MAML paper's setup
   mamlrun train debug=smoke                   a whole train → test → adapt cycle in seconds
+  mamlrun train resume=latest                 continue the newest run here
   mamlrun train -m meta_optimizer.inner_lr=0.01,0.1 seed=0,1
   mamlrun train hparams_search=optuna experiment=omniglot_5w1s
   torchrun --standalone --nproc_per_node=2 -m mamlrun.cli train
-  mamlrun test checkpoint=outputs/train/.../checkpoints/best.pt
-  mamlrun train --help                        config groups and options of a command
+  mamlrun test checkpoint=outputs/train/<date>/<time>      (a run directory or a .pt file)
+  mamlrun train --help                        a command's options and config groups
   mamlrun train --cfg job                     print the composed config and exit
 
 options:
@@ -58,101 +64,212 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return _complete(args)
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(
-            f"mamlrun: error: unknown command {command!r} (choose from "
-            f"{', '.join(COMMANDS)}; see mamlrun --help)",
-            file=sys.stderr,
-        )
-        return _exit(2)
-    return _run_hydra(command, rest)
+        return _error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)}; see "
+                      "mamlrun --help)")  # fmt: skip
+    if "--help" in rest or "-h" in rest:
+        from mamlrun import helptext
+
+        print(helptext.render(command, COMMANDS[command]), end="")
+        return 0
+    try:
+        line, original = _prepare(command, rest)
+    except MamlrunError as ex:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        return _error(str(ex))
+    return _run_hydra(command, line, original)
 
 
-def _run_hydra(command: str, overrides: list[str]) -> Any:
-    import hydra
-    import hydra._internal.utils as hydra_utils
+def _prepare(command: str, args: list[str]):
+    """The command line Hydra will run (see ``overrides``), checked by composing it once."""
+    from mamlrun import overrides
 
-    from mamlrun import config, run, sweep
-    from mamlrun.errors import MamlrunError
+    line = overrides.CommandLine.parse(args)
+    line = overrides.CommandLine(line.flags, overrides.renamed(command, line.overrides))
+    original = None
+    if command == "train":
+        line = overrides.with_dataset_preset(line)
+        line, original = overrides.resumed(line)
+        overrides.check_fresh_dir(line)
+    if not any(f.startswith(("-sc", "--shell-completion")) for f in line.flags):
+        _compose(command, line.overrides, check_required=not line.only_prints)
+    return line, original
+
+
+def _compose(command: str, args: list[str], check_required: bool = True) -> Any:
+    """Compose as Hydra will (the first job of a sweep); a mistake becomes a MamlrunError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mamlrun import config, messages
 
     config.register_schemas()
-    command_fn: Callable = getattr(run, command)
+    first = _first_job(args)
+
+    def known_keys(bad: str) -> list[str]:
+        from mamlrun.overrides import key_of
+
+        try:
+            with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+                rest = [o for o in first if key_of(o) != bad]
+                return list(config.flatten(compose(command, overrides=rest)))
+        except (HydraException, OmegaConfBaseException):
+            return []
+
+    try:
+        with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+            cfg = compose(command, overrides=first)
+    except (HydraException, OmegaConfBaseException) as ex:
+        raise messages.composition_error(ex, command, known_keys) from ex
+    if check_required and command != "train" and OmegaConf.is_missing(cfg, "checkpoint"):
+        raise MamlrunError(
+            f"{command} needs checkpoint=PATH: a best.pt or last.pt written by mamlrun train, "
+            "or the run's directory (its checkpoints/best.pt)"
+        )
+    return cfg
+
+
+def _first_job(args: list[str]) -> list[str]:
+    """The overrides of a sweep's first job (sweeps Hydra cannot enumerate are left out)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    first = []
+    for override in OverridesParser.create().parse_overrides(args):
+        if not override.is_sweep_override():
+            first.append(override.input_line)
+            continue
+        try:
+            first.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+        except HydraException:
+            continue  # interval(...) and tag(...): a search space, checked by the sweeper
+    return first
+
+
+def _run_hydra(command: str, line: Any, original: list[str] | None) -> Any:
+    import hydra
+
+    from mamlrun import config
+
+    config.register_schemas()
+    args, scratch = line.args(), None
+    if int(os.environ.get("RANK", "0")) > 0:
+        args, scratch = _quiet_rank(args)
+    run_dir = line.get("hydra.run.dir")
+    fresh = run_dir is None or not Path(run_dir).exists()
 
     def task(cfg: Any) -> Any:
-        # Report inside the job: once the error leaves it, Hydra adds a line of its own.
-        if run.in_sweep():
-            return _sweep_job(command_fn, cfg)
-        try:
-            return command_fn(cfg)
-        except MamlrunError as ex:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
-            return _exit(2)
+        return _job(command, cfg, original, fresh)
 
-    scratch = None
-    if int(os.environ.get("RANK", "0")) > 0:
-        overrides, scratch = _quiet_rank(overrides)
-    sys.argv = ["mamlrun", *overrides]
+    sys.argv = ["mamlrun", *args]
     entry = hydra.main(
         version_base="1.3", config_path=str(config.config_dir()), config_name=command
-    )(task)
-    original = hydra_utils.run_and_report
-    hydra_utils.run_and_report = _run_and_report_one_line
-    sweep.LAST = None
+    )
     try:
-        result = entry()
+        return entry(task)()
     finally:
-        hydra_utils.run_and_report = original
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    if sweep.LAST is not None and sweep.LAST.failed:
-        failed, total = len(sweep.LAST.failed), len(sweep.LAST.jobs)
-        print(
-            f"mamlrun: error: {failed} of {total} jobs did not finish; the others' results are "
-            f"in {sweep.LAST.sweep_dir / 'summary.csv'}",
-            file=sys.stderr,
-        )
-        return _exit(1)
-    return result
 
 
-def _sweep_job(command_fn: Callable, cfg: Any) -> Any:
-    """One job of a ``-m`` sweep: a failure is recorded in the job's directory and the sweep
-    goes on (an exception would stop Hydra's launcher and lose the summary).
+def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any:
+    """One job: the command's plain function with what Hydra knows; user errors as one line
+    (in the run's log too), and a run that failed before doing anything leaves no folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    The job returns NaN, which Optuna records as a failed trial.
-    """
+    from mamlrun import messages, run
+    from mamlrun.signals import Interrupted
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return _sweep_job(command, cfg, run_dir)
+    try:
+        if command == "train":
+            return run.train(cfg, run_dir, _launch(cfg, original))
+        return getattr(run, command)(cfg, run_dir)
+    except MamlrunError as ex:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _failed(f"mamlrun: error: {messages.one_line(ex)}", run_dir, fresh, command, 2)
+    except Interrupted as ex:
+        _failed(f"mamlrun: {ex.name} received: {ex}", run_dir, False, command, ex.exit_code)
+
+
+def _launch(cfg: Any, original: list[str] | None) -> Any:
+    from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from mamlrun import sweep
-    from mamlrun.errors import MamlrunError, SweepConfigError
+    from mamlrun import config
+    from mamlrun.run import Launch
+
+    direction = HydraConfig.get().sweeper.get("direction")
+    changed = None
+    if original is not None:  # resume: the keys this command changes, against the run's own
+        base = config.flatten(compose("train", overrides=original))
+        changed = frozenset(k for k, v in config.flatten(cfg).items() if base.get(k, v) != v)
+    return Launch(changed, direction if isinstance(direction, str) else None)
+
+
+def _failed(message: str, run_dir: Path, fresh: bool, command: str, code: int) -> None:
+    print(message, file=sys.stderr)
+    if fresh and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{command}.log"}:
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        default_root = Path.cwd().resolve() / "outputs"  # the default outputs/<command>/<date>
+        for parent in run_dir.resolve().parents:
+            if not parent.is_relative_to(default_root) or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    else:
+        record = logging.makeLogRecord({"name": "mamlrun", "levelno": logging.ERROR,
+                                        "levelname": "ERROR", "msg": message})  # fmt: skip
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+    raise SystemExit(code)
+
+
+def _sweep_job(command: str, cfg: Any, job_dir: Path) -> Any:
+    """One job of a ``-m`` sweep: a failure is recorded in the job's directory and the sweep
+    goes on (an exception would stop Hydra's launcher and lose the summary). The job returns
+    NaN, which Optuna records as a failed trial."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from mamlrun import messages, run, sweep
 
     try:
-        return command_fn(cfg)
+        if command == "train":
+            direction = HydraConfig.get().sweeper.get("direction")
+            launch = run.Launch(None, direction if isinstance(direction, str) else None)
+            return run.train(cfg, job_dir, launch)
+        return getattr(run, command)(cfg, job_dir)
     except SweepConfigError as ex:
-        print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
+        print(f"mamlrun: error: {messages.one_line(ex)}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as ex:
-        message = _one_line(ex)
+        message = messages.one_line(ex)
         if not isinstance(ex, MamlrunError):
             message = f"{type(ex).__name__}: {message}"
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         sweep.record_failure(job_dir, ex, message)
         print(f"mamlrun: error in job {job_dir}: {message}", file=sys.stderr)
         return float("nan")
 
 
-def _quiet_rank(overrides: list[str]) -> tuple[list[str], str | None]:
+def _quiet_rank(args: list[str]) -> tuple[list[str], str | None]:
     """Under torchrun, ranks other than 0 write nothing: no Hydra output directory of their
     own (they use rank 0's, which it broadcasts), no log file, warnings only."""
     quiet = [
-        *overrides,
+        *args,
         "hydra.output_subdir=null",
         "hydra/job_logging=stdout",
         "hydra.job_logging.root.level=WARNING",
     ]
-    if any(o.startswith("hydra.run.dir=") for o in overrides):
+    if any(a.startswith("hydra.run.dir=") for a in args):
         return quiet, None
     scratch = tempfile.mkdtemp(prefix="mamlrun-rank-")
     return [*quiet, f"hydra.run.dir={scratch}"], scratch
@@ -161,6 +278,8 @@ def _quiet_rank(overrides: list[str]) -> tuple[list[str], str | None]:
 def _complete(args: list[str]) -> Any:
     """Shell completion: Hydra's script calls ``mamlrun -sc query=SHELL`` with the typed line in
     ``COMP_LINE``; pick the subcommand from that line and let Hydra complete the rest."""
+    from mamlrun import overrides
+
     line = os.environ.get("COMP_LINE", "")
     words = line.split()
     if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
@@ -171,45 +290,12 @@ def _complete(args: list[str]) -> Any:
     if command not in COMMANDS:
         return 0
     os.environ["COMP_LINE"] = line.replace(f" {command}", "", 1)
-    return _run_hydra(command, args)
+    return _run_hydra(command, overrides.CommandLine.parse(args), None)
 
 
-def _run_and_report_one_line(func: Callable[[], Any]) -> Any:
-    """Hydra's ``run_and_report``, but a user error becomes one line and exit status 2.
-
-    Hydra prints composition errors over several lines with a hint about
-    ``HYDRA_FULL_ERROR``; researchers scanning a sweep's logs want one line naming the
-    problem. Real bugs (anything that is not a config or input error) keep their traceback,
-    and ``HYDRA_FULL_ERROR=1`` restores every traceback.
-    """
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from mamlrun.errors import MamlrunError
-
-    try:
-        return func()
-    except (MamlrunError, HydraException, OmegaConfBaseException) as ex:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"mamlrun: error: {_one_line(ex)}", file=sys.stderr)
-        _exit(2)
-
-
-def _one_line(ex: BaseException) -> str:
-    """The first line of the message, plus the first line of its cause when that adds detail."""
-    first = _lines(ex)[0] if _lines(ex) else type(ex).__name__
-    key = getattr(ex, "full_key", None)
-    if key and key not in first:
-        first = f"{key}: {first}"
-    cause = ex.__cause__ or (None if ex.__suppress_context__ else ex.__context__)
-    if cause is not None and _lines(cause) and _lines(cause)[0] not in first:
-        first = f"{first.rstrip('.:')}: {_lines(cause)[0]}"
-    return first
-
-
-def _lines(ex: BaseException) -> list[str]:
-    return [ln.strip() for ln in str(ex).splitlines() if ln.strip()]
+def _error(message: str) -> int:
+    print(f"mamlrun: error: {message}", file=sys.stderr)
+    return _exit(2)
 
 
 def _exit(code: int) -> int:

@@ -13,7 +13,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,15 +36,17 @@ INJECTED = {
 }
 
 
+# The schemas give types; the values live in the YAML files (conf/), the one place a default is
+# written, with a comment saying why.
 @dataclass
 class BaselineConfig:
     """The paper's "pretrained" baseline for ``adapt``: one network trained on all tasks."""
 
-    enabled: bool = True  # only meaningful for regression; ignored for classification
-    steps: int = 5000  # Adam steps of joint training on the training tasks
-    lr: float = 1e-3
-    batch_size: int = 25  # tasks per step (all their support and query points are used)
-    seed: int = 0
+    enabled: bool = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
 
 
 @dataclass
@@ -52,39 +54,84 @@ class TrainConfig:
     dataset: Any = MISSING
     backbone: Any = MISSING
     meta_optimizer: Any = MISSING
-    seed: int = 0
-    device: str = "auto"
-    iterations: int = 70000
-    meta_batch_size: int = 25
-    log_every: int = 100
-    val_every: int = 1000
-    val_tasks: int = 100
-    val_seed: int = 1001
-    eval_batch_size: int = 25
-    checkpoint_every: int = 1000
-    resume: bool = False
-    max_minutes: float | None = None
-    final_test: bool = False
-    final_adapt: bool = False
-    test_tasks: int = 600
-    test_seed: int = 2002
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    seed: int = MISSING
+    device: str = MISSING
+    iterations: int = MISSING
+    meta_batch_size: int = MISSING
+    log_every: int = MISSING
+    progress_seconds: float = MISSING
+    val_every: int = MISSING
+    val_tasks: int = MISSING
+    val_seed: int = MISSING
+    eval_batch_size: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: bool = MISSING
+    max_minutes: float | None = MISSING
+    final_test: bool = MISSING
+    final_adapt: bool = MISSING
+    test_tasks: int = MISSING
+    test_seed: int = MISSING
+    baseline: BaselineConfig = MISSING
 
 
 @dataclass
 class TestConfig:
     checkpoint: str = MISSING
-    n_tasks: int = 600
-    inner_steps: int | None = None  # None: the checkpoint's meta_optimizer.inner_steps_test
-    seed: int = 2002
-    device: str = "auto"
-    eval_batch_size: int = 25
-    data_root: str | None = None  # replaces dataset.root of the checkpoint's config
+    test_tasks: int = MISSING
+    inner_steps: int | None = MISSING  # None: the checkpoint's meta_optimizer.inner_steps_test
+    test_seed: int = MISSING
+    device: str = MISSING
+    eval_batch_size: int = MISSING
+    data_root: str | None = MISSING  # replaces dataset.root of the checkpoint's config
+    progress_seconds: float = MISSING
 
 
 @dataclass
 class AdaptConfig(TestConfig):
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    baseline: BaselineConfig = MISSING
+
+
+@dataclass
+class ComponentsOnly:
+    """What ``test`` and ``adapt`` rebuild from a checkpoint."""
+
+    dataset: Any = None
+    backbone: Any = None
+    meta_optimizer: Any = None
+
+
+#: Range checks per command: keys that must be >= 1, and keys that must be >= 0.
+_POSITIVE = {
+    TrainConfig: (
+        "iterations",
+        "meta_batch_size",
+        "val_every",
+        "val_tasks",
+        "eval_batch_size",
+        "checkpoint_every",
+        "log_every",
+        "test_tasks",
+    ),
+    TestConfig: ("test_tasks", "eval_batch_size"),
+}
+_NON_NEGATIVE = {
+    TrainConfig: ("progress_seconds",),
+    TestConfig: ("progress_seconds", "inner_steps"),
+}
+
+
+def check(cfg: DictConfig, schema: type) -> DictConfig:
+    """The value checks of one command, in one place (types were checked by ``validate``)."""
+    key = TestConfig if issubclass(schema, TestConfig) else schema
+    for name in _POSITIVE.get(key, ()):
+        if cfg[name] < 1:
+            raise MamlrunError(f"{name} must be positive, got {cfg[name]}")
+    for name in _NON_NEGATIVE.get(key, ()):
+        if cfg[name] is not None and cfg[name] < 0:
+            raise MamlrunError(f"{name} must be >= 0, got {cfg[name]}")
+    if "max_minutes" in cfg and cfg.max_minutes is not None and cfg.max_minutes <= 0:
+        raise MamlrunError(f"max_minutes must be positive (or null), got {cfg.max_minutes}")
+    return cfg
 
 
 def register_schemas() -> None:
@@ -163,8 +210,14 @@ def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> N
                 raise MamlrunError(f"missing key {path}.{name} (required by {node._target_})")
 
 
+#: Keys a component config may carry for mamlrun's sake, not passed to its target.
+METADATA = ("_preset_",)
+
+
 def instantiate(node: Any, **kwargs: Any) -> Any:
     """The one place configs become objects, so that errors read the same everywhere."""
+    if isinstance(node, DictConfig) and any(k in node for k in METADATA):
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in METADATA])
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as ex:
@@ -187,6 +240,22 @@ def build_meta_optimizer(node: DictConfig) -> tuple[Any, Callable[..., Any]]:
     if "optimizer" not in node:
         raise MamlrunError("missing key meta_optimizer.optimizer (e.g. torch.optim.Adam)")
     return algorithm, instantiate(node.optimizer)
+
+
+def group_config(group: str, choice: str) -> DictConfig:
+    """One choice of a config group as ``train`` composes it (its own defaults followed)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("train", overrides=[f"{group}={choice}"])[group]
+
+
+def algorithm(choice: str = "maml", **settings: Any) -> Any:
+    """An algorithm from ``conf/meta_optimizer/<choice>.yaml`` with ``settings`` changed: the
+    YAML holds the values, so a Python caller gets the same defaults as the command line."""
+    node = OmegaConf.merge(group_config("meta_optimizer", choice), settings)
+    return build_meta_optimizer(node)[0]
 
 
 def build_scheduler(node: DictConfig) -> Callable[..., Any] | None:
@@ -250,6 +319,20 @@ def _matches(value: Any, expected: Any) -> bool:
 
 def _type_name(t: Any) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are values)."""
+    if isinstance(tree, DictConfig):
+        tree = OmegaConf.to_container(tree, resolve=True)
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _first_line(ex: BaseException) -> str:

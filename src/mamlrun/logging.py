@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -30,16 +29,19 @@ class TensorBoardLogger:
 
     def log_hparams(self, hparams: Mapping[str, object], metrics: Mapping[str, float]) -> None:
         """One HParams row per run, written beside the scalars so a sweep lines up."""
-        clean = {
-            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
-        }
-        self.writer.add_hparams(clean, dict(metrics), run_name=".")
+        self.writer.add_hparams(dict(hparams), dict(metrics), run_name=".")
 
     def log_image(self, tag: str, image: torch.Tensor, step: int = 0) -> None:
         self.writer.add_image(tag, image, step, dataformats="CHW")
 
     def close(self) -> None:
         self.writer.close()
+
+    def __enter__(self) -> TensorBoardLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class NullLogger:
@@ -58,16 +60,27 @@ class NullLogger:
         pass
 
 
-class ConsoleLogger:
-    """One plain line per call through ``logging``: Hydra sends it to the console and to the
-    run's log file; under ``logging_redirect_tqdm`` it does not break a progress bar."""
+def hparams_of(components: Mapping[str, Any]) -> dict[str, int | float | str]:
+    """The component configs as HParams columns: ``dataset.ways``, ``meta_optimizer`` (the
+    algorithm's class name, from ``_target_``), …
 
-    def __init__(self) -> None:
-        self.log = logging.getLogger("mamlrun")
-
-    def log_dict(self, payload: Mapping[str, float], step: int) -> None:
-        parts = " ".join(f"{k}={v:.4g}" for k, v in payload.items())
-        self.log.info("step %d: %s", step, parts)
-
-    def close(self) -> None:
-        pass
+    TensorBoard stores a bool as the number 1.0 and cannot show a list, so both become text;
+    ``_partial_`` and the like say nothing about the run and are left out.
+    """
+    flat: dict[str, int | float | str] = {}
+    for key, value in components.items():
+        if isinstance(value, Mapping):
+            for sub, v in hparams_of(value).items():
+                name = key if sub == "_target_" else f"{key}.{sub}"
+                flat[name] = v
+        elif key == "_target_":
+            flat[key] = str(value).rsplit(".", 1)[-1]
+        elif key.startswith("_"):
+            continue
+        elif isinstance(value, bool):
+            flat[key] = str(value).lower()
+        elif isinstance(value, int | float | str):
+            flat[key] = value
+        else:
+            flat[key] = "null" if value is None else str(value)
+    return flat

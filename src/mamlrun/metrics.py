@@ -39,6 +39,13 @@ def loss_fn(kind: str, normalization: str = "mean") -> LossFn:
     raise ValueError(f"unknown task kind {kind!r}")
 
 
+def loss_scale(kind: str, normalization: str, outputs: int) -> int:
+    """How many mean losses ``loss_fn`` returns for a model with ``outputs`` outputs: N (the
+    ways) under ``tf_maml`` classification, else 1. What is logged is always the plain mean
+    (the objective divided by this), so curves from presets and default runs compare."""
+    return outputs if kind == "classification" and normalization == "tf_maml" else 1
+
+
 def metric_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Per-task metric, written with tensor ops only so it also runs under ``vmap``."""
     if kind == "regression":
@@ -101,3 +108,17 @@ def better(kind: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
     return new > best if METRIC[kind][1] else new < best
+
+
+def format_ci(mean: float, ci: float, percent: bool = False) -> str:
+    """``mean ± ci`` with the CI to two significant digits and the mean to the same decimal
+    place (``3.16 ± 0.27``, not ``3.158 ± 0.2668``); ``percent`` shows fractions as %."""
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    mean, ci = mean * scale, ci * scale
+    if not (math.isfinite(mean) and math.isfinite(ci)) or ci <= 0:
+        return f"{mean:.4g} ± {ci:.2g}{unit}"
+    decimals = 1 - math.floor(math.log10(ci))
+    if decimals < 0:
+        step = 10.0**-decimals
+        return f"{round(mean / step) * step:.0f} ± {round(ci / step) * step:.0f}{unit}"
+    return f"{mean:.{decimals}f} ± {ci:.{decimals}f}{unit}"

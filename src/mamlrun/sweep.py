@@ -24,8 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from mamlrun.metrics import mean_ci95_t
 
-#: The summary of the last sweep in this process, for the CLI's exit status.
-LAST: Summary | None = None
 FAILURE_FILE = "failure.json"
 GROUPED_OVER = "seed"
 
@@ -239,14 +237,24 @@ class SweepSummary(Callback):
     """Registered in every command's config (``hydra.callbacks.summary``)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global LAST
+        """Print and write the summary; exit with status 1 when a job did not finish (a
+        callback is Hydra's public hook at the end of a sweep, and the exit status is the
+        only way a script or CI learns that some of the jobs failed)."""
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
-        LAST = summarise(sweep_dir)
-        per_job, grouped = write(LAST)
-        print(render(LAST))
+        summary = summarise(sweep_dir)
+        per_job, grouped = write(summary)
+        print(render(summary))
         print(f"written: {per_job} and {grouped}")
+        if summary.failed:
+            failed, total = len(summary.failed), len(summary.jobs)
+            print(
+                f"mamlrun: error: {failed} of {total} jobs did not finish; the others' results "
+                f"are in {per_job}",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,13 +282,31 @@ def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
 
 
 def ensure_zips(directory: Path) -> dict[str, Path]:
-    """The two zips in ``directory``, downloading (and md5-checking) any that is missing."""
-    return {
-        set_name: ensure_file(
-            directory / f"{set_name}.zip", URL.format(set_name), OFFICIAL_MD5[set_name]
+    """The two zips in ``directory``, downloading (and md5-checking) any that is missing.
+
+    When both are missing and cannot be fetched, one error names both, so that a user
+    without network fixes the data root once instead of once per zip.
+    """
+    paths, failed = {}, []
+    for set_name in SETS:
+        try:
+            paths[set_name] = ensure_file(
+                directory / f"{set_name}.zip", URL.format(set_name), OFFICIAL_MD5[set_name]
+            )
+        except MamlrunError as e:
+            failed.append((set_name, e))
+    if len(failed) == 1:
+        raise failed[0][1]
+    if failed:
+        names = " and ".join(f"{name}.zip" for name, _ in failed)
+        urls = " and ".join(URL.format(name) for name, _ in failed)
+        raise MamlrunError(
+            f"{names} are missing from {directory} and could not be downloaded "
+            f"({_one_line(failed[0][1]).split(';')[0]}); download {urls} by hand into "
+            f"{directory}, or set "
+            "dataset.root (or $MAMLRUN_DATA) to a folder that holds omniglot/"
         )
-        for set_name in SETS
-    }
+    return paths
 
 
 def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 28) -> OmniglotData:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from torch import nn
+
+log = logging.getLogger("mamlrun")
 
 
 def mlp(
@@ -17,6 +20,11 @@ def mlp(
     ``in_shape`` and ``out_features`` come from the task source, so the same config serves
     any input size.
     """
+    if len(in_shape) == 3:
+        log.warning(
+            f"backbone=mlp on {tuple(in_shape)} images flattens them and ignores their spatial "
+            "structure; backbone=conv4 is the usual choice for images"
+        )
     in_features = math.prod(in_shape)
     if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
         raise ValueError("mlp layer sizes must be positive")

@@ -7,6 +7,8 @@ set with the same inner steps as MAML.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -22,6 +24,7 @@ def pretrain_jointly(
     lr: float,
     batch_size: int,
     seed: int,
+    on_step: Callable[[], None] | None = None,
 ) -> nn.Module:
     """Fit ``model`` (in place) with Adam to the support and query points of training tasks."""
     generator = torch.Generator(device=source.device).manual_seed(seed)
@@ -34,4 +37,6 @@ def pretrain_jointly(
         optimizer.zero_grad(set_to_none=True)
         loss(model(x.flatten(0, 1)), y.flatten(0, 1)).backward()
         optimizer.step()
+        if on_step is not None:
+            on_step()
     return model

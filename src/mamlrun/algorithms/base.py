@@ -1,0 +1,84 @@
+"""What the runner may ask of a meta-learning algorithm, and nothing more.
+
+An algorithm computes; the episode loop (``loop.py``) owns the optimisation step. The split
+is ``meta_objective``: the algorithm yields the outer objective of a meta-batch in parts
+(one per task when tasks run one at a time, so each task's graph is freed before the next is
+built), and the loop backpropagates each part, combines the gradients across processes and
+steps the optimizer and the scheduler. Gradient scaling or mixed precision then touch the
+loop only.
+
+A new algorithm is a class with these members, named by ``_target_`` in a
+``conf/meta_optimizer/*.yaml``; the runner never reads anything else off it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from mamlrun.data.tasks import TaskBatch
+
+
+class Part(NamedTuple):
+    """A share of a meta-batch's outer objective.
+
+    ``objective`` is the scalar to backpropagate, already weighted by its share of the
+    meta-batch (the parts' gradients add up to the meta-gradient). ``loss`` and ``metric``
+    are the detached means over its ``tasks`` tasks, for logging: ``loss`` is always the
+    plain mean loss (mean cross-entropy or MSE), whatever scaling the objective uses.
+    """
+
+    objective: torch.Tensor
+    loss: torch.Tensor
+    metric: torch.Tensor
+    tasks: int
+
+
+#: The members of ``Algorithm``, for a message that names what a class lacks.
+MEMBERS = (
+    "task_batching",
+    "inner_steps_test",
+    "batching_modes",
+    "meta_model",
+    "meta_objective",
+    "evaluate",
+    "describe",
+)
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    #: ``auto``, or one of ``batching_modes``: how the tasks of a meta-batch run.
+    task_batching: str
+    #: Inner steps at validation and test time when the command does not say.
+    inner_steps_test: int
+
+    @property
+    def batching_modes(self) -> tuple[str, ...]:
+        """The ways of running tasks these settings support (``auto`` measures among them)."""
+        ...
+
+    def meta_model(self, backbone: nn.Module) -> nn.Module:
+        """The module whose parameters are meta-learned (the backbone, plus any extras such
+        as learned rates); the optimizer and the checkpoints cover exactly its state."""
+        ...
+
+    def meta_objective(
+        self, model: nn.Module, batch: TaskBatch, kind: str, batching: str, step: int | None
+    ) -> Iterator[Part]:
+        """The outer objective of one meta-batch at training iteration ``step``, in parts."""
+        ...
+
+    def evaluate(
+        self, model: nn.Module, batch: TaskBatch, kind: str, steps: int, batching: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss and metric of every task after 0…``steps`` inner steps, as two
+        ``[tasks, steps + 1]`` tensors; the meta-parameters are not changed."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Settings worth recording with every result (``results.json``, HParams)."""
+        ...

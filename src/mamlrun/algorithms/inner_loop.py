@@ -1,0 +1,337 @@
+"""The inner loop every algorithm of the family shares: its settings, and evaluation.
+
+``InnerLoop`` holds how a task is adapted to (step size, steps, which parameters, learned
+rates, batch-norm handling, the inner optimizer) and builds the per-task function that does
+it. MAML (``maml.MAML``) and Reptile (``reptile.Reptile``) are these settings plus their own
+outer update, so neither copies the other's fields, and evaluation (adapt on the support
+set, score the query set after every step) is written once, here.
+
+The variants are flags on these settings, each implemented by a small function elsewhere:
+which parameters adapt (``selection``, ANIL), learned rates (``learned_lr``, Meta-SGD and
+MAML++'s LSLR), per-step batch-norm weights and statistics (``per_step``, MAML++).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from mamlrun.algorithms import learned_lr, per_step, selection
+from mamlrun.algorithms.batching import map_tasks
+from mamlrun.algorithms.inner import (
+    Forward,
+    GradFn,
+    Params,
+    adapt,
+    at_step,
+    autograd_grad,
+    checkpointed_adapt,
+    functional_grad,
+)
+from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
+from mamlrun.data.tasks import TaskBatch
+from mamlrun.errors import MamlrunError
+from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
+from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
+
+TASK_BATCHING = ("auto", "loop", "vmap")
+#: ``transductive``: every forward pass normalises with the statistics of the batch it sees
+#: (the task's support or query set), as the original MAML. ``per_step``: running statistics
+#: per inner step, collected while meta-training and used at evaluation (MAML++'s BNRS).
+BN_MODES = ("transductive", "per_step")
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+#: The meta-parameters as the inner loop takes them: the backbone's (``theta``) and the
+#: algorithm's extras (``inner_lr``, ``bn_weights``), each a ``{backbone name: tensor}`` dict.
+Meta = dict[str, Params]
+#: One task's inner loop: ``(meta, x, y) -> (trajectory θ_0…θ_S, forward to use with each θ_s)``.
+Inner = Callable[[Meta, torch.Tensor, torch.Tensor], tuple[list[Params], list[Forward]]]
+
+
+@dataclass
+class InnerLoop:
+    """How a task is adapted to. The values live in ``conf/meta_optimizer/*.yaml`` (build one
+    from there with ``config.algorithm``); here are the types and what they mean.
+
+    Attributes:
+        inner_lr: step size α of the inner steps (the initial value when learned).
+        inner_steps: inner steps while meta-training.
+        inner_steps_test: inner steps at validation and test time (the paper uses more).
+        first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
+        task_batching: ``loop``, ``vmap`` or ``auto`` (measure both at start-up).
+        loss_normalization: ``mean`` or ``tf_maml`` (see ``metrics.loss_fn``): what the inner
+            learning rate is relative to.
+        adapt_params: ``all``, ``head`` (ANIL) or a list of parameter-name prefixes: which
+            parameters the inner loop updates. The others are meta-learned in the outer loop.
+        learned_inner_lr: ``none``, ``per_element`` (Meta-SGD) or ``per_layer_per_step``
+            (MAML++'s LSLR): inner rates meta-learned with the initialisation.
+        per_step_bn_weights: MAML++'s BNWB: batch-norm gamma/beta per inner step, meta-learned
+            and not adapted.
+        bn_mode: ``transductive`` or ``per_step`` (MAML++'s BNRS), see ``BN_MODES``. Only
+            ``loop`` batching supports ``per_step`` (statistics are updated in place).
+        inner_optimizer: ``sgd``, or ``adam`` (with ``adam_betas``, fresh state per task;
+            first order only, as Adam's square root has no second derivative at a zero gradient).
+        adam_betas: Adam's (β1, β2) when ``inner_optimizer=adam``.
+        checkpoint_inner: for second-order training, keep only the parameters after each
+            inner step and recompute a step's graph during the outer backward pass: memory
+            no longer grows with the steps' graphs, for about one more forward and backward
+            of every step. Same meta-gradient. ``loop`` batching only, not with
+            ``bn_mode=per_step`` (the recomputation would update the statistics twice).
+    """
+
+    inner_lr: float
+    inner_steps: int
+    inner_steps_test: int
+    first_order: bool
+    task_batching: str
+    loss_normalization: str
+    adapt_params: str | list[str]
+    learned_inner_lr: str
+    per_step_bn_weights: bool
+    bn_mode: str
+    inner_optimizer: str
+    adam_betas: tuple[float, float]
+    checkpoint_inner: bool
+
+    def __post_init__(self) -> None:
+        if self.inner_lr <= 0:
+            raise MamlrunError(f"meta_optimizer.inner_lr must be positive, got {self.inner_lr}")
+        if self.inner_steps < 1 or self.inner_steps_test < 0:
+            raise MamlrunError(
+                "meta_optimizer.inner_steps must be >= 1 and inner_steps_test >= 0, got "
+                f"{self.inner_steps} and {self.inner_steps_test}"
+            )
+        for name, choices in (
+            ("loss_normalization", LOSS_NORMALIZATION),
+            ("task_batching", TASK_BATCHING),
+            ("learned_inner_lr", learned_lr.LEARNED_LR),
+            ("bn_mode", BN_MODES),
+            ("inner_optimizer", INNER_OPTIMIZERS),
+        ):
+            if getattr(self, name) not in choices:
+                raise MamlrunError(
+                    f"meta_optimizer.{name} must be one of {', '.join(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.inner_optimizer == "adam" and not self.first_order:
+            raise MamlrunError(
+                "meta_optimizer.inner_optimizer=adam needs first_order=true (Adam's square root "
+                "has no second derivative where a gradient is zero)"
+            )
+        if self.checkpoint_inner and self.bn_mode == "per_step":
+            raise MamlrunError(
+                "meta_optimizer.checkpoint_inner=true is not possible with bn_mode=per_step: "
+                "recomputing an inner step would update its running statistics a second time"
+            )
+        if self.task_batching not in ("auto", *self.batching_modes):
+            raise MamlrunError(self._no_vmap_message())
+        self.adam_betas = tuple(self.adam_betas)
+
+    # ------------------------------------------------------------------ what the runner asks
+    @property
+    def batching_modes(self) -> tuple[str, ...]:
+        loop_only = self.bn_mode == "per_step" or self.checkpoint_inner
+        return ("loop",) if loop_only else ("loop", "vmap")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "algorithm": type(self).__name__,
+            "bn_mode": self.bn_mode,
+            "inner_steps_test": self.inner_steps_test,
+        }
+
+    def meta_model(self, backbone: nn.Module) -> nn.Module:
+        """The backbone plus these settings' extra meta-parameters (learned rates, per-step
+        batch norm), or the bare backbone when there are none."""
+        theta = dict(backbone.named_parameters())
+        adapted = {n: theta[n] for n in self._adapted_names(backbone)}  # fails early if none
+        layers = batch_norm_layers(backbone)
+        extras: dict[str, nn.Module] = {}
+        for name in self._extra_names(backbone):
+            if name == "inner_lr":
+                extras[name] = learned_lr.init(
+                    self.learned_inner_lr, adapted, self.inner_lr, self.inner_steps
+                )
+            elif name == "bn_weights":
+                extras[name] = per_step.PerStepBatchNormWeights(layers, self.inner_steps)
+            else:
+                extras[name] = per_step.PerStepStatistics(layers, self.inner_steps)
+        return MetaModel(backbone, extras) if extras else backbone
+
+    def evaluate(
+        self, model: nn.Module, batch: TaskBatch, kind: str, steps: int, batching: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query loss and metric of every task after 0…``steps`` inner steps (``[tasks,
+        steps + 1]`` each); the meta-parameters are not touched."""
+        self.check_batching(batching)
+        meta = {
+            g: {k: t.detach() for k, t in ts.items()} for g, ts in self.meta_tensors(model).items()
+        }
+        if batching == "vmap":
+            adapted = self.inner_loop(model, kind, steps, functional_grad(first_order=True))
+        else:
+            adapted = _without_outer_graph(
+                self.inner_loop(model, kind, steps, autograd_grad(False))
+            )
+        task = scored(adapted, kind, self.loss_normalization, range(steps + 1))
+        with self._evaluation_mode(model), torch.no_grad():
+            _, losses, metrics = map_tasks(task, meta, batch, batching)
+        return losses, metrics
+
+    def check_batching(self, batching: str) -> None:
+        if batching not in self.batching_modes:
+            raise MamlrunError(
+                self._no_vmap_message()
+                if batching == "vmap"
+                else f"unknown task batching {batching!r}"
+            )
+
+    # ------------------------------------------------------------------ the inner loop
+    def meta_tensors(self, model: nn.Module) -> Meta:
+        """The meta-parameters of ``model`` (built by ``meta_model``) as the inner loop takes
+        them; live tensors, so the outer gradient reaches them."""
+        backbone, extras = split(model)
+        wanted = self._extra_names(backbone)
+        if sorted(extras) != sorted(wanted):
+            raise MamlrunError(
+                f"these settings meta-learn {', '.join(wanted) or 'nothing'} besides the "
+                f"backbone, the model has {', '.join(extras) or 'nothing'}: build it with "
+                "algorithm.meta_model(backbone)"
+            )
+        meta: Meta = {"theta": dict(backbone.named_parameters())}
+        for name in ("inner_lr", "bn_weights"):
+            if name in extras:
+                meta[name] = per_name(extras[name])
+        return meta
+
+    def inner_loop(
+        self, model: nn.Module, kind: str, steps: int, grad: GradFn, checkpoint: bool = False
+    ) -> Inner:
+        """One task's inner loop of ``steps`` steps with these settings.
+
+        The returned function maps ``(meta, x, y)`` to the trajectory of the adapted
+        parameters θ_0…θ_steps (only those that adapt) and the forward to use with each: the
+        backbone with the parameters that do not adapt, and per-step batch-norm weights and
+        statistics of that step, filled in. ``checkpoint`` recomputes the (second-order,
+        SGD) steps during the outer backward pass instead of keeping their graphs (see
+        ``inner.checkpointed_adapt``); ``grad`` is then unused.
+        """
+        backbone, extras = split(model)
+        adapted = self._adapted_names(backbone)
+        stats = per_name(extras["bn_stats"]) if "bn_stats" in extras else {}
+        loss = loss_fn(kind, self.loss_normalization)
+        adam = self.adam_betas if self.inner_optimizer == "adam" else None
+
+        def forward_at(meta: Meta, s: int) -> Forward:
+            fixed = {k: t for k, t in meta["theta"].items() if k not in adapted}
+            params = {**fixed, **per_step.at_inner_step(meta.get("bn_weights", {}), s, first=1)}
+            buffers = per_step.at_inner_step(stats, s)
+
+            def forward(p: Params, inputs: torch.Tensor) -> torch.Tensor:
+                return functional_call(backbone, ({**params, **p}, buffers), (inputs,))
+
+            return forward
+
+        def rates(meta: Meta) -> float | Params | list[Params]:
+            return learned_lr.rates(self.learned_inner_lr, self.inner_lr, meta.get("inner_lr"))
+
+        def run(meta: Meta, x: torch.Tensor, y: torch.Tensor):
+            forwards = [forward_at(meta, s) for s in range(steps + 1)]
+            start = {k: meta["theta"][k] for k in adapted}
+            if checkpoint:
+                rate_at = lambda meta, s: at_step(rates(meta), s)  # noqa: E731
+                trajectory = checkpointed_adapt(
+                    forward_at, rate_at, loss, meta, start, x, y, steps=steps
+                )
+            else:
+                trajectory = adapt(
+                    forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad, adam=adam
+                )
+            return trajectory, forwards
+
+        return run
+
+    def _extra_names(self, backbone: nn.Module) -> list[str]:
+        """Which extra meta-parameters these settings learn for this backbone."""
+        has_bn = bool(batch_norm_layers(backbone))
+        wanted = {
+            "inner_lr": self.learned_inner_lr != "none",
+            "bn_weights": self.per_step_bn_weights and has_bn,
+            "bn_stats": self.bn_mode == "per_step" and has_bn,
+        }
+        return [name for name, on in wanted.items() if on]
+
+    def _adapted_names(self, backbone: nn.Module) -> list[str]:
+        bn = batch_norm_layers(backbone) if self.per_step_bn_weights else {}
+        owned = {f"{layer}.{n}" for layer, m in bn.items() for n, _ in m.named_parameters()}
+        return selection.adapted_names(backbone, self.adapt_params, exclude=owned)
+
+    def _no_vmap_message(self) -> str:
+        if self.checkpoint_inner:
+            return (
+                "meta_optimizer.task_batching=vmap is not possible with checkpoint_inner=true: "
+                "the recomputed inner step is a custom autograd function that vmap cannot "
+                "batch; use loop or auto"
+            )
+        return (
+            "meta_optimizer.task_batching=vmap is not possible with bn_mode=per_step: its "
+            "running statistics are updated in place, which vmap cannot batch; use loop or auto"
+        )
+
+    @contextmanager
+    def _evaluation_mode(self, model: nn.Module) -> Iterator[None]:
+        """Evaluate with the running statistics when there are any (``bn_mode=per_step``)."""
+        was_training = model.training
+        if self.bn_mode == "per_step":
+            model.train(False)
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def _without_outer_graph(inner: Inner) -> Inner:
+    """Per-task evaluation: gradients for the inner steps only (from fresh leaves), none
+    for the query passes or back to the meta-parameters."""
+
+    def adapted(meta: Meta, x: torch.Tensor, y: torch.Tensor):
+        start = {k: t.clone().requires_grad_() for k, t in meta["theta"].items()}
+        with torch.enable_grad():
+            trajectory, forwards = inner({**meta, "theta": start}, x, y)
+        return [{k: t.detach() for k, t in p.items()} for p in trajectory], forwards
+
+    return adapted
+
+
+def scored(
+    inner: Inner,
+    kind: str,
+    normalization: str,
+    steps: Sequence[int],
+    fused_query: bool = False,
+) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A task function ``(meta, xs, ys, xq, yq) -> (objectives, losses, metrics)``: for the
+    parameters after each of ``steps`` inner steps, the query loss as the inner loop defines
+    it (the objective), the plain mean loss (what is logged) and the metric.
+
+    ``fused_query`` runs the query passes with the fused batch-norm kernel: the outer backward
+    differentiates them only once, so its untrustworthy second derivative is never used, and
+    its first is leaner and faster than the plain-op one (``layers.fused_batch_norm``).
+    """
+    loss, metric = loss_fn(kind, normalization), metric_fn(kind)
+
+    def task(meta: Meta, xs, ys, xq, yq):
+        trajectory, forwards = inner(meta, xs, ys)
+        with fused_batch_norm() if fused_query else nullcontext():
+            outs = [forwards[s](trajectory[s], xq) for s in steps]
+        objectives = torch.stack([loss(o, yq) for o in outs])
+        scale = loss_scale(kind, normalization, outs[0].shape[-1])
+        return objectives, objectives.detach() / scale, torch.stack([metric(o, yq) for o in outs])
+
+    return task

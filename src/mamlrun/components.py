@@ -1,0 +1,84 @@
+"""From a config to the objects a run is made of: device, task source, model, algorithm.
+
+Every component is named by ``_target_`` in its config group and built through
+``config.instantiate``; the runner knows them only through their interfaces
+(``data.tasks.TaskSource``, ``algorithms.base.Algorithm``, an ``nn.Module`` backbone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mamlrun import config
+from mamlrun.algorithms.base import MEMBERS, Algorithm
+from mamlrun.data.tasks import TaskSource
+from mamlrun.errors import MamlrunError
+
+COMPONENTS = ("dataset", "backbone", "meta_optimizer")
+
+
+@dataclass
+class Components:
+    source: TaskSource
+    model: torch.nn.Module
+    algorithm: Algorithm
+    make_optimizer: Callable[..., torch.optim.Optimizer]
+    make_scheduler: Callable[[torch.optim.Optimizer], Any]
+
+
+def build(cfg: DictConfig, device: torch.device, seed: int) -> Components:
+    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``.
+
+    The model is the backbone plus whatever extra meta-parameters the algorithm learns
+    (``algorithm.meta_model``), so optimizer and checkpoints cover those too.
+    """
+    torch.manual_seed(seed)
+    source = config.instantiate(cfg.dataset, device=device)
+    backbone = config.instantiate(
+        cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
+    ).to(device)
+    algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
+    if not isinstance(algorithm, Algorithm):
+        missing = [m for m in MEMBERS if not hasattr(algorithm, m)]
+        raise MamlrunError(
+            f"meta_optimizer._target_ builds a {type(algorithm).__name__}, which lacks "
+            f"{', '.join(sorted(missing))} (see mamlrun.algorithms.base.Algorithm)"
+        )
+    model = algorithm.meta_model(backbone)
+    scheduler = config.build_scheduler(cfg.meta_optimizer)
+    return Components(source, model, algorithm, make_optimizer, scheduler or (lambda _: None))
+
+
+def component_config(cfg: DictConfig) -> dict[str, Any]:
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) for k in COMPONENTS}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; an explicit CUDA device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MamlrunError(
+            f"device={name!r} is not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MamlrunError(
+                f"device={name} was requested but CUDA is not available here "
+                f"(torch {torch.__version__}); use device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MamlrunError(
+                f"device={name} does not exist: this machine has {torch.cuda.device_count()} "
+                "CUDA device(s)"
+            )
+    elif device.type != "cpu":
+        raise MamlrunError(f"device={name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    return device

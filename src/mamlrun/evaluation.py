@@ -1,0 +1,195 @@
+"""Meta-testing a checkpoint: the test metric (``test_checkpoint``) and the adaptation curve
+against the pretrained baseline (``adapt_checkpoint``).
+
+Both take typed settings (``config.TestConfig``, ``config.AdaptConfig``), so ``train`` calls
+them for its final test directly, and both rebuild dataset, backbone and algorithm from the
+checkpoint's own config: a test cannot silently use settings the model was not trained with.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mamlrun import checkpoint, config
+from mamlrun.baseline import pretrain_jointly
+from mamlrun.components import Components, build, resolve_device
+from mamlrun.errors import MamlrunError
+from mamlrun.files import write_json
+from mamlrun.logging import TensorBoardLogger
+from mamlrun.loop import evaluate
+from mamlrun.metrics import METRIC, format_ci, mean_ci95
+from mamlrun.progress import Progress
+
+log = logging.getLogger("mamlrun")
+
+
+@dataclass
+class Restored:
+    parts: Components
+    saved: dict[str, Any]
+    components: Any  # the checkpoint's component config, to rebuild the baseline from
+    path: Path
+
+    @property
+    def batching(self) -> str:
+        mode = self.saved.get("task_batching", "loop")
+        return mode if mode != "auto" else "loop"
+
+    @property
+    def metric_name(self) -> str:
+        return METRIC[self.parts.source.kind][0]
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory, meaning its ``checkpoints/best.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        if not best.is_file():
+            raise MamlrunError(f"checkpoint={path} is a directory without checkpoints/best.pt")
+        log.info(f"checkpoint={path} is a run directory: using {best}")
+        return best
+    return path
+
+
+def restore(settings: config.TestConfig) -> Restored:
+    path = checkpoint_path(settings.checkpoint)
+    device = resolve_device(settings.device)
+    saved = checkpoint.load(path, map_location="cpu")
+    try:
+        components = OmegaConf.create(saved["config"]["components"])
+    except (KeyError, TypeError):
+        raise MamlrunError(f"{path} holds no mamlrun config") from None
+    if settings.data_root is not None and "root" in components.dataset:
+        components.dataset.root = settings.data_root
+    components = config.validate(components, config.ComponentsOnly)
+    parts = build(components, device, seed=0)
+    try:
+        parts.model.load_state_dict(saved["model"])
+    except RuntimeError as ex:
+        raise MamlrunError(
+            f"{path}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
+        ) from None
+    return Restored(parts, saved, components, path)
+
+
+def _steps(settings: config.TestConfig, restored: Restored) -> int:
+    steps = settings.inner_steps
+    return restored.parts.algorithm.inner_steps_test if steps is None else steps
+
+
+def _curves(restored: Restored, settings: config.TestConfig, steps: int, what: str) -> dict:
+    parts = restored.parts
+    with Progress(
+        what, settings.test_tasks, unit="tasks", every_s=settings.progress_seconds
+    ) as bar:
+        return evaluate(
+            parts.algorithm,
+            parts.model,
+            parts.source,
+            split="test",
+            seed=settings.test_seed,
+            num_tasks=settings.test_tasks,
+            batch_size=settings.eval_batch_size,
+            steps=steps,
+            batching=restored.batching,
+            on_batch=bar.update,
+        )
+
+
+def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any]:
+    """The metric after the test-time inner steps on ``test_tasks`` tasks fixed by
+    ``test_seed``: mean ± 95% CI, written to ``out_dir/results.json`` and TensorBoard."""
+    restored = restore(settings)
+    steps = _steps(settings, restored)
+    name = restored.metric_name
+    curves = _curves(restored, settings, steps, "test")
+    mean, ci = mean_ci95(curves["metric"][:, -1])
+    results = {
+        "metric": name,
+        "n_tasks": settings.test_tasks,
+        "inner_steps": steps,
+        "mean": mean,
+        "ci95": ci,
+        **restored.parts.algorithm.describe(),
+        "checkpoint": str(restored.path),
+        "dataset": restored.parts.source.describe(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", results)
+    with TensorBoardLogger(out_dir / "tb") as tb:
+        tb.log_dict({f"test/{name}": mean, f"test/{name}_ci95": ci}, steps)
+    log.info(
+        f"test {name} after {steps} inner steps: {format_ci(mean, ci)} "
+        f"(95% CI, {settings.test_tasks} tasks); results in {out_dir}"
+    )
+    return results
+
+
+def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, Any]:
+    """The metric after each inner step 0…S, for the meta-learned model and (regression) the
+    paper's pretrained baseline fine-tuned with the same steps."""
+    restored = restore(settings)
+    steps = _steps(settings, restored)
+    name = restored.metric_name
+    results = {
+        "metric": name,
+        "n_tasks": settings.test_tasks,
+        **_per_step(_curves(restored, settings, steps, "adapt")),
+        "baseline": None,
+    }
+    if settings.baseline.enabled and restored.parts.source.kind == "regression":
+        baseline = _pretrained_baseline(restored, settings)
+        results["baseline"] = _per_step(_curves(baseline, settings, steps, "adapt baseline"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results.json", results)
+    with TensorBoardLogger(out_dir / "tb") as tb:
+        for s in range(steps + 1):
+            payload = {f"adapt/{name}": results["mean"][s]}
+            if results["baseline"]:
+                payload[f"adapt/baseline_{name}"] = results["baseline"]["mean"][s]
+            tb.log_dict(payload, s)
+    _log_curve(results, settings.test_tasks, out_dir)
+    return results
+
+
+def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
+    b = settings.baseline
+    parts = build(restored.components, restored.parts.source.device, seed=b.seed)
+    with Progress("baseline", b.steps, every_s=settings.progress_seconds) as bar:
+        pretrain_jointly(
+            parts.model,
+            parts.source,
+            steps=b.steps,
+            lr=b.lr,
+            batch_size=b.batch_size,
+            seed=b.seed,
+            on_step=bar.update,
+        )
+    return Restored(parts, restored.saved, restored.components, restored.path)
+
+
+def _per_step(curves: dict[str, torch.Tensor]) -> dict[str, list]:
+    pairs = [mean_ci95(curves["metric"][:, s]) for s in range(curves["metric"].shape[1])]
+    return {
+        "steps": list(range(len(pairs))),
+        "mean": [m for m, _ in pairs],
+        "ci95": [c for _, c in pairs],
+    }
+
+
+def _log_curve(results: dict[str, Any], tasks: int, out_dir: Path) -> None:
+    log.info(f"{results['metric']} after each inner step (mean ± 95% CI over {tasks} tasks):")
+    base = results["baseline"]
+    for s in results["steps"]:
+        line = f"  step {s:3d}: {format_ci(results['mean'][s], results['ci95'][s])}"
+        if base:
+            line += f"   pretrained baseline: {format_ci(base['mean'][s], base['ci95'][s])}"
+        log.info(line)
+    log.info(f"results in {out_dir}")

@@ -1,0 +1,82 @@
+"""``mamlrun train|test|adapt --help``: the command's own options, with the one-line comments
+of its YAML file, and the config groups it accepts with each choice's first comment line.
+
+The YAML files are the one place defaults are written and explained, so the help is read
+from them rather than written a second time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mamlrun import config
+
+#: The groups each command composes (``test`` and ``adapt`` rebuild theirs from a checkpoint).
+GROUPS = {
+    "train": ("dataset", "backbone", "meta_optimizer", "experiment", "debug", "hparams_search"),
+    "test": (),
+    "adapt": ("baseline",),
+}
+#: Hydra's own choices beside ours in ``hydra/launcher``.
+LAUNCHERS = {"basic": "one job at a time in this process (Hydra's default)"}
+_KEY = re.compile(r"^(?P<key>[a-z_]+):\s*(?P<value>[^#]*?)\s*(#\s*(?P<comment>.*))?$")
+_SKIP = {"defaults", "hydra"}
+
+
+def options(command: str) -> list[tuple[str, str, str]]:
+    """``(key, default, comment)`` for each top-level key of ``conf/<command>.yaml``."""
+    rows: list[tuple[str, str, str]] = []
+    skipping = False
+    for line in (config.config_dir() / f"{command}.yaml").read_text().splitlines():
+        match = _KEY.match(line)
+        if match:
+            skipping = match["key"] in _SKIP
+            if not skipping:
+                rows.append((match["key"], match["value"], match["comment"] or ""))
+        elif rows and not skipping and line.strip().startswith("#") and line.startswith(" "):
+            key, value, comment = rows[-1]  # a comment continued on the next line
+            rows[-1] = (key, value, f"{comment} {line.strip().lstrip('#').strip()}".strip())
+    return rows
+
+
+def choices(group: str) -> list[tuple[str, str]]:
+    """``(choice, first comment line)`` for each YAML file of a config group."""
+    found = []
+    for path in sorted((config.config_dir() / group).glob("*.yaml")):
+        found.append((path.stem, _first_comment(path)))
+    if group == "hydra/launcher":
+        found = [*LAUNCHERS.items(), *found]
+    return found
+
+
+def _first_comment(path: Path) -> str:
+    for line in path.read_text().splitlines():
+        text = line.strip()
+        if text.startswith("#") and not text.startswith("# @package"):
+            return text.lstrip("#").strip()
+    return ""
+
+
+def render(command: str, description: str) -> str:
+    lines = [f"usage: mamlrun {command} [group=choice ...] [key=value ...] [hydra flags]", ""]
+    lines += [description, ""]
+    groups = list(GROUPS[command]) + (["hydra/launcher"] if command == "train" else [])
+    if groups:
+        lines.append("config groups (group=choice):")
+        for group in groups:
+            lines.append(f"  {group}:")
+            for name, text in choices(group):
+                lines.append(f"    {name:<24}{text}")
+        lines.append("")
+    if command != "train":
+        lines += ["dataset, backbone and algorithm come from the checkpoint's own config.", ""]
+    lines.append(f"options (key=value; defaults from conf/{command}.yaml):")
+    for key, value, comment in options(command):
+        lines.append(f"  {key + '=' + value:<32}{comment}")
+    lines += [
+        "",
+        "Nested keys are set with dots (meta_optimizer.inner_lr=0.4); `--cfg job` prints the",
+        "composed config, `-m` runs a sweep, --hydra-help shows Hydra's own flags.",
+    ]
+    return "\n".join(lines) + "\n"

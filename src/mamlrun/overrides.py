@@ -1,0 +1,177 @@
+"""What the CLI does to a command line before Hydra composes it.
+
+* ``dataset=X`` alone trains X's usual setup: the dataset config names its preset
+  (``_preset_``), which is added as ``experiment=...``; anything else the user gives still
+  overrides it.
+* ``resume=true`` continues the run in ``hydra.run.dir`` (``resume=latest``: the newest run
+  under ``outputs/train``) with that run's own overrides, so the command does not have to
+  repeat them; the new ones are put after them and win.
+* Old key names of ``test``/``adapt`` (``n_tasks``, ``seed``) still work, with a warning.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mamlrun import config
+from mamlrun.errors import MamlrunError
+
+#: Hydra flags that take a value as the next argument.
+_FLAGS_WITH_VALUE = {
+    "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+    "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc",
+}  # fmt: skip
+#: Renamed keys of test and adapt: the names train uses for the same settings.
+RENAMED = {"n_tasks": "test_tasks", "seed": "test_seed"}
+OUTPUTS = Path("outputs")
+
+
+@dataclass
+class CommandLine:
+    """A command's arguments, split into Hydra's flags and the overrides."""
+
+    flags: list[str]
+    overrides: list[str]
+
+    @classmethod
+    def parse(cls, args: list[str]) -> CommandLine:
+        flags, overrides, take_value = [], [], False
+        for arg in args:
+            if take_value or arg.startswith("-"):
+                flags.append(arg)
+                take_value = not take_value and arg in _FLAGS_WITH_VALUE
+            else:
+                overrides.append(arg)
+        return cls(flags, overrides)
+
+    @property
+    def multirun(self) -> bool:
+        return "-m" in self.flags or "--multirun" in self.flags
+
+    @property
+    def only_prints(self) -> bool:
+        """``--cfg``, ``--info``, ``--help``, completion: Hydra prints and runs nothing."""
+        printing = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "-sc"}
+        return bool(printing & set(self.flags)) or any(
+            f.startswith("--shell-completion") for f in self.flags
+        )
+
+    def get(self, key: str) -> str | None:
+        values = [value_of(o) for o in self.overrides if key_of(o) == key]
+        return values[-1] if values else None
+
+    def args(self) -> list[str]:
+        return [*self.flags, *self.overrides]
+
+
+def key_of(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def value_of(override: str) -> str:
+    return override.partition("=")[2]
+
+
+def merged(first: list[str], then: list[str]) -> list[str]:
+    """``first`` with every key that ``then`` sets replaced, then ``then``."""
+    replaced = {key_of(o) for o in then}
+    return [o for o in first if key_of(o) not in replaced] + then
+
+
+def renamed(command: str, overrides: list[str]) -> list[str]:
+    if command not in ("test", "adapt"):
+        return overrides
+    out = []
+    for o in overrides:
+        old = key_of(o)
+        if old in RENAMED:
+            new = RENAMED[old]
+            print(f"mamlrun: warning: {old} is now {new} (the name train uses)", file=sys.stderr)
+            o = o.replace(old, new, 1)
+        out.append(o)
+    return out
+
+
+def with_dataset_preset(line: CommandLine) -> CommandLine:
+    """``dataset=X`` without ``experiment=``: add X's preset (see the module docstring)."""
+    dataset = line.get("dataset")
+    if dataset is None or line.get("experiment") is not None or "," in dataset:
+        return line
+    path = config.config_dir() / "dataset" / f"{dataset}.yaml"
+    if not path.is_file():
+        return line  # Hydra reports the unknown choice with the available ones
+    preset = OmegaConf.load(path).get("_preset_")
+    if preset is None:
+        return line
+    return CommandLine(line.flags, [f"experiment={preset}", *line.overrides])
+
+
+# ------------------------------------------------------------------------------------- resume
+def resumed(line: CommandLine) -> tuple[CommandLine, list[str] | None]:
+    """For ``resume=true|latest``: the command line that continues the run, and the run's
+    original overrides (None when there is nothing to resume or it is a sweep)."""
+    value = (line.get("resume") or "false").lower()
+    if value in ("false", "no", "0") or line.multirun or line.only_prints:
+        return line, None
+    run_dir = line.get("hydra.run.dir")
+    if value == "latest":
+        run_dir = run_dir or str(latest_run())
+    elif value not in ("true", "yes", "1"):
+        raise MamlrunError(f"resume must be true, false or latest, got {value!r}")
+    if run_dir is None:
+        newest = latest_run(required=False)
+        hint = f" (the newest here: {newest})" if newest else ""
+        raise MamlrunError(
+            "resume=true needs the run to continue: add hydra.run.dir=DIR"
+            + hint
+            + ", or use resume=latest"
+        )
+    directory = Path(run_dir)
+    if not (directory / "checkpoints" / "last.pt").is_file():
+        raise MamlrunError(
+            f"resume=true: {directory} holds no checkpoints/last.pt, so there is nothing to "
+            "continue (check hydra.run.dir, or start the run without resume=true)"
+        )
+    original = _original_overrides(directory)
+    new = [o for o in line.overrides if key_of(o) not in ("resume", "hydra.run.dir")]
+    keep = ["resume=true", f"hydra.run.dir={directory}", "hydra.output_subdir=null"]
+    return CommandLine(line.flags, merged(original, new) + keep), original
+
+
+def _original_overrides(directory: Path) -> list[str]:
+    """The overrides the run was started with (Hydra's record in ``.hydra/``)."""
+    path = directory / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    skip = ("resume", "hydra.run.dir", "hydra.output_subdir")
+    return [str(o) for o in OmegaConf.load(path) if key_of(str(o)) not in skip]
+
+
+def latest_run(required: bool = True) -> Path | None:
+    """The newest ``outputs/train/<date>/<time>`` that holds a ``last.pt``."""
+    runs = sorted(p.parents[1] for p in (OUTPUTS / "train").glob("*/*/checkpoints/last.pt"))
+    if runs:
+        return runs[-1]
+    if required:
+        raise MamlrunError(
+            f"resume=latest found no run under {OUTPUTS / 'train'} (with checkpoints/last.pt) "
+            "in this folder; name one with hydra.run.dir=DIR"
+        )
+    return None
+
+
+def check_fresh_dir(line: CommandLine) -> None:
+    """A new run must not take over another run's directory (Hydra would overwrite its
+    ``.hydra/`` record before the run could refuse)."""
+    run_dir = line.get("hydra.run.dir")
+    resume = (line.get("resume") or "false").lower()
+    if run_dir and resume in ("false", "no", "0") and not line.only_prints:
+        if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
+            raise MamlrunError(
+                f"{run_dir} already holds a run; pass resume=true to continue it, "
+                "or choose another hydra.run.dir"
+            )

@@ -1,0 +1,391 @@
+"""Meta-training as small named steps, and the loop that strings them together (``fit``).
+
+``Trainer`` holds one run: its components, its ``TrainState`` (everything the run's future
+depends on, and the one checkpoint schema), the logger and the run directory. Its methods are
+the steps: ``step`` (one outer update), ``validate``, ``save``, ``stop_requests`` and
+``finish``; ``fit`` is the algorithm as a paper would write it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mamlrun import checkpoint, config, distributed, resume
+from mamlrun.algorithms import batching as task_batching
+from mamlrun.components import Components, build, component_config
+from mamlrun.errors import MamlrunError, SweepConfigError
+from mamlrun.logging import NullLogger, TensorBoardLogger, hparams_of
+from mamlrun.loop import OuterStep, backward, episodes, evaluate
+from mamlrun.metrics import METRIC, better, format_ci, mean_ci95
+from mamlrun.progress import Progress
+from mamlrun.signals import Interrupted, StopFlag
+from mamlrun.visualize import task_grid
+
+log = logging.getLogger("mamlrun")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the run was started, as only the CLI knows it; plain Python callers keep the
+    defaults."""
+
+    #: On resume, the keys this command asks to change; None: the whole config is meant.
+    changed: frozenset[str] | None = None
+    #: ``maximize`` or ``minimize`` when a sweeper optimises what ``train`` returns.
+    sweep_direction: str | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a run's future depends on. ``state_dict`` is the checkpoint's schema."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    generator: torch.Generator
+    batching: str
+    step: int = 0
+    best: float | None = None
+    best_ci95: float | None = None
+    best_step: int | None = None
+    history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "generator": self.generator.get_state(),
+            "rng": checkpoint.rng_state(),
+            "progress": {
+                "step": self.step,
+                "best": self.best,
+                "best_ci95": self.best_ci95,
+                "best_step": self.best_step,
+                "history": self.history,
+            },
+            "task_batching": self.batching,
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.generator.set_state(saved["generator"])
+        checkpoint.set_rng_state(saved["rng"])
+        progress = saved["progress"]
+        self.step, self.best, self.best_ci95 = (
+            progress["step"],
+            progress["best"],
+            progress["best_ci95"],
+        )
+        self.best_step, self.history = progress["best_step"], progress["history"]
+        self.batching = saved["task_batching"]
+
+
+def fit(t: Trainer, flag: StopFlag) -> str:
+    """Meta-train until the iterations are done, the time budget is spent or a signal comes.
+
+    Returns what stopped it (``iterations`` or ``max_minutes``); a signal saves ``last.pt``
+    and raises ``Interrupted``.
+    """
+    cfg = t.cfg
+    with t.progress() as bar, flag.deferring():
+        while t.state.step < cfg.iterations:
+            out = t.step()  # one outer update on a fresh meta-batch
+            bar.update(1, **t.log_train(out))
+            out_of_time, signalled = t.stop_requests(flag)
+            last = out_of_time or t.state.step == cfg.iterations
+            if t.main and (t.state.step % cfg.val_every == 0 or last):
+                t.validate()  # on fixed tasks; best.pt when it improves
+            if t.main and (t.state.step % cfg.checkpoint_every == 0 or last or signalled):
+                t.save(t.last_path)
+            if signalled:
+                raise t.interruption(flag.signal)
+            if out_of_time:
+                return "max_minutes"
+    return "iterations"
+
+
+class Trainer:
+    """One training run: built by ``Trainer.start``, closed (logger) on leaving ``with``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, parts: Components, state: TrainState,
+                 ctx: distributed.Context) -> None:  # fmt: skip
+        self.cfg, self.run_dir, self.parts, self.state, self.ctx = cfg, run_dir, parts, state, ctx
+        self.main = ctx.is_main
+        self.metric_name = METRIC[parts.source.kind][0]
+        self.last_path = run_dir / "checkpoints" / "last.pt"
+        self.best_path = run_dir / "checkpoints" / "best.pt"
+        self.logger = TensorBoardLogger(run_dir / "tb") if self.main else NullLogger()
+        self.update = OuterStep(state.optimizer, parts.make_scheduler(state.optimizer), ctx)
+        self.state.scheduler = self.update.scheduler
+        self.started = time.monotonic()
+        self.stream = None
+
+    # ------------------------------------------------------------------ setting up
+    @classmethod
+    def start(cls, cfg: DictConfig, run_dir: Path, launch: Launch, ctx: distributed.Context,
+              device: torch.device) -> Trainer:  # fmt: skip
+        """Build the run, or rebuild it from ``last.pt`` with ``resume``."""
+        saved = ctx.on_main(lambda: _load_for_resume(run_dir, cfg)) if cfg.resume else None
+        if saved is not None:
+            cfg, changes = _continue_with(cfg, saved, launch)
+            step, path = saved["progress"]["step"], run_dir / "checkpoints" / "last.pt"
+            log.info(f"resumed from step {step} of {cfg.iterations} ({path})")
+            for line in changes:
+                log.info(f"resume changes {line}")
+        else:
+            ctx.on_main(lambda: _check_fresh(run_dir))
+        parts = build(cfg, device, cfg.seed)
+        _check_direction(launch.sweep_direction, parts.source.kind)
+        state = TrainState(
+            parts.model,
+            parts.make_optimizer(parts.model.parameters()),
+            None,
+            torch.Generator(device=device).manual_seed(cfg.seed),
+            parts.algorithm.task_batching,
+        )
+        trainer = cls(cfg, run_dir, parts, state, ctx)
+        if saved is not None:
+            state.load_state_dict(saved)
+        trainer.choose_batching()
+        trainer.record_start()
+        return trainer
+
+    def choose_batching(self) -> None:
+        """``auto``: time one meta-gradient per mode on this model, device and meta-batch."""
+        if self.state.batching != "auto":
+            return
+        algorithm, model, source = self.parts.algorithm, self.state.model, self.parts.source
+        share = -(-self.cfg.meta_batch_size // self.ctx.world_size)  # each rank's workload
+
+        def probe() -> tuple[str, dict[str, float]]:
+            generator = torch.Generator(device=source.device).manual_seed(self.cfg.seed + 1)
+            batch = source.sample("train", share, generator)
+
+            def one_step(mode: str) -> None:
+                try:
+                    backward(algorithm.meta_objective(model, batch, source.kind, mode, None))
+                finally:
+                    model.zero_grad(set_to_none=True)
+
+            return task_batching.choose(algorithm.batching_modes, one_step, source.device)
+
+        chosen, seconds = self.ctx.on_main(probe)
+        timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
+        log.info(
+            f"task_batching=auto chose {chosen} ({timing} per meta-batch)"
+            if seconds
+            else f"task_batching=auto chose {chosen}, the only mode this algorithm supports"
+        )
+        self.state.batching = chosen
+
+    def record_start(self) -> None:
+        if not self.main:
+            return
+        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        self.parts.source.save_splits(self.run_dir)
+        if self.parts.source.kind == "classification" and self.state.step == 0:
+            source = self.parts.source
+            generator = torch.Generator(device=source.device).manual_seed(self.cfg.seed)
+            example = source.sample("train", 1, generator)
+            self.logger.log_image(
+                "data/train_task (rows: labels; support | query)", task_grid(example)
+            )
+
+    # ------------------------------------------------------------------ the steps
+    def step(self) -> dict[str, torch.Tensor]:
+        if self.stream is None:
+            self.stream = episodes(
+                self.parts.algorithm,
+                self.state.model,
+                self.parts.source,
+                split="train",
+                generator=self.state.generator,
+                batch_size=self.cfg.meta_batch_size,
+                batching=self.state.batching,
+                update=self.update,
+                first_step=self.state.step,
+            )
+        out = next(self.stream)
+        self.state.step += 1
+        return out
+
+    def log_train(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Every ``log_every`` steps: the training loss and metric to TensorBoard (and the
+        progress display); a loss that is no longer finite stops the run."""
+        step = self.state.step
+        if step % self.cfg.log_every and step != self.cfg.iterations:
+            return {}
+        loss, metric = float(out["loss"]), float(out["metric"])
+        if not math.isfinite(loss):
+            raise self.diverged(f"train loss is {loss}")
+        self.logger.log_dict({"train/loss": loss, f"train/{self.metric_name}": metric}, step)
+        return {"loss": loss, self.metric_name: metric}
+
+    def validate(self) -> None:
+        algorithm = self.parts.algorithm
+        curves = evaluate(
+            algorithm,
+            self.state.model,
+            self.parts.source,
+            split="val",
+            seed=self.cfg.val_seed,
+            num_tasks=self.cfg.val_tasks,
+            batch_size=self.cfg.eval_batch_size,
+            steps=algorithm.inner_steps_test,
+            batching=self.state.batching,
+        )
+        mean, ci = mean_ci95(curves["metric"][:, -1])
+        if not math.isfinite(mean):
+            raise self.diverged(f"validation {self.metric_name} is {mean}")
+        s = self.state
+        s.history.append([s.step, mean, ci])
+        val_loss = float(curves["loss"][:, -1].mean())
+        self.logger.log_dict({f"val/{self.metric_name}": mean, "val/loss": val_loss}, s.step)
+        log.info(
+            f"step {s.step}: val {self.metric_name} {format_ci(mean, ci)}, loss {val_loss:.4g}"
+        )
+        if better(self.parts.source.kind, mean, s.best):
+            s.best, s.best_ci95, s.best_step = mean, ci, s.step
+            self.save(self.best_path)
+
+    def save(self, path: Path) -> None:
+        if not all(bool(torch.isfinite(p).all()) for p in self.state.model.parameters()):
+            raise self.diverged("a meta-parameter is not finite")
+        config = {
+            "components": component_config(self.cfg),
+            "run": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+        kind = self.parts.source.kind
+        checkpoint.save(path, {**self.state.state_dict(), "kind": kind, "config": config})
+
+    def stop_requests(self, flag: StopFlag) -> tuple[bool, bool]:
+        """(time budget spent, signal received), agreed by every rank: rank 0's clock and
+        any rank's signal decide for all, so they stop after the same step."""
+        budget = self.cfg.max_minutes
+        out_of_time = budget is not None and time.monotonic() - self.started >= 60 * budget
+        signalled = flag.signal is not None
+        if self.ctx.enabled:
+            signalled, out_of_time = self.ctx.any(signalled, self.main and out_of_time)
+        return out_of_time, signalled
+
+    # ------------------------------------------------------------------ ending
+    def interruption(self, signum: int | None) -> Interrupted:
+        self.ctx.barrier()  # the others wait until rank 0 has saved
+        return Interrupted(
+            signum or 15,
+            f"saved {self.last_path} at step {self.state.step}; continue with "
+            f"`mamlrun train resume=true hydra.run.dir={self.run_dir}`",
+        )
+
+    def diverged(self, what: str) -> MamlrunError:
+        """A NaN run must not end as a "best" result, nor overwrite a good checkpoint."""
+        kept = (
+            f"; checkpoints saved before it are in {self.last_path.parent}"
+            if self.last_path.exists()
+            else ""
+        )
+        return MamlrunError(
+            f"{what} at step {self.state.step}: the run diverged; lower meta_optimizer.inner_lr "
+            f"or meta_optimizer.optimizer.lr{kept}"
+        )
+
+    def progress(self) -> Progress:
+        return Progress(
+            "train",
+            self.cfg.iterations,
+            initial=self.state.step,
+            every_s=self.cfg.progress_seconds,
+            enabled=self.main,
+        )
+
+    def results(self, stopped_by: str) -> dict[str, Any]:
+        s = self.state
+        return {
+            "metric": self.metric_name,
+            "best_val": s.best,
+            "best_val_ci95": s.best_ci95,
+            "best_step": s.best_step,
+            "steps": s.step,
+            "iterations": self.cfg.iterations,
+            "stopped_by": stopped_by,
+            "val_tasks": self.cfg.val_tasks,
+            "val_inner_steps": self.parts.algorithm.inner_steps_test,
+            "task_batching": s.batching,
+            **self.parts.algorithm.describe(),
+            "processes": self.ctx.world_size,
+            "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
+            "dataset": self.parts.source.describe(),
+        }
+
+    def log_hparams(self, results: dict[str, Any]) -> None:
+        finals = {f"hparam/best_val_{self.metric_name}": self.state.best}
+        if results.get("test"):
+            finals[f"hparam/test_{self.metric_name}"] = results["test"]["mean"]
+        run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations")}
+        hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
+        self.logger.log_hparams(hparams, finals)
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.close()
+
+
+def _load_for_resume(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.exists():
+        raise MamlrunError(
+            f"resume=true but {run_dir} holds no checkpoints/last.pt: nothing to continue "
+            "(start it without resume=true, or name the run with hydra.run.dir=DIR)"
+        )
+    # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
+    return checkpoint.load(path, map_location="cpu")
+
+
+def _continue_with(
+    cfg: DictConfig, saved: dict[str, Any], launch: Launch
+) -> tuple[DictConfig, list[str]]:
+    merged, changes = resume.continued_config(saved["config"]["run"], cfg, launch.changed)
+    merged = config.validate(merged, config.TrainConfig)
+    done = saved["progress"]["step"]
+    if done >= merged.iterations:
+        raise MamlrunError(
+            f"this run already finished at step {done} of iterations={merged.iterations}: "
+            f"pass iterations=N (more than {done}) to extend it"
+        )
+    return merged, changes
+
+
+def _check_fresh(run_dir: Path) -> None:
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        raise MamlrunError(
+            f"{run_dir} already holds a run; pass resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def _check_direction(direction: str | None, kind: str) -> None:
+    """An Optuna sweep that maximises MSE would search for the worst settings, silently."""
+    if direction not in ("maximize", "minimize"):
+        return
+    metric_name, larger_is_better = METRIC[kind]
+    wanted = "maximize" if larger_is_better else "minimize"
+    if direction != wanted:
+        raise SweepConfigError(
+            f"the sweeper would {direction} {metric_name}, which this dataset wants to "
+            f"{wanted}: set hydra.sweeper.direction={wanted}"
+        )
