@@ -4,17 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MAMLRUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test smoke lint format tb bench
+.PHONY: help install test test-fast smoke lint format tb bench
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 install:  ## create .venv and install mamlrun with pinned dependencies (CPU or CUDA torch)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 
-test:  ## run the test suite
+test:  ## run the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
+
+test-fast:  ## the tests not marked slow, for the edit loop (under 2 minutes)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, test, adapt
 	@set -e; out=$$(mktemp -d); \
