@@ -39,7 +39,7 @@ for (( target = every; target <= total; target += every )); do
     test_dir="$run_dir/periodic_test/$target"
     if [[ ! -f "$test_dir/results.json" ]]; then
         echo "$(date -Is) testing best.pt at step $target"
-        "$mamlrun" test checkpoint="$run_dir/checkpoints/best.pt" n_tasks=600 seed=2002 \
+        "$mamlrun" test checkpoint="$run_dir/checkpoints/best.pt" test_tasks=600 test_seed=2002 \
             hydra.run.dir="$test_dir"
     fi
 done

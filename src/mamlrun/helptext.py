@@ -24,8 +24,9 @@ _KEY = re.compile(r"^(?P<key>[a-z_]+):\s*(?P<value>[^#]*?)\s*(#\s*(?P<comment>.*
 _SKIP = {"defaults", "hydra"}
 
 
-def options(command: str) -> list[tuple[str, str, str]]:
-    """``(key, default, comment)`` for each top-level key of ``conf/<command>.yaml``."""
+def options(command: str, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(key, default, comment)`` for each top-level key of ``conf/<command>.yaml`` (or of
+    another file under ``conf/``, its keys shown under ``prefix``)."""
     rows: list[tuple[str, str, str]] = []
     skipping = False
     for line in (config.config_dir() / f"{command}.yaml").read_text().splitlines():
@@ -33,7 +34,7 @@ def options(command: str) -> list[tuple[str, str, str]]:
         if match:
             skipping = match["key"] in _SKIP
             if not skipping:
-                rows.append((match["key"], match["value"], match["comment"] or ""))
+                rows.append((prefix + match["key"], match["value"], match["comment"] or ""))
         elif rows and not skipping and line.strip().startswith("#") and line.startswith(" "):
             key, value, comment = rows[-1]  # a comment continued on the next line
             rows[-1] = (key, value, f"{comment} {line.strip().lstrip('#').strip()}".strip())
@@ -50,12 +51,23 @@ def choices(group: str) -> list[tuple[str, str]]:
     return found
 
 
-def _first_comment(path: Path) -> str:
+def _first_comment(path: Path, width: int = 80) -> str:
+    """The file's leading comment up to its first full stop, cut to ``width``: a
+    one-line summary even when the sentence wraps in the YAML."""
+    words: list[str] = []
     for line in path.read_text().splitlines():
         text = line.strip()
-        if text.startswith("#") and not text.startswith("# @package"):
-            return text.lstrip("#").strip()
-    return ""
+        if text.startswith("# @package"):
+            continue
+        if not text.startswith("#"):
+            break
+        words += text.lstrip("#").split()
+    summary = ""
+    for word in words:
+        summary = f"{summary} {word}".strip()
+        if word.endswith(".") and not word.endswith(("al.", "e.g.", "i.e.")):
+            break
+    return summary if len(summary) <= width else summary[: width - 1].rsplit(" ", 1)[0] + "…"
 
 
 def render(command: str, description: str) -> str:
@@ -72,8 +84,14 @@ def render(command: str, description: str) -> str:
     if command != "train":
         lines += ["dataset, backbone and algorithm come from the checkpoint's own config.", ""]
     lines.append(f"options (key=value; defaults from conf/{command}.yaml):")
-    for key, value, comment in options(command):
-        lines.append(f"  {key + '=' + value:<32}{comment}")
+    baseline = options("baseline/default", "baseline.") if command in ("train", "adapt") else []
+    for key, value, comment in options(command) + baseline:
+        setting = key + "=" + value
+        lines.append(
+            f"  {setting:<32}{comment}"
+            if len(setting) < 32
+            else f"  {setting}\n  {'':<32}{comment}"
+        )
     lines += [
         "",
         "Nested keys are set with dots (meta_optimizer.inner_lr=0.4); `--cfg job` prints the",

@@ -57,7 +57,7 @@ class Progress:
             log.info(self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        """``train: step 1200/60000 (2.0%), 2.61 it/s, loss 0.345, ETA 6h 02m``."""
+        """``train: 1200/60000 it (2.0%), 2.61 it/s, loss 0.345, ETA 6h 02m``."""
         now = time.monotonic() if now is None else now
         rate = (self.done - self._start_done) / max(now - self._start, 1e-9)
         parts = [f"{self.desc}: {self.done}/{self.total} {self.unit}"]
