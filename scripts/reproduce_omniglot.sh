@@ -9,8 +9,11 @@
 # training computes (the preset has no schedule that depends on `iterations`; resume is
 # bitwise), then tests best.pt into RUN_DIR/periodic_test/<step>/ on the fixed test tasks
 # (seed 2002). Rerunning the script continues where it stopped: a finished segment or test is
-# skipped, so an interrupted run loses nothing that was saved. The last segment also runs
-# the preset's final test. `scripts/plot_test_curve.py RUN_DIR` draws the curve.
+# skipped, so an interrupted run loses nothing that was saved. Each best.pt is also tested
+# with the paper's 3 inner steps (Finn et al. 2017 evaluated 5-way Omniglot with 3; the
+# original code and the preset use 10) into RUN_DIR/periodic_test_3steps/<step>/. The last
+# segment also runs the preset's final test. `scripts/plot_test_curve.py RUN_DIR` draws the
+# curve.
 set -euo pipefail
 run_dir="${1:?usage: scripts/reproduce_omniglot.sh RUN_DIR [EVERY] [OVERRIDES...]}"
 every="${2:-5000}"
@@ -41,6 +44,11 @@ for (( target = every; target <= total; target += every )); do
         echo "$(date -Is) testing best.pt at step $target"
         "$mamlrun" test checkpoint="$run_dir/checkpoints/best.pt" test_tasks=600 test_seed=2002 \
             hydra.run.dir="$test_dir"
+    fi
+    paper_dir="$run_dir/periodic_test_3steps/$target"
+    if [[ ! -f "$paper_dir/results.json" && $(step_done) -eq $target ]]; then  # same best.pt
+        "$mamlrun" test checkpoint="$run_dir/checkpoints/best.pt" test_tasks=600 test_seed=2002 \
+            inner_steps=3 hydra.run.dir="$paper_dir"
     fi
 done
 echo "$(date -Is) done: $run_dir"
