@@ -51,8 +51,8 @@ def test_smoke_cycle_writes_config_checkpoints_results_and_events(smoke_run):
     assert results["metric"] == "mse" and results["best_step"] in (10, 20)
     assert [h["step"] for h in results["val_history"]] == [10, 20]
     test = json.loads((run_dir / "test" / "results.json").read_text())
-    assert set(test) >= {"metric", "n_tasks", "inner_steps", "mean", "ci95"}
-    assert test["n_tasks"] == 8 and test["inner_steps"] == 10
+    assert set(test) >= {"metric", "test_tasks", "inner_steps", "mean", "ci95"}
+    assert test["test_tasks"] == 8 and test["inner_steps"] == 10
     adapt = json.loads((run_dir / "adapt" / "results.json").read_text())
     assert adapt["steps"] == list(range(11)) and len(adapt["mean"]) == len(adapt["ci95"]) == 11
     assert len(adapt["baseline"]["mean"]) == 11
@@ -88,7 +88,7 @@ def test_test_and_adapt_commands_on_the_checkpoint(smoke_run, cli, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "±" in out.stdout
     result = json.loads((run_dir_of(tmp_path, "test") / "results.json").read_text())
-    assert result["metric"] == "mse" and result["n_tasks"] == 12 and result["inner_steps"] == 10
+    assert result["metric"] == "mse" and result["test_tasks"] == 12 and result["inner_steps"] == 10
     assert result["ci95"] > 0
 
     out = cli("adapt", f"checkpoint={ckpt}", "test_tasks=6", "inner_steps=3", "baseline.steps=5")

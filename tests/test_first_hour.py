@@ -164,7 +164,7 @@ def test_the_old_names_of_test_keys_still_work_with_a_warning(tmp_path):
     out = run_cli("test", "checkpoint=r", "n_tasks=3", "seed=5", "hydra.run.dir=t", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "n_tasks is now test_tasks" in out.stderr and "seed is now test_seed" in out.stderr
-    assert json.loads((tmp_path / "t" / "results.json").read_text())["n_tasks"] == 3
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["test_tasks"] == 3
 
 
 # --------------------------------------------------------------- 6. help
@@ -212,7 +212,7 @@ def test_hparams_show_booleans_as_text_and_no_target_columns():
 @pytest.mark.parametrize(
     "mean,ci,percent,text",
     [(4.49, 3.0, False, "4.5 ± 3.0"), (3.158, 0.2668, False, "3.16 ± 0.27"),
-     (0.9203, 0.00841, True, "92.03 ± 0.84%")],
+     (0.9203, 0.00841, True, "92.03 ± 0.84%"), (0.575000014, 2.4e-10, True, "57.5 ± 0%")],
 )  # fmt: skip
 def test_mean_and_ci_are_printed_to_the_cis_precision(mean, ci, percent, text):
     assert format_ci(mean, ci, percent) == text

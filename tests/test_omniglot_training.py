@@ -32,7 +32,7 @@ def test_short_5way_1shot_run_beats_chance_by_a_wide_margin(tmp_path, monkeypatc
     )
     best_val = run.train(cfg, run_dir=tmp_path)
     test = json.loads((tmp_path / "test" / "results.json").read_text())
-    assert test["metric"] == "accuracy" and test["n_tasks"] == 60
+    assert test["metric"] == "accuracy" and test["test_tasks"] == 60
     # Chance is 0.2; after 50 meta-steps MAML is well above 0.5 on held-out characters.
     assert best_val > 0.45
     assert test["mean"] - test["ci95"] > 0.4, test

@@ -27,12 +27,18 @@ COMMANDS: dict[str, str] = {
     "adapt": "metric after each inner step 0…S, against a pretrained baseline",
 }
 
+#: Commands that read what runs left on disk; they take plain arguments, not Hydra's.
+TOOLS: dict[str, str] = {
+    "report": "did these runs reproduce their papers? one row per run against its reference",
+}
+
 USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [overrides] [hydra flags]
+       mamlrun report DIR [DIR...] [--out DIR]
 
 Meta-learning experiments (MAML and its family) configured with Hydra.
 
 commands:
-{os.linesep.join(f"  {name:<7}{text}" for name, text in COMMANDS.items())}
+{os.linesep.join(f"  {name:<7}{text}" for name, text in (COMMANDS | TOOLS).items())}
 
 examples:
   mamlrun train                               sinusoid regression with MAML
@@ -43,6 +49,7 @@ examples:
   mamlrun train hparams_search=optuna experiment=omniglot_5w1s
   torchrun --standalone --nproc_per_node=2 -m mamlrun.cli train
   mamlrun test checkpoint=outputs/train/<date>/<time>      (a run directory or a .pt file)
+  mamlrun report outputs/train                every run against its paper's result
   mamlrun train --help                        a command's options and config groups
   mamlrun train --cfg job                     print the composed config and exit
 
@@ -63,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
         return _complete(args)
     command, rest = args[0], args[1:]
+    if command in TOOLS:
+        return _tool(command, rest)
     if command not in COMMANDS:
         return _error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)}; see "
                       "mamlrun --help)")  # fmt: skip
@@ -78,6 +87,16 @@ def main(argv: Sequence[str] | None = None) -> Any:
             raise
         return _error(str(ex))
     return _run_hydra(command, line, original)
+
+
+def _tool(command: str, args: list[str]) -> int:
+    from mamlrun import report
+
+    try:
+        code = report.main(args)
+    except MamlrunError as ex:
+        return _error(str(ex))
+    return code if code == 0 else _exit(code)
 
 
 def _prepare(command: str, args: list[str]):
@@ -206,12 +225,14 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
     from mamlrun import config
     from mamlrun.run import Launch
 
-    direction = HydraConfig.get().sweeper.get("direction")
+    hydra_cfg = HydraConfig.get()
+    direction = hydra_cfg.sweeper.get("direction")
     changed = None
     if original is not None:  # resume: the keys this command changes, against the run's own
         base = config.flatten(compose("train", overrides=original))
         changed = frozenset(k for k, v in config.flatten(cfg).items() if base.get(k, v) != v)
-    return Launch(changed, direction if isinstance(direction, str) else None)
+    preset = hydra_cfg.runtime.choices.get("experiment")
+    return Launch(changed, direction if isinstance(direction, str) else None, preset)
 
 
 def _failed(message: str, run_dir: Path, fresh: bool, command: str, code: int) -> None:
@@ -243,8 +264,10 @@ def _sweep_job(command: str, cfg: Any, job_dir: Path) -> Any:
 
     try:
         if command == "train":
-            direction = HydraConfig.get().sweeper.get("direction")
-            launch = run.Launch(None, direction if isinstance(direction, str) else None)
+            hydra_cfg = HydraConfig.get()
+            direction = hydra_cfg.sweeper.get("direction")
+            preset = hydra_cfg.runtime.choices.get("experiment")
+            launch = run.Launch(None, direction if isinstance(direction, str) else None, preset)
             return run.train(cfg, job_dir, launch)
         return getattr(run, command)(cfg, job_dir)
     except SweepConfigError as ex:

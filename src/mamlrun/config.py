@@ -50,6 +50,22 @@ class BaselineConfig:
 
 
 @dataclass
+class Reference:
+    """The published result a preset targets, as data the report compares a run against.
+
+    ``value`` and ``ci95`` are in the metric's own units (accuracy as a fraction, 0.987 for
+    the paper's 98.7%); ``inner_steps`` is how many inner steps the paper's test used, which
+    may differ from the preset's ``inner_steps_test``.
+    """
+
+    metric: str = MISSING
+    value: float = MISSING
+    ci95: float = MISSING
+    inner_steps: int = MISSING
+    source: str = MISSING
+
+
+@dataclass
 class TrainConfig:
     dataset: Any = MISSING
     backbone: Any = MISSING
@@ -72,6 +88,7 @@ class TrainConfig:
     test_tasks: int = MISSING
     test_seed: int = MISSING
     baseline: BaselineConfig = MISSING
+    reference: Reference | None = MISSING
 
 
 @dataclass

@@ -113,12 +113,14 @@ def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any
     mean, ci = mean_ci95(curves["metric"][:, -1])
     results = {
         "metric": name,
-        "n_tasks": settings.test_tasks,
+        "test_tasks": settings.test_tasks,
+        "test_seed": settings.test_seed,
         "inner_steps": steps,
         "mean": mean,
         "ci95": ci,
         **restored.parts.algorithm.describe(),
         "checkpoint": str(restored.path),
+        "trained_steps": restored.saved.get("progress", {}).get("step"),
         "dataset": restored.parts.source.describe(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,8 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
     name = restored.metric_name
     results = {
         "metric": name,
-        "n_tasks": settings.test_tasks,
+        "test_tasks": settings.test_tasks,
+        "test_seed": settings.test_seed,
         **_per_step(_curves(restored, settings, steps, "adapt")),
         "baseline": None,
     }

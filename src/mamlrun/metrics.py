@@ -115,6 +115,8 @@ def format_ci(mean: float, ci: float, percent: bool = False) -> str:
     place (``3.16 ± 0.27``, not ``3.158 ± 0.2668``); ``percent`` shows fractions as %."""
     scale, unit = (100.0, "%") if percent else (1.0, "")
     mean, ci = mean * scale, ci * scale
+    if abs(ci) <= 1e-6 * abs(mean):  # equal values up to rounding: no spread to show
+        ci = 0.0
     if not (math.isfinite(mean) and math.isfinite(ci)) or ci <= 0:
         return f"{mean:.4g} ± {ci:.2g}{unit}"
     decimals = 1 - math.floor(math.log10(ci))

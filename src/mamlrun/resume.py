@@ -77,11 +77,16 @@ def _show(value: Any) -> str:
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``flatten``; where one side has ``key: null`` and the other ``key.sub``
+    (``reference`` set on one side only), the keys below win."""
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         *parents, leaf = key.split(".")
         node = tree
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        if not (value is None and isinstance(node.get(leaf), dict)):
+            node[leaf] = value
     return tree

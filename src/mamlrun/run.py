@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import config, distributed
+from mamlrun import config, distributed, reference
 from mamlrun.components import resolve_device
 from mamlrun.errors import MamlrunError
 from mamlrun.evaluation import adapt_checkpoint, test_checkpoint
@@ -73,6 +73,10 @@ def _finish(trainer: Trainer, stopped_by: str, flag: StopFlag) -> float | None:
         results["test"] = test_checkpoint(
             _final_settings(cfg, trainer, config.TestConfig), run_dir / "test"
         )
+        steps = _reference_steps(cfg, results["test"])
+        if steps is not None:  # the paper tested with other inner steps than the preset
+            settings = _final_settings(cfg, trainer, config.TestConfig, inner_steps=steps)
+            results["reference_test"] = test_checkpoint(settings, run_dir / f"test_{steps}steps")
     if cfg.final_adapt:
         results["adapt"] = adapt_checkpoint(
             _final_settings(cfg, trainer, config.AdaptConfig), run_dir / "adapt"
@@ -85,15 +89,37 @@ def _finish(trainer: Trainer, stopped_by: str, flag: StopFlag) -> float | None:
             f"best val {trainer.metric_name} {format_ci(s.best, s.best_ci95)} at step "
             f"{s.best_step}; results in {run_dir}"
         )
+    if cfg.reference is not None and cfg.final_test:
+        _log_against_reference(cfg.reference, results.get("reference_test") or results["test"])
     return s.best
 
 
-def _final_settings(cfg: DictConfig, trainer: Trainer, schema: type) -> Any:
+def _reference_steps(cfg: DictConfig, test: dict[str, Any]) -> int | None:
+    ref = cfg.reference
+    if ref is None or ref.inner_steps == test["inner_steps"]:
+        return None
+    return ref.inner_steps
+
+
+def _log_against_reference(ref: Any, test: dict[str, Any]) -> None:
+    percent = ref.metric == "accuracy"
+    ours = format_ci(test["mean"], test["ci95"], percent=percent)
+    theirs = reference.shown(ref.value, ref.ci95, ref.metric)
+    verdict = reference.verdict(test["mean"], test["ci95"], ref.value, ref.ci95)
+    log.info(
+        f"test {test['metric']} after {test['inner_steps']} inner steps {ours} against "
+        f"{theirs} in {ref.source}: {verdict} (settings checked by `mamlrun report`)"
+    )
+
+
+def _final_settings(
+    cfg: DictConfig, trainer: Trainer, schema: type, inner_steps: int | None = None
+) -> Any:
     settings: dict[str, Any] = {
         "checkpoint": str(trainer.best_path),
         "test_tasks": cfg.test_tasks,
         "test_seed": cfg.test_seed,
-        "inner_steps": None,
+        "inner_steps": inner_steps,
         "device": cfg.device,
         "eval_batch_size": cfg.eval_batch_size,
         "data_root": None,

@@ -247,6 +247,8 @@ class SweepSummary(Callback):
         per_job, grouped = write(summary)
         print(render(summary))
         print(f"written: {per_job} and {grouped}")
+        if config.hydra.job.name == "train":
+            _report(sweep_dir)
         if summary.failed:
             failed, total = len(summary.failed), len(summary.jobs)
             print(
@@ -255,6 +257,21 @@ class SweepSummary(Callback):
                 file=sys.stderr,
             )
             raise SystemExit(1)
+
+
+def _report(sweep_dir: Path) -> None:
+    """The jobs against their presets' references (``mamlrun report``), grouped over seeds."""
+    from mamlrun import report
+    from mamlrun.errors import MamlrunError
+
+    try:
+        rows = report.rows_of([sweep_dir])
+    except MamlrunError:
+        return  # no job got as far as writing its config
+    print("against the papers (mamlrun report):")
+    print(report.render(rows), end="")
+    md, table = report.write(rows, sweep_dir)
+    print(f"written: {md} and {table}")
 
 
 def main(argv: list[str] | None = None) -> int:

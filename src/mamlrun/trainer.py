@@ -42,6 +42,8 @@ class Launch:
     changed: frozenset[str] | None = None
     #: ``maximize`` or ``minimize`` when a sweeper optimises what ``train`` returns.
     sweep_direction: str | None = None
+    #: The experiment preset the config was composed from (``experiment=``), if any.
+    preset: str | None = None
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Trainer:
         self.state.scheduler = self.update.scheduler
         self.started = time.monotonic()
         self.stream = None
+        self.preset: str | None = None  # the experiment preset, as the CLI composed it
 
     # ------------------------------------------------------------------ setting up
     @classmethod
@@ -157,6 +160,7 @@ class Trainer:
             parts.algorithm.task_batching,
         )
         trainer = cls(cfg, run_dir, parts, state, ctx)
+        trainer.preset = launch.preset
         if saved is not None:
             state.load_state_dict(saved)
         trainer.choose_batching()
@@ -328,14 +332,20 @@ class Trainer:
             "processes": self.ctx.world_size,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
             "dataset": self.parts.source.describe(),
+            "preset": self.preset,
+            "reference": _plain(self.cfg.reference),
         }
 
     def log_hparams(self, results: dict[str, Any]) -> None:
         finals = {f"hparam/best_val_{self.metric_name}": self.state.best}
-        if results.get("test"):
-            finals[f"hparam/test_{self.metric_name}"] = results["test"]["mean"]
+        for key in ("test", "reference_test"):
+            if results.get(key):
+                finals[f"hparam/{key}_{self.metric_name}"] = results[key]["mean"]
         run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations")}
         hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
+        hparams["preset"] = self.preset or "none"
+        if self.cfg.reference is not None:
+            hparams |= hparams_of({"reference": _plain(self.cfg.reference)})
         self.logger.log_hparams(hparams, finals)
 
     def __enter__(self) -> Trainer:
@@ -343,6 +353,10 @@ class Trainer:
 
     def __exit__(self, *exc: object) -> None:
         self.logger.close()
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node) if node is not None else None
 
 
 def _load_for_resume(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:

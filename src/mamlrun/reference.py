@@ -1,0 +1,76 @@
+"""Did a run reproduce its paper? The comparison of a test result with the published one.
+
+A preset carries the result it targets (``reference:``, see ``config.Reference``). A run's
+number can only be held against it when the run computed the same thing: the same dataset,
+network, algorithm and meta-batch as the preset (``differences``) and a test with the same
+number of inner steps as the paper's. Only then does ``verdict`` compare the two intervals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+#: The parts of a config a published result depends on (flattened key prefixes).
+COMPARED = ("dataset.", "backbone.", "meta_optimizer.", "meta_batch_size")
+
+#: Keys inside those parts that change how a run is computed or where it reads from, not what
+#: it learns: where the data lives, loop or vmap (equal to 1e-15), recomputation in the
+#: backward, and the inner steps of validation (the test's own steps are checked separately).
+NEUTRAL = frozenset(
+    {
+        "dataset.root",
+        "dataset._preset_",
+        "meta_optimizer.task_batching",
+        "meta_optimizer.checkpoint_inner",
+        "meta_optimizer.inner_steps_test",
+    }
+)
+
+INSIDE = "inside the reference CI"
+OVERLAP = "CIs overlap"
+BELOW = "below"
+ABOVE = "above"
+
+
+def settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The result-relevant part of a flattened config (``config.flatten``)."""
+    return {k: v for k, v in flat.items() if k.startswith(COMPARED) and k not in NEUTRAL}
+
+
+def differences(run: Mapping[str, Any], preset: Mapping[str, Any]) -> list[str]:
+    """``key: preset's → run's`` for every result-relevant key the run changed."""
+    ours, theirs = settings(run), settings(preset)
+    missing = object()
+    changed = []
+    for key in sorted(ours.keys() | theirs.keys()):
+        a, b = theirs.get(key, missing), ours.get(key, missing)
+        if a != b:
+            changed.append(f"{key}: {_show(a, missing)} → {_show(b, missing)}")
+    return changed
+
+
+def _show(value: Any, missing: object) -> str:
+    return "(unset)" if value is missing else str(value)
+
+
+def verdict(mean: float, ci95: float, ref_value: float, ref_ci95: float) -> str:
+    """Where our interval ``mean ± ci95`` lies against the reference's.
+
+    Inside: our mean lies in the paper's interval. Overlap: the intervals share values, so the
+    difference is not significant at this many tasks. Below or above: they are disjoint.
+    """
+    if abs(mean - ref_value) <= ref_ci95:
+        return INSIDE
+    if mean + ci95 < ref_value - ref_ci95:
+        return BELOW
+    if mean - ci95 > ref_value + ref_ci95:
+        return ABOVE
+    return OVERLAP
+
+
+def shown(value: float, ci95: float, metric: str) -> str:
+    """A published number as the paper prints it (98.7 ± 0.4%, 99.47 ± 0.14%): the digits
+    given, not our two significant digits of the CI."""
+    scale, unit = (100, "%") if metric == "accuracy" else (1, "")
+    return f"{round(value * scale, 6):g} ± {round(ci95 * scale, 6):g}{unit}"

@@ -1,0 +1,410 @@
+"""``mamlrun report DIR [DIR...]``: did these runs reproduce their papers?
+
+One row per training run found under the directories (a run, a sweep, ``outputs/train``):
+its preset, iterations done of the preset's, its test result ± 95% CI, the preset's
+reference ± CI and a verdict (``reference``). Printed, and written as ``report.md`` and
+``report.csv``. Runs of one setting that differ only in ``seed`` are also grouped, mean ±
+95% CI (Student's t) over seeds.
+
+Everything is read from what runs leave on disk (``.hydra/``, ``results.json``, checkpoints,
+the ``results.json`` of each test inside the run's folder), so a finished, a running and a
+killed run are reported alike. The test held against the reference is the latest one made
+with the reference's number of inner steps, wherever it is in the run's folder (``test/``,
+``test_3steps/``, ``periodic_test_3steps/<step>/``).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from mamlrun import checkpoint, config, reference
+from mamlrun.errors import MamlrunError
+from mamlrun.metrics import format_ci, mean_ci95_t
+
+USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
+
+Reads training runs (a run directory, a sweep, or a folder of runs such as outputs/train)
+and prints one row per run: preset, iterations done / the preset's, test result ± 95% CI,
+the paper's result ± CI and a verdict (inside the reference CI, CIs overlap, below, above,
+not comparable: what differs). Writes report.md and report.csv into --out (default: the
+one DIR given, else the current directory).
+"""
+
+
+@dataclass
+class Test:
+    mean: float
+    ci95: float
+    inner_steps: int
+    tasks: int
+    step: int | None  # the training step of the checkpoint tested, where recorded
+    directory: Path
+    at: int | None = None  # iterations trained when it ran (``periodic_test/<at>/``)
+
+
+@dataclass
+class Row:
+    run: str
+    directory: Path
+    preset: str | None
+    seed: int | None
+    metric: str
+    done: int | None
+    planned: int | None
+    test: Test | None
+    reference: dict[str, Any] | None
+    differences: list[str] = field(default_factory=list)
+    verdict: str = ""
+
+
+# --------------------------------------------------------------------------- finding runs
+def find_runs(directory: Path) -> list[Path]:
+    """Training runs at or under ``directory``: folders whose config has ``iterations``."""
+    if _run_config(directory) is not None:
+        return [directory]
+    found = {p.parent.parent for p in directory.glob("**/.hydra/config.yaml")}
+    runs = [d for d in found if _run_config(d) is not None]
+    return sorted(runs, key=lambda p: _natural(str(p)))
+
+
+def _natural(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+@functools.lru_cache(maxsize=256)
+def _run_config(directory: Path) -> dict[str, Any] | None:
+    """The run's flattened config: ``.hydra/config.yaml``, else the one in its checkpoint."""
+    hydra_file = directory / ".hydra" / "config.yaml"
+    if hydra_file.is_file():
+        flat = config.flatten(OmegaConf.to_container(OmegaConf.load(hydra_file)))
+    else:
+        saved = _checkpoint(directory)
+        flat = config.flatten(saved["config"]["run"]) if saved else {}
+    return flat if "iterations" in flat else None
+
+
+def _checkpoint(directory: Path) -> dict[str, Any] | None:
+    for name in ("last.pt", "best.pt"):
+        path = directory / "checkpoints" / name
+        if path.is_file():
+            try:
+                return checkpoint.load(path)
+            except MamlrunError:
+                continue  # being replaced this instant, or corrupt: try the other
+    return None
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --------------------------------------------------------------------------- one run
+def read_run(directory: Path, root: Path) -> Row:
+    flat = _run_config(directory) or {}
+    results = _json(directory / "results.json")
+    preset, searchpath = _preset_of(directory, results)
+    preset_flat = preset_config(preset, searchpath) if preset else None
+    ref = _reference(flat)
+    metric = (results or {}).get("metric") or ("accuracy" if ref is None else ref["metric"])
+    tests = tests_in(directory, results)
+    row = Row(
+        run=_name(directory, root),
+        directory=directory,
+        preset=preset,
+        seed=flat.get("seed"),
+        metric=metric,
+        done=_steps_done(directory, results),
+        planned=(preset_flat or flat).get("iterations"),
+        test=_pick(tests, ref),
+        reference=ref,
+    )
+    if preset and preset_flat is None:
+        row.differences = [f"preset {preset} is not in this mamlrun's configs"]
+    elif preset_flat is not None:
+        row.differences = reference.differences(flat, preset_flat)
+    row.verdict = _verdict(row, tests)
+    return row
+
+
+def _name(directory: Path, root: Path) -> str:
+    if directory == root:
+        return directory.name or str(directory)
+    return str(directory.relative_to(root)) if directory.is_relative_to(root) else str(directory)
+
+
+def _preset_of(directory: Path, results: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    """The experiment preset the run composed, and the config search path it used."""
+    hydra_file = directory / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        hydra = OmegaConf.load(hydra_file).hydra
+        searchpath = tuple(str(p) for p in hydra.get("searchpath") or ())
+        return hydra.runtime.choices.get("experiment"), searchpath
+    return (results or {}).get("preset"), ()
+
+
+@functools.lru_cache(maxsize=64)
+def preset_config(name: str, searchpath: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """The preset as ``mamlrun train experiment=NAME`` composes it, flattened (None when this
+    mamlrun has no such preset)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config.register_schemas()
+    overrides = [f"experiment={name}"]
+    if searchpath:
+        overrides.append(f"hydra.searchpath=[{','.join(searchpath)}]")
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside a running Hydra app (a sweep's end)
+            return config.flatten(compose("train", overrides=overrides))
+        with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+            return config.flatten(compose("train", overrides=overrides))
+    except (HydraException, OmegaConfBaseException):
+        return None
+
+
+def reference_of(directory: Path) -> dict[str, Any] | None:
+    """The reference block of a run's config (None without one)."""
+    return _reference(_run_config(directory) or {})
+
+
+def _reference(flat: dict[str, Any]) -> dict[str, Any] | None:
+    if flat.get("reference") is None and "reference.value" not in flat:
+        return None
+    return {k: flat.get(f"reference.{k}") for k in ("metric", "value", "ci95", "inner_steps",
+                                                     "source")}  # fmt: skip
+
+
+def _steps_done(directory: Path, results: dict | None) -> int | None:
+    if results and "steps" in results:
+        return results["steps"]
+    saved = _checkpoint(directory)
+    return saved["progress"]["step"] if saved else None
+
+
+def tests_in(directory: Path, results: dict | None = None) -> list[Test]:
+    """Every test result inside the run's folder (``mamlrun test`` wrote each)."""
+    tests = []
+    for path in directory.glob("**/results.json"):
+        data = _json(path)
+        if path.parent == directory or not data or not isinstance(data.get("mean"), int | float):
+            continue
+        step = data.get("trained_steps")
+        at = int(path.parent.name) if path.parent.name.isdigit() else None  # periodic_test/<at>
+        if step is None and at is None and results:  # train's final test of best.pt
+            step = results.get("best_step")
+        tasks = data.get("test_tasks", data.get("n_tasks", 0))
+        tests.append(
+            Test(data["mean"], data["ci95"], data["inner_steps"], tasks, step, path.parent, at)
+        )
+    return tests
+
+
+def _when(test: Test) -> int:
+    """How far training had got: the periodic folder's iterations, else the checkpoint's."""
+    return next((v for v in (test.at, test.step) if v is not None), -1)
+
+
+def _pick(tests: list[Test], ref: dict[str, Any] | None) -> Test | None:
+    """The latest test with the reference's inner steps (any test without a reference)."""
+    if ref is not None:
+        tests = [t for t in tests if t.inner_steps == ref["inner_steps"]]
+    if not tests:
+        return None
+    return max(tests, key=lambda t: (_when(t), t.step if t.step is not None else -1, t.tasks))
+
+
+def _verdict(row: Row, tests: list[Test]) -> str:
+    ref = row.reference
+    if ref is None:
+        return "no reference"
+    if ref["metric"] != row.metric:
+        return f"not comparable: the reference is {ref['metric']}, the run measures {row.metric}"
+    if row.differences:
+        return "not comparable: " + "; ".join(row.differences)
+    if row.test is None:
+        if not tests:
+            return "no test"
+        steps = ", ".join(str(s) for s in sorted({t.inner_steps for t in tests}))
+        return (
+            f"not comparable: tested with {steps} inner steps, the reference with "
+            f"{ref['inner_steps']} (mamlrun test checkpoint={row.directory} "
+            f"inner_steps={ref['inner_steps']})"
+        )
+    return reference.verdict(row.test.mean, row.test.ci95, ref["value"], ref["ci95"])
+
+
+# --------------------------------------------------------------------------- several runs
+def rows_of(directories: list[Path]) -> list[Row]:
+    rows = []
+    for directory in directories:
+        if not directory.is_dir():
+            raise MamlrunError(f"{directory} is not a directory")
+        runs = find_runs(directory)
+        if not runs:
+            raise MamlrunError(
+                f"no training runs under {directory} (a run's folder holds .hydra/config.yaml "
+                "or checkpoints/ written by mamlrun train)"
+            )
+        rows += [read_run(run, directory) for run in runs]
+    return rows
+
+
+def grouped(rows: list[Row]) -> list[dict[str, Any]]:
+    """Runs of one preset and setting that differ only in seed: mean ± t-CI over seeds."""
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        if row.test is not None:
+            key = (row.preset, tuple(row.differences), row.test.inner_steps)
+            groups.setdefault(key, []).append(row)
+    out = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        mean, ci = mean_ci95_t([r.test.mean for r in members])
+        first = members[0]
+        verdict = first.verdict
+        if first.reference is not None and not verdict.startswith(("not comparable", "no ")):
+            verdict = reference.verdict(mean, ci, first.reference["value"],
+                                        first.reference["ci95"])  # fmt: skip
+        out.append({"preset": first.preset, "seeds": sorted(str(r.seed) for r in members),
+                    "mean": mean, "ci95": ci, "row": first, "verdict": verdict})  # fmt: skip
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+def _value(mean: float, ci: float, metric: str) -> str:
+    return format_ci(mean, ci, percent=metric == "accuracy")
+
+
+def _test_cell(row: Row) -> str:
+    t = row.test
+    if t is None:
+        return "-"
+    when = [f"{t.tasks} tasks", f"{t.inner_steps} steps"]
+    if t.step is not None:
+        when.append(f"step {t.step}")  # of the checkpoint tested
+    if t.at is not None and t.at != t.step:
+        when.append(f"at iteration {t.at:,}")
+    return f"{_value(t.mean, t.ci95, row.metric)} ({', '.join(when)})"
+
+
+def _reference_cell(row: Row) -> str:
+    ref = row.reference
+    if ref is None:
+        return "-"
+    shown = reference.shown(ref["value"], ref["ci95"], ref["metric"])
+    return f"{shown} ({ref['inner_steps']} steps)"
+
+
+def _iterations_cell(row: Row) -> str:
+    done = "?" if row.done is None else f"{row.done:,}"
+    return done if row.planned is None else f"{done} / {row.planned:,}"
+
+
+def render(rows: list[Row]) -> str:
+    """The report as Markdown: the per-run table, the seed groups, the references' sources."""
+    header = ["run", "preset", "seed", "iterations", "test", "reference", "verdict"]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for r in rows:
+        cells = [r.run, r.preset or "-", "-" if r.seed is None else str(r.seed),
+                 _iterations_cell(r), _test_cell(r), _reference_cell(r), r.verdict]  # fmt: skip
+        lines.append(_md_row(cells))
+    groups = grouped(rows)
+    if groups:
+        lines += ["", "Grouped over seeds (mean ± 95% CI over the runs, Student's t):", ""]
+        lines += [_md_row(["preset", "seeds", "test", "reference", "verdict"]),
+                  _md_row(["---"] * 5)]  # fmt: skip
+        for g in groups:
+            row = g["row"]
+            cells = [
+                g["preset"] or "-",
+                ", ".join(g["seeds"]),
+                _value(g["mean"], g["ci95"], row.metric),
+                _reference_cell(row),
+                g["verdict"],
+            ]
+            lines.append(_md_row(cells))  # fmt: skip
+    sources = dict.fromkeys(r.reference["source"] for r in rows if r.reference)
+    if sources:
+        lines += ["", "References:", *(f"- {s}" for s in sources)]
+    return "\n".join(lines) + "\n"
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+CSV_COLUMNS = [
+    "run", "preset", "seed", "steps_done", "steps_planned", "metric", "test_mean", "test_ci95",
+    "test_inner_steps", "test_tasks", "test_step", "reference_value", "reference_ci95",
+    "reference_inner_steps", "reference_source", "verdict", "directory",
+]  # fmt: skip
+
+
+def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        t, ref = r.test, r.reference or {}
+        out.append({
+            "run": r.run, "preset": r.preset or "", "seed": r.seed, "steps_done": r.done,
+            "steps_planned": r.planned, "metric": r.metric,
+            "test_mean": t and t.mean, "test_ci95": t and t.ci95,
+            "test_inner_steps": t and t.inner_steps, "test_tasks": t and t.tasks,
+            "test_step": t and t.step, "reference_value": ref.get("value"),
+            "reference_ci95": ref.get("ci95"), "reference_inner_steps": ref.get("inner_steps"),
+            "reference_source": ref.get("source"), "verdict": r.verdict,
+            "directory": str(r.directory.resolve()),
+        })  # fmt: skip
+    return out
+
+
+def write(rows: list[Row], out_dir: Path) -> tuple[Path, Path]:
+    """``report.md`` and ``report.csv`` in ``out_dir`` (each replaced whole)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, table = out_dir / "report.md", out_dir / "report.csv"
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("# mamlrun report\n\n" + render(rows))
+    tmp.replace(md)
+    tmp = table.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(csv_rows(rows))
+    tmp.replace(table)
+    return md, table
+
+
+def main(argv: list[str]) -> int:
+    """The command: exit 0 with a report, 2 with one line saying what is wrong."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    args, out = list(argv), None
+    if "--out" in args:
+        i = args.index("--out")
+        if i + 1 >= len(args):
+            raise MamlrunError("--out needs a directory")
+        out = Path(args.pop(i + 1))
+        args.pop(i)
+    if unknown := [a for a in args if a.startswith("-")]:
+        raise MamlrunError(f"unknown option {unknown[0]} (see mamlrun report --help)")
+    directories = [Path(a) for a in args]
+    rows = rows_of(directories)
+    print(render(rows), end="")
+    md, table = write(rows, out or (directories[0] if len(directories) == 1 else Path.cwd()))
+    print(f"written: {md} and {table}")
+    return 0

@@ -1,0 +1,240 @@
+"""`mamlrun report`: each run against the published result its preset targets."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import compose_train, run_cli
+from omegaconf import OmegaConf
+
+from mamlrun import reference, report
+
+QUICK = ["iterations=10", "val_every=10", "val_tasks=4", "checkpoint_every=10",
+         "final_test=true", "test_tasks=8", "device=cpu"]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the verdict
+@pytest.mark.parametrize(
+    "mean,ci,expected",
+    [(0.986, 0.01, reference.INSIDE), (0.980, 0.005, reference.OVERLAP),
+     (0.960, 0.005, reference.BELOW), (0.999, 0.001, reference.ABOVE)],
+)  # fmt: skip
+def test_the_verdict_places_our_interval_against_the_papers(mean, ci, expected):
+    assert reference.verdict(mean, ci, 0.987, 0.004) == expected
+
+
+def test_where_data_lives_and_how_tasks_are_batched_do_not_make_runs_incomparable():
+    preset = {"dataset.ways": 5, "dataset.root": None, "meta_optimizer.task_batching": "auto",
+              "meta_batch_size": 32, "seed": 0, "iterations": 60000}  # fmt: skip
+    run = {**preset, "dataset.root": "/data", "meta_optimizer.task_batching": "loop",
+           "seed": 3, "iterations": 5000}  # fmt: skip
+    assert reference.differences(run, preset) == []
+    assert reference.differences({**run, "meta_batch_size": 4}, preset) == [
+        "meta_batch_size: 32 → 4"
+    ]
+
+
+def test_published_numbers_are_shown_with_the_papers_digits():
+    assert reference.shown(0.987, 0.004, "accuracy") == "98.7 ± 0.4%"
+    assert reference.shown(0.9947, 0.0014, "accuracy") == "99.47 ± 0.14%"
+
+
+def test_every_omniglot_preset_names_its_paper_and_sinusoid_has_none():
+    for preset in Path(compose_train.__code__.co_filename).parents[1].glob(
+        "conf/experiment/*.yaml"
+    ):
+        cfg = compose_train(f"experiment={preset.stem}")
+        if preset.stem.startswith("sinusoid"):
+            assert cfg.reference is None
+            continue
+        ref = cfg.reference
+        assert ref.metric == "accuracy" and 0.9 < ref.value < 1 and 0 < ref.ci95 < 0.01
+        assert ref.inner_steps >= 1 and "Table" in ref.source
+
+
+# --------------------------------------------------------------------------- runs on disk
+def fake_run(directory: Path, preset: str | None, *overrides: str, results=None, tests=()):
+    """A run folder as `mamlrun train` leaves it: .hydra/, results.json, test folders."""
+    cfg = compose_train(*([f"experiment={preset}"] if preset else []), *overrides)
+    (directory / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, directory / ".hydra" / "config.yaml")
+    choices = {"experiment": preset}
+    OmegaConf.save({"hydra": {"runtime": {"choices": choices}, "searchpath": []}},
+                   directory / ".hydra" / "hydra.yaml")  # fmt: skip
+    if results is not None:
+        (directory / "results.json").write_text(json.dumps(results))
+    for sub, mean, ci, steps, trained in tests:
+        (directory / sub).mkdir(parents=True)
+        test = {"metric": "accuracy", "test_tasks": 600, "inner_steps": steps, "mean": mean,
+                "ci95": ci, "trained_steps": trained}  # fmt: skip
+        (directory / sub / "results.json").write_text(json.dumps(test))
+    return directory
+
+
+def row_of(directory: Path) -> report.Row:
+    (row,) = report.rows_of([directory])
+    return row
+
+
+def test_the_latest_test_with_the_papers_inner_steps_is_the_one_compared(tmp_path):
+    run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[
+        ("periodic_test/5000", 0.97, 0.006, 10, 4000),
+        ("periodic_test_3steps/5000", 0.96, 0.007, 3, 4000),
+        ("periodic_test_3steps/10000", 0.981, 0.005, 3, 9000),
+        ("periodic_test/10000", 0.99, 0.004, 10, 9000),
+    ])  # fmt: skip
+    row = row_of(run)
+    assert (row.test.mean, row.test.inner_steps, row.test.step) == (0.981, 3, 9000)
+    assert row.verdict == reference.OVERLAP and row.done is None and row.planned == 60000
+
+
+def test_a_test_with_other_inner_steps_is_not_compared_and_the_fix_is_named(tmp_path):
+    run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[("test", 0.99, 0.004, 10, 100)])
+    verdict = row_of(run).verdict
+    assert verdict.startswith("not comparable: tested with 10 inner steps, the reference with 3")
+    assert f"mamlrun test checkpoint={run} inner_steps=3" in verdict
+
+
+def test_runs_without_a_test_or_without_a_reference_say_so(tmp_path):
+    assert row_of(fake_run(tmp_path / "a", "omniglot_20w1s")).verdict == "no test"
+    sine = fake_run(tmp_path / "b", "sinusoid_maml_paper", results={"metric": "mse", "steps": 7})
+    row = row_of(sine)
+    assert row.verdict == "no reference" and row.done == 7 and row.metric == "mse"
+
+
+def test_a_preset_this_mamlrun_does_not_have_makes_the_run_incomparable(tmp_path):
+    run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[("test_3steps", 0.98, 0.01, 3, 1)])
+    hydra = OmegaConf.load(run / ".hydra" / "hydra.yaml")
+    hydra.hydra.runtime.choices.experiment = "omniglot_gone"
+    OmegaConf.save(hydra, run / ".hydra" / "hydra.yaml")
+    assert row_of(run).verdict == (
+        "not comparable: preset omniglot_gone is not in this mamlrun's configs"
+    )
+
+
+def test_seeds_of_one_setting_are_grouped_with_a_t_interval(tmp_path):
+    for seed, mean in [(0, 0.985), (1, 0.987), (2, 0.989)]:
+        fake_run(tmp_path / f"s{seed}", "omniglot_5w1s", f"seed={seed}",
+                 tests=[("test_3steps", mean, 0.005, 3, 60000)])  # fmt: skip
+    fake_run(tmp_path / "other", "omniglot_5w1s", "meta_batch_size=8",
+             tests=[("test_3steps", 0.9, 0.01, 3, 60000)])  # fmt: skip
+    rows = report.rows_of([tmp_path])
+    (group,) = report.grouped(rows)
+    assert group["seeds"] == ["0", "1", "2"] and group["mean"] == pytest.approx(0.987)
+    assert group["ci95"] == pytest.approx(4.303 * 0.002 / 3**0.5, rel=1e-3)
+    assert group["verdict"] == reference.INSIDE
+    assert "Grouped over seeds" in report.render(rows)
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [(["/no/such/dir"], "/no/such/dir is not a directory"),
+     (["."], "no training runs under ."), (["--out"], "--out needs a directory"),
+     (["--bogus", "."], "unknown option --bogus")],
+)  # fmt: skip
+def test_report_mistakes_are_one_line_and_exit_2(tmp_path, args, expected):
+    out = run_cli("report", *args, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == f"mamlrun: error: {expected}" or (
+        out.stderr.count("\n") == 1 and expected in out.stderr
+    )
+
+
+# --------------------------------------------------------------------------- real runs
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Short runs of two presets: one with its paper's settings, one with a smaller
+    meta-batch, as a user would make them."""
+    root = tmp_path_factory.mktemp("report")
+    for name, preset, extra in [("paper", "omniglot_5w1s", []),
+                                ("changed", "omniglot_5w5s", ["meta_batch_size=4"])]:  # fmt: skip
+        out = run_cli("train", f"experiment={preset}", *QUICK, *extra,
+                      f"hydra.run.dir={root / name}", cwd=root)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_report_of_two_presets_fills_every_column(two_runs):
+    out = run_cli("report", str(two_runs), cwd=two_runs)
+    assert out.returncode == 0, out.stderr
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header == ["run", "preset", "seed", "iterations", "test", "reference", "verdict"]
+    rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
+                              for line in table[2:4])}  # fmt: skip
+    changed, paper = rows["changed"], rows["paper"]
+    assert paper[1:4] == ["omniglot_5w1s", "0", "10 / 60,000"]
+    assert paper[4].endswith("(8 tasks, 3 steps, step 10)")  # the paper's 3 steps, not 10
+    assert paper[5] == "98.7 ± 0.4% (3 steps)" and paper[6] == "below"  # 10 iterations
+    assert changed[1:4] == ["omniglot_5w5s", "0", "10 / 60,000"]
+    assert changed[5] == "99.9 ± 0.1% (3 steps)"
+    assert changed[6] == "not comparable: meta_batch_size: 32 → 4"
+    assert (two_runs / "report.md").read_text().count("| paper |") == 1
+    with (two_runs / "report.csv").open() as f:
+        by_run = {r["run"]: r for r in csv.DictReader(f)}
+    assert by_run["paper"]["test_inner_steps"] == "3" and by_run["paper"]["test_tasks"] == "8"
+    assert float(by_run["paper"]["reference_value"]) == 0.987
+    assert by_run["changed"]["verdict"].startswith("not comparable")
+
+
+@pytest.mark.slow
+def test_a_run_records_its_preset_and_reference_in_results_and_hparams(two_runs):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    results = json.loads((two_runs / "paper" / "results.json").read_text())
+    assert results["preset"] == "omniglot_5w1s"
+    assert results["reference"]["value"] == 0.987 and results["reference"]["inner_steps"] == 3
+    assert results["test"]["inner_steps"] == 10 and results["reference_test"]["inner_steps"] == 3
+    hparams = {}
+    for path in (two_runs / "paper" / "tb").rglob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    hparams = dict(data.session_start_info.hparams)
+    assert hparams["reference.value"].number_value == pytest.approx(0.987)
+    assert hparams["preset"].string_value == "omniglot_5w1s"
+
+
+# --------------------------------------------------------------------------- the curve script
+def plot_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "plot_test_curve.py"
+    spec = importlib.util.spec_from_file_location("plot_test_curve", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_curve_table_and_png_come_from_the_runs_files(tmp_path, capsys):
+    from mamlrun import checkpoint
+
+    run = fake_run(tmp_path / "long", "omniglot_5w1s", tests=[
+        ("periodic_test/5000", 0.97, 0.0066, 10, None),
+        ("periodic_test_3steps/5000", 0.955, 0.008, 3, None),
+        ("periodic_test/10000", 0.975, 0.006, 10, None),
+    ])  # fmt: skip
+    history = [[1000, 0.9, 0.03], [4000, 0.97, 0.01], [5000, 0.97, 0.01], [9000, 0.98, 0.01]]
+    checkpoint.save(run / "checkpoints" / "last.pt", {"model": {}, "progress": {
+        "step": 10000, "history": history}})  # fmt: skip
+    assert plot_script().main([str(run), "--table"]) == 0
+    out = capsys.readouterr().out
+    # best.pt after 5,000 iterations was the first best validation up to then: step 4000
+    assert "| 5,000 | 4000 | 3 | 95.50 ± 0.80% | 600 |" in out
+    assert "| 10,000 | 9000 | 10 | 97.50 ± 0.60% | 600 |" in out
+    assert "Paper: 98.7 ± 0.4% with 3 inner steps" in out
+    png = run / "test_curve.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_the_curve_script_says_when_there_is_nothing_to_draw(tmp_path, capsys):
+    assert plot_script().main([str(fake_run(tmp_path / "r", "omniglot_5w1s"))]) == 2
+    assert "no test results in" in capsys.readouterr().err
