@@ -42,17 +42,17 @@ def test_published_numbers_are_shown_with_the_papers_digits():
     assert reference.shown(0.9947, 0.0014, "accuracy") == "99.47 ± 0.14%"
 
 
-def test_every_omniglot_preset_names_its_paper_and_sinusoid_has_none():
-    for preset in Path(compose_train.__code__.co_filename).parents[1].glob(
-        "conf/experiment/*.yaml"
-    ):
-        cfg = compose_train(f"experiment={preset.stem}")
+def test_every_image_preset_names_its_paper_and_sinusoid_has_none():
+    presets = Path(__file__).resolve().parents[1].glob("conf/experiment/*.yaml")
+    for preset in presets:
+        ref = compose_train(f"experiment={preset.stem}").reference
         if preset.stem.startswith("sinusoid"):
-            assert cfg.reference is None
+            assert ref is None  # the paper shows curves, no number
             continue
-        ref = cfg.reference
-        assert ref.metric == "accuracy" and 0.9 < ref.value < 1 and 0 < ref.ci95 < 0.01
+        assert ref.metric == "accuracy" and 0.2 < ref.value < 1 and 0 < ref.ci95 < 0.02
         assert ref.inner_steps >= 1 and "Table" in ref.source
+        if preset.stem.startswith("omniglot"):
+            assert ref.value > 0.95
 
 
 # --------------------------------------------------------------------------- runs on disk
@@ -131,7 +131,8 @@ def test_seeds_of_one_setting_are_grouped_with_a_t_interval(tmp_path):
 
 @pytest.mark.parametrize(
     "args,expected",
-    [(["/no/such/dir"], "/no/such/dir is not a directory"),
+    [([], "report needs a run directory: mamlrun report DIR [DIR...] [--out DIR]"),
+     (["/no/such/dir"], "/no/such/dir is not a directory"),
      (["."], "no training runs under ."), (["--out"], "--out needs a directory"),
      (["--bogus", "."], "unknown option --bogus")],
 )  # fmt: skip
@@ -238,3 +239,12 @@ def test_the_curve_table_and_png_come_from_the_runs_files(tmp_path, capsys):
 def test_the_curve_script_says_when_there_is_nothing_to_draw(tmp_path, capsys):
     assert plot_script().main([str(fake_run(tmp_path / "r", "omniglot_5w1s"))]) == 2
     assert "no test results in" in capsys.readouterr().err
+
+
+def test_a_run_made_before_presets_had_references_is_compared_with_its_presets(tmp_path):
+    run = fake_run(tmp_path / "old", "omniglot_5w1s", tests=[("test_3steps", 0.985, 0.005, 3, 9)])
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    del cfg["reference"]
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    row = row_of(run)
+    assert row.reference["value"] == 0.987 and row.verdict == reference.INSIDE

@@ -38,7 +38,7 @@ USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [overrides] [hydra flags]
 Meta-learning experiments (MAML and its family) configured with Hydra.
 
 commands:
-{os.linesep.join(f"  {name:<7}{text}" for name, text in (COMMANDS | TOOLS).items())}
+{os.linesep.join(f"  {name:<8}{text}" for name, text in (COMMANDS | TOOLS).items())}
 
 examples:
   mamlrun train                               sinusoid regression with MAML

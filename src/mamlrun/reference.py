@@ -15,11 +15,13 @@ from typing import Any
 COMPARED = ("dataset.", "backbone.", "meta_optimizer.", "meta_batch_size")
 
 #: Keys inside those parts that change how a run is computed or where it reads from, not what
-#: it learns: where the data lives, loop or vmap (equal to 1e-15), recomputation in the
-#: backward, and the inner steps of validation (the test's own steps are checked separately).
+#: it learns: where the data lives and is kept, loop or vmap (equal to 1e-15), recomputation
+#: in the backward, and the inner steps of validation (the test's own steps are checked
+#: separately).
 NEUTRAL = frozenset(
     {
         "dataset.root",
+        "dataset.storage",
         "dataset._preset_",
         "meta_optimizer.task_batching",
         "meta_optimizer.checkpoint_inner",

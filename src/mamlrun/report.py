@@ -19,7 +19,6 @@ import csv
 import functools
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +116,8 @@ def read_run(directory: Path, root: Path) -> Row:
     preset, searchpath = _preset_of(directory, results)
     preset_flat = preset_config(preset, searchpath) if preset else None
     ref = _reference(flat)
+    if ref is None and "reference" not in flat and preset_flat is not None:
+        ref = _reference(preset_flat)  # made before presets carried their reference
     metric = (results or {}).get("metric") or ("accuracy" if ref is None else ref["metric"])
     tests = tests_in(directory, results)
     row = Row(
@@ -390,9 +391,11 @@ def write(rows: list[Row], out_dir: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str]) -> int:
     """The command: exit 0 with a report, 2 with one line saying what is wrong."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, end="", file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if not argv:
+        raise MamlrunError("report needs a run directory: mamlrun report DIR [DIR...] [--out DIR]")
+    if argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
     args, out = list(argv), None
     if "--out" in args:
         i = args.index("--out")
