@@ -23,6 +23,9 @@ smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, 
 	@set -e; out=$$(mktemp -d); \
 	for preset in conf/experiment/*.yaml; do \
 	  name=$$(basename $$preset .yaml); start=$$(date +%s); \
+	  case $$name in miniimagenet_*) if [ ! -d "$$MAMLRUN_DATA/miniimagenet" ]; then \
+	    echo "smoke: $$name skipped (no miniimagenet/ in $$MAMLRUN_DATA; see README, Data)"; \
+	    continue; fi;; esac; \
 	  if $(BIN)/mamlrun train experiment=$$name debug=smoke hydra.run.dir=$$out/$$name \
 	      > $$out/$$name.log 2>&1; then \
 	    echo "smoke: $$name ok ($$(( $$(date +%s) - start )) s)"; \
