@@ -8,12 +8,16 @@ from mamlrun.data.tasks import TaskBatch
 
 
 def task_grid(batch: TaskBatch, max_query: int = 5, pad: int = 2) -> torch.Tensor:
-    """The first task of ``batch`` as a ``[C, H, W]`` image in [0, 1].
+    """The first task of ``batch`` as a ``[C, H, W]`` image in [0, 1] (images normalised
+    outside that range are stretched to it as a whole, so contrasts between them stay true).
 
     Row ``i`` shows the support images labelled ``i``, a gap, then up to ``max_query`` query
     images labelled ``i``: if the data is right, each row holds one character.
     """
     xs, ys, xq, yq = (t[0].detach().float().cpu() for t in batch)
+    low, high = float(min(xs.min(), xq.min())), float(max(xs.max(), xq.max()))
+    if low < 0 or high > 1:  # normalised inputs: stretch the task's range into view
+        xs, xq = ((x - low) / max(high - low, 1e-8) for x in (xs, xq))
     ways = int(ys.max()) + 1
     c, h, w = xs.shape[1:]
     shots = int((ys == 0).sum())
