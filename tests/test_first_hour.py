@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,8 @@ def test_train_test_and_adapt_show_progress_in_a_log_file(tmp_path):
     log = (tmp_path / "r" / "train.log").read_text()
     for what in ("train: ", "test: ", "adapt: ", "baseline: "):
         assert what in log, what
+    # the train loss is shown until the next log_every step: the line says which step it is of
+    assert re.search(r"train: \d+/20 it .*, loss [\d.]+, mse [\d.]+, at step \d+", log)
 
 
 # --------------------------------------------------------------- 4. logs and run folders

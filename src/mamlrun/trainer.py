@@ -228,7 +228,8 @@ class Trainer:
 
     def log_train(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
         """Every ``log_every`` steps: the training loss and metric to TensorBoard (and the
-        progress display); a loss that is no longer finite stops the run."""
+        progress display, which says from which step they are, since it shows them until the
+        next); a loss that is no longer finite stops the run."""
         step = self.state.step
         if step % self.cfg.log_every and step != self.cfg.iterations:
             return {}
@@ -236,7 +237,7 @@ class Trainer:
         if not math.isfinite(loss):
             raise self.diverged(f"train loss is {loss}")
         self.logger.log_dict({"train/loss": loss, f"train/{self.metric_name}": metric}, step)
-        return {"loss": loss, self.metric_name: metric}
+        return {"loss": loss, self.metric_name: metric, "at step": step}
 
     def validate(self) -> None:
         algorithm = self.parts.algorithm
