@@ -79,7 +79,9 @@ def render(command: str, description: str) -> str:
         for group in groups:
             lines.append(f"  {group}:")
             for name, text in choices(group):
-                lines.append(f"    {name:<24}{text}")
+                lines.append(
+                    f"    {name:<24}{text}" if len(name) < 24 else f"    {name}\n    {'':<24}{text}"
+                )
         lines.append("")
     if command != "train":
         lines += ["dataset, backbone and algorithm come from the checkpoint's own config.", ""]

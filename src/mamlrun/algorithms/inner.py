@@ -7,7 +7,8 @@ per task (``torch.autograd.grad``) or batched over tasks (``torch.func.grad`` un
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -177,12 +178,16 @@ class _RecomputedStep(torch.autograd.Function):
 
     Every tensor the step depends on is an explicit input (flattened meta-parameters and
     θ_s), so the recomputation differentiates its own detached copies and the gradients of
-    all of them come back through this node, none through captured tensors.
+    all of them come back through this node, none through captured tensors. Random numbers
+    the step draws (DropBlock's masks) are drawn again from the generator states of the
+    forward pass, as ``torch.utils.checkpoint`` does, so the recomputed step is the same
+    step; the generators then continue as if nothing had been recomputed.
     """
 
     @staticmethod
     def forward(ctx, step, s, spec, *tensors):
         ctx.step, ctx.s, ctx.spec = step, s, spec
+        ctx.rng = _rng_states(tensors)
         ctx.save_for_backward(*tensors)
         with torch.enable_grad():
             out = step(tree_unflatten(_fresh(tensors), spec), s, False)
@@ -192,7 +197,7 @@ class _RecomputedStep(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_out):
         inputs = _fresh(ctx.saved_tensors)
-        with torch.enable_grad():
+        with _replayed(ctx.rng), torch.enable_grad():
             out = ctx.step(tree_unflatten(inputs, ctx.spec), ctx.s, True)
         needs = ctx.needs_input_grad[3:]
         wanted = [t for t, need in zip(inputs, needs, strict=True) if need]
@@ -203,3 +208,24 @@ class _RecomputedStep(torch.autograd.Function):
 def _fresh(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Leaves sharing the tensors' storage: the inner gradient needs θ to require grad."""
     return [t.detach().requires_grad_(t.is_floating_point()) for t in tensors]
+
+
+RngStates = tuple[list[int], torch.Tensor, list[torch.Tensor]]
+
+
+def _rng_states(tensors: Sequence[torch.Tensor]) -> RngStates:
+    """The CPU generator's state and those of the CUDA devices the tensors live on."""
+    devices = sorted({t.device.index for t in tensors if t.is_cuda})
+    return devices, torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+
+
+@contextmanager
+def _replayed(states: RngStates) -> Iterator[None]:
+    """Within this block the generators start from ``states``; afterwards they are back where
+    they were before it."""
+    devices, cpu, cuda = states
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        for device, state in zip(devices, cuda, strict=True):
+            torch.cuda.set_rng_state(state, device)
+        yield

@@ -286,10 +286,11 @@ class InnerLoop:
 
     @contextmanager
     def _evaluation_mode(self, model: nn.Module) -> Iterator[None]:
-        """Evaluate with the running statistics when there are any (``bn_mode=per_step``)."""
+        """Evaluate in ``model.eval()`` mode: with the running statistics when there are any
+        (``bn_mode=per_step``; without them batch norm uses the batch's either way) and
+        without training-only noise (DropBlock)."""
         was_training = model.training
-        if self.bn_mode == "per_step":
-            model.train(False)
+        model.train(False)
         try:
             yield
         finally:

@@ -22,6 +22,7 @@ from mamlrun.algorithms.inner import autograd_grad, functional_grad
 from mamlrun.algorithms.inner_loop import InnerLoop, scored
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
+from mamlrun.models.layers import tell_training_step
 
 
 @dataclass
@@ -58,9 +59,11 @@ class MAML(InnerLoop):
         ``step`` is the training iteration (from 0), which the multi-step loss and
         derivative-order annealing depend on; without it the settings of the end of training
         apply. Under ``vmap`` the whole meta-batch is one part; one task at a time, each task
-        is a part, so the loop can free a task's graph before the next one is built.
+        is a part, so the loop can free a task's graph before the next one is built. The
+        backbone's layers that change over training (DropBlock) are told ``step`` too.
         """
         self.check_batching(batching)
+        tell_training_step(model, step)
         first_order = schedules.first_order_at(step, self.first_order, self.first_order_until)
         weights = (
             schedules.msl_weights(step, self.inner_steps, self.msl_iterations)

@@ -26,6 +26,7 @@ from mamlrun.algorithms.meta_parameters import split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.metrics import loss_fn, loss_scale, metric_fn
+from mamlrun.models.layers import tell_training_step
 
 
 @dataclass
@@ -63,8 +64,10 @@ class Reptile(InnerLoop):
         """One part whose gradient is ``θ − mean_i φ_i``: ``Σ θ·(θ − φ̄)`` with the second
         factor held constant. Its logged loss and metric are φ_i's on task i's query
         examples, which φ_i was trained on: a measure of fit, not of generalisation.
-        ``step`` is accepted for the runner's sake; Reptile has no schedule of its own."""
+        Reptile has no schedule of its own; ``step`` goes to the backbone's layers that
+        change over training (DropBlock)."""
         self.check_batching(batching)
+        tell_training_step(model, step)
         theta = dict(split(model)[0].named_parameters())
         meta = {"theta": {k: p.detach() for k, p in theta.items()}}
         x = torch.cat([batch.x_support, batch.x_query], dim=1)

@@ -1,10 +1,16 @@
 """Layers that meta-learning needs to behave differently from ``torch.nn``'s: batch norm that
 normalises with the statistics of the task it sees, with a second derivative autograd can be
-trusted with, and the switch to the fused kernel for passes that are differentiated only once.
+trusted with, and the switch to the fused kernel for passes that are differentiated only once;
+DropBlock, whose strength follows the meta-training iteration.
 
 Every backbone builds its batch norm from ``TaskBatchNorm2d``, so the algorithms' per-step
 batch-norm weights and statistics (``algorithms.per_step``) find it in any backbone through
 ``batch_norm_layers``.
+
+A layer whose training behaviour changes over meta-training declares
+``set_training_step(step)`` (``ChangesOverTraining``). The runner tells the algorithm the
+iteration (``meta_objective(..., step)``) and the algorithm passes it on with
+``tell_training_step``, so neither the runner nor the algorithm knows which layers care.
 """
 
 from __future__ import annotations
@@ -12,10 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from mamlrun.errors import MamlrunError
 
 
 class TaskBatchNorm2d(nn.Module):
@@ -83,3 +92,90 @@ def fused_batch_norm() -> Iterator[None]:
 def batch_norm_layers(backbone: nn.Module) -> dict[str, TaskBatchNorm2d]:
     """The backbone's batch-norm layers, by module name (what per-step weights apply to)."""
     return {n: m for n, m in backbone.named_modules() if isinstance(m, TaskBatchNorm2d)}
+
+
+@runtime_checkable
+class ChangesOverTraining(Protocol):
+    """A layer whose training-time behaviour follows the meta-training iteration."""
+
+    def set_training_step(self, step: int | None) -> None:
+        """``step`` is the training iteration from 0; None (a one-off call such as the
+        batching probe) means the settings of the end of the schedule."""
+        ...
+
+
+def tell_training_step(model: nn.Module, step: int | None) -> None:
+    """Pass the training iteration to every layer of ``model`` that declares it cares."""
+    for module in model.modules():
+        if isinstance(module, ChangesOverTraining):
+            module.set_training_step(step)
+
+
+class RandomnessUnderVmap(MamlrunError, RuntimeError):
+    """A layer drew random numbers under ``vmap``, which cannot batch them. A RuntimeError
+    too, so that ``task_batching=auto``'s probe counts vmap as unusable and picks loop."""
+
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al. 2018) as MetaOptNet's ResNet-12 applies it: in training, zero
+    ``block_size``×``block_size`` squares of each feature map and rescale the rest, so that a
+    fraction ``1 - keep_prob`` of the activations is dropped on average; in evaluation
+    (``model.eval()``) the identity.
+
+    The keep probability falls linearly from 1 at iteration 0 to ``keep_prob`` at
+    ``ramp_iterations`` and stays there (MetaOptNet ramps over a count of forward passes
+    instead; here it is the training iteration the algorithm passes on, see
+    ``tell_training_step``, so the schedule is the same whether tasks run in a loop or
+    batched, and after a resume). A block larger than the feature map is shrunk to it.
+
+    The masks come from the global torch generator of the input's device: ``components.build``
+    seeds it from ``seed`` and every checkpoint saves and restores it, so a resumed run draws
+    the same masks as an uninterrupted one; ``checkpoint_inner``'s recomputation replays its
+    state (``inner._RecomputedStep``). ``vmap`` cannot batch random draws, so in training
+    DropBlock needs ``task_batching=loop`` (``auto`` finds that out by itself).
+    """
+
+    def __init__(self, block_size: int, keep_prob: float, ramp_iterations: int) -> None:
+        super().__init__()
+        if block_size < 1 or not 0 < keep_prob <= 1 or ramp_iterations < 0:
+            raise ValueError(
+                "DropBlock needs block_size >= 1, 0 < keep_prob <= 1 and ramp_iterations >= 0, "
+                f"got {block_size}, {keep_prob}, {ramp_iterations}"
+            )
+        self.block_size = block_size
+        self.final_keep_prob = keep_prob
+        self.ramp_iterations = ramp_iterations
+        self.training_step: int | None = None
+
+    def set_training_step(self, step: int | None) -> None:
+        self.training_step = step
+
+    def keep_prob(self) -> float:
+        """The keep probability at the current training step."""
+        step, ramp = self.training_step, self.ramp_iterations
+        if step is None or step >= ramp:
+            return self.final_keep_prob
+        return 1.0 - (1.0 - self.final_keep_prob) * step / ramp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        height, width = x.shape[-2:]
+        size = min(self.block_size, height, width)
+        seeds_shape = (*x.shape[:-2], height - size + 1, width - size + 1)
+        # Block centres are drawn where a whole block fits; gamma makes the expected dropped
+        # fraction 1 - keep_prob (Ghiasi et al., eq. 1, for a rectangular map).
+        fits = seeds_shape[-2] * seeds_shape[-1]
+        gamma = (1.0 - self.keep_prob()) / size**2 * (height * width) / fits
+        try:
+            seeds = torch.rand(seeds_shape, device=x.device, dtype=x.dtype) < gamma
+        except RuntimeError as ex:
+            if "vmap" not in str(ex):
+                raise
+            raise RandomnessUnderVmap(
+                "DropBlock (backbone.drop_block=true) draws random masks in training, which vmap "
+                "cannot batch: use meta_optimizer.task_batching=loop (or auto)"
+            ) from None
+        dropped = F.max_pool2d(F.pad(seeds.to(x.dtype), [size - 1] * 4), size, stride=1)
+        mask = 1.0 - dropped
+        return x * mask * (mask.numel() / mask.sum().clamp(min=1.0))
