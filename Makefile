@@ -23,9 +23,14 @@ smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, 
 	@set -e; out=$$(mktemp -d); \
 	for preset in conf/experiment/*.yaml; do \
 	  name=$$(basename $$preset .yaml); start=$$(date +%s); \
-	  case $$name in miniimagenet_*) if [ ! -d "$$MAMLRUN_DATA/miniimagenet" ]; then \
-	    echo "smoke: $$name skipped (no miniimagenet/ in $$MAMLRUN_DATA; see README, Data)"; \
-	    continue; fi;; esac; \
+	  case $$name in miniimagenet_*) need=miniimagenet;; tieredimagenet_*) need=tieredimagenet;; \
+	    cifarfs_*) need="cifarfs cifar100";; fc100_*) need="fc100 cifar100";; cub_*) need=cub;; \
+	    *) need=;; esac; \
+	  if [ -n "$$need" ]; then found=; \
+	    for dir in $$need; do if [ -d "$$MAMLRUN_DATA/$$dir" ]; then found=$$dir; fi; done; \
+	    if [ -z "$$found" ]; then \
+	      echo "smoke: $$name skipped (no $$(echo $$need | sed 's| |/ or |g')/ in $$MAMLRUN_DATA; see README, Data)"; \
+	      continue; fi; fi; \
 	  if $(BIN)/mamlrun train experiment=$$name debug=smoke hydra.run.dir=$$out/$$name \
 	      > $$out/$$name.log 2>&1; then \
 	    echo "smoke: $$name ok ($$(( $$(date +%s) - start )) s)"; \

@@ -117,7 +117,8 @@ def test_results_and_errors_reach_the_runs_log(tmp_path):
 @pytest.mark.parametrize(
     "args,expected",
     [
-        (["train", "dataset=omniglt"], "omniglot, sinusoid); did you mean dataset=omniglot"),
+        (["train", "dataset=omniglt"], "omniglot, sinusoid, tieredimagenet); did you mean "
+                                       "dataset=omniglot"),
         (["train", "iteratons=30"], "unknown key iteratons; did you mean iterations?"),
         (["train", "inner_lr=0.1"], "did you mean meta_optimizer.inner_lr?"),
         (["train", "dataset.ways=0"], "dataset has no ways (its keys: amplitude, phase, query"),

@@ -10,12 +10,15 @@ later run would take for the real one.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.client
 import os
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -88,25 +91,57 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+class _HtmlPage(Exception):
+    """The server answered with a web page (a login, quota or error page) instead of the file."""
+
+
+class _Truncated(Exception):
+    def __init__(self, got: int, length: int) -> None:
+        super().__init__(f"{got} of {length} bytes")
+        self.got, self.length = got, length
+
+
+def looks_like_html(head: bytes) -> bool:
+    """Whether the first bytes of a file are a web page rather than the archive or pickle
+    expected: what a file-sharing site or a captive portal sends in its place."""
+    start = head.lstrip()[:64].lower()
+    return start.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or (
+        start.startswith(b"<") and b"<html" in head[:2048].lower()
+    )
+
+
 def _stream(url: str, out: BinaryIO, label: str) -> str:
     """Copy ``url`` into ``out`` with a progress bar; return the md5 of what was written."""
     digest = hashlib.md5()
     stream, length = _open_url(url)
+    got = 0
     try:
         with tqdm(total=length, unit="B", unit_scale=True, unit_divisor=1024, desc=label) as bar:
             while chunk := stream.read(_CHUNK):
+                if got == 0 and looks_like_html(chunk):
+                    raise _HtmlPage()
                 out.write(chunk)
                 digest.update(chunk)
+                got += len(chunk)
                 bar.update(len(chunk))
+    except http.client.IncompleteRead as e:
+        raise _Truncated(got + len(e.partial), got + len(e.partial) + (e.expected or 0)) from e
     finally:
         stream.close()
+    if length is not None and got < length:
+        raise _Truncated(got, length)
     return digest.hexdigest()
 
 
-def download(url: str, dest: Path, md5: str | None = None) -> Path:
-    """Download ``url`` to ``dest``, checking ``md5`` before the file appears under its name."""
+def download(url: str, dest: Path, md5: str | None = None, manual: str | None = None) -> Path:
+    """Download ``url`` to ``dest``, checking ``md5`` before the file appears under its name.
+
+    ``manual`` is the way to get the file by hand, said in every error (default: download
+    ``url`` by hand and put it at ``dest``). A web page served in the file's place, a transfer
+    that stopped early and a wrong md5 each leave nothing behind and say what was received.
+    """
     dest = Path(dest)
-    manual = f"download it by hand and put it at {dest}"
+    manual = manual or f"download {url} by hand and put it at {dest}"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -120,13 +155,10 @@ def download(url: str, dest: Path, md5: str | None = None) -> Path:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            try:
-                got = _stream(url, out, dest.name)
-            except _NETWORK_ERRORS as e:
-                raise MamlrunError(f"could not download {url} ({_one_line(e)}); {manual}") from e
+            got = _fetch(url, out, dest, manual)
         if md5 is not None and got != md5:
             raise MamlrunError(
-                f"{url}: downloaded file has md5 {got}, expected {md5}; discarded, {manual}"
+                f"{url}: downloaded {dest.name} has md5 {got}, expected {md5}; discarded, {manual}"
             )
         tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared dataset from other users
         os.replace(tmp, dest)
@@ -136,9 +168,42 @@ def download(url: str, dest: Path, md5: str | None = None) -> Path:
     return dest
 
 
-def ensure_file(dest: Path, url: str, md5: str | None = None) -> Path:
+def _fetch(url: str, out: BinaryIO, dest: Path, manual: str) -> str:
+    """``_stream``, its failures as one line naming the file, what came and the manual route."""
+    try:
+        return _stream(url, out, dest.name)
+    except _HtmlPage as e:
+        raise MamlrunError(
+            f"{url} sent an HTML page instead of {dest.name} (a login, quota or error page?); "
+            f"nothing was saved; {manual}"
+        ) from e
+    except _Truncated as e:
+        raise MamlrunError(
+            f"{url}: the transfer of {dest.name} stopped after {e.got:,} of {e.length:,} bytes "
+            f"(a truncated archive); nothing was saved; {manual}"
+        ) from e
+    except _NETWORK_ERRORS as e:
+        raise MamlrunError(f"could not download {url} ({_one_line(e)}); {manual}") from e
+
+
+def ensure_file(dest: Path, url: str, md5: str | None = None, manual: str | None = None) -> Path:
     """``dest`` if it exists (its content is the caller's to judge), else download it."""
     dest = Path(dest)
     if dest.is_file():
         return dest
-    return download(url, dest, md5)
+    return download(url, dest, md5, manual)
+
+
+def tar_gz_files(path: Path) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """The files of a ``.tar.gz`` in one forward pass, as (name, read) pairs, never extracted.
+
+    The gzip stream is read to its end and its checksum checked: tarfile alone takes a
+    truncated archive for a shorter one. Raises ``tarfile.TarError``, ``EOFError``,
+    ``zlib.error`` or ``OSError`` for a truncated or corrupt file.
+    """
+    with gzip.open(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                yield member.name, lambda member=member: tar.extractfile(member).read()
+        while stream.read(_CHUNK):
+            pass

@@ -1,5 +1,6 @@
 """Episodic N-way K-shot tasks over any dataset of labelled images, and the preprocessing
-helpers (parallel resize, cache fingerprint, atomic save) such datasets share.
+helpers such datasets share: parallel resize and decode, cache fingerprint, atomic save, the
+published-class check, and a memory-mapped image cache written piece by piece.
 
 A dataset module only has to produce, per split, one uint8 tensor of its images grouped by
 class (``ImageSplit``); ``EpisodicImages`` does the rest and implements the ``TaskSource``
@@ -20,26 +21,35 @@ Why the images are stored the way they are:
   each meta-batch's images to the device, through pinned memory where the device is CUDA so the
   copy is asynchronous. Pinning the whole split would gain nothing, since indexing it makes a
   new tensor anyway, and would lock hundreds of MB of a memory-mapped cache in RAM.
+* **a raw ``.u8`` cache** (``ImageCacheWriter``, ``read_image_cache``) for the datasets added
+  after miniImageNet: the images at byte 0, a JSON header at the end. Unlike ``torch.save``,
+  which needs the whole tensor in memory, it can be filled image batch by image batch as a
+  dataset is decoded (tieredImageNet's 16.5 GB could not be held), and ``torch.from_file``
+  maps it back without reading it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import multiprocessing
 import os
 import tempfile
+import time
 import warnings
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from mamlrun.data.download import is_writable_dir, user_cache_dir
 from mamlrun.data.tasks import SPLITS, TaskBatch, check_split
 from mamlrun.errors import MamlrunError
 
@@ -77,21 +87,36 @@ class ImageSplit:
             )
 
 
+class ChannelMoments:
+    """Running per-channel sums of uint8 ``[n, H, W, C]`` images, in float64, so that a
+    split's statistics can be taken chunk by chunk while it is written, never converted whole."""
+
+    def __init__(self, channels: int) -> None:
+        self.total = torch.zeros(channels, dtype=torch.float64)
+        self.squares = torch.zeros(channels, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, images: torch.Tensor) -> None:
+        part = images.reshape(-1, images.shape[-1]).to(torch.float64)
+        self.total += part.sum(0)
+        self.squares += part.square().sum(0)
+        self.count += part.shape[0]
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """Mean and standard deviation on the [0, 1] scale. A channel that never varies gets
+        std 1/255 (one grey level) rather than a division by zero."""
+        mean = self.total / max(self.count, 1)
+        std = (self.squares / max(self.count, 1) - mean.square()).clamp_min(0).sqrt()
+        return [float(m) / 255 for m in mean], [max(float(s), 1.0) / 255 for s in std]
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 ``[n, H, W, C]`` images, on the [0, 1]
-    scale, accumulated in float64 over chunks so a split is never converted whole. A channel
-    that never varies gets std 1/255 (one grey level) rather than a division by zero."""
-    channels = images.shape[-1]
-    total = torch.zeros(channels, dtype=torch.float64)
-    squares = torch.zeros(channels, dtype=torch.float64)
+    scale, accumulated in float64 over chunks so a split is never converted whole."""
+    moments = ChannelMoments(images.shape[-1])
     for start in range(0, images.shape[0], chunk):
-        part = images[start : start + chunk].reshape(-1, channels).to(torch.float64)
-        total += part.sum(0)
-        squares += part.square().sum(0)
-    count = images.shape[0] * images.shape[1] * images.shape[2]
-    mean = total / count
-    std = (squares / count - mean.square()).clamp_min(0).sqrt()
-    return [float(m) / 255 for m in mean], [max(float(s), 1.0) / 255 for s in std]
+        moments.add(images[start : start + chunk])
+    return moments.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,22 +315,30 @@ def one_line(error: BaseException) -> str:
 
 
 def resize_file(path: str, size: int) -> bytes:
-    """One image as RGB ``size``×``size`` pixels (Lanczos), raw bytes in HWC order.
+    """One image file as RGB ``size``×``size`` pixels (Lanczos), raw bytes in HWC order."""
+    return decode_image(path, size, str(path))
 
-    RGB conversion first because ImageNet holds some greyscale and CMYK JPEGs; Lanczos because
-    the MAML code (and the miniImageNet scripts it used) resized with Pillow's antialiasing
-    filter, which is Lanczos.
+
+def decode_image(source: str | bytes, size: int, where: str) -> bytes:
+    """One image (a path, or the bytes of an encoded PNG/JPEG) as RGB ``size``×``size``
+    pixels, raw bytes in HWC order; ``where`` names it in the error.
+
+    RGB conversion first because ImageNet and CUB hold some greyscale and CMYK JPEGs; Lanczos
+    because the MAML code (and the miniImageNet scripts it used) resized with Pillow's
+    antialiasing filter, which is Lanczos. An image already at ``size`` is not resampled.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()
-            small = image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+            rgb = image.convert("RGB")
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MamlrunError(
-            f"{path}: not a readable image ({one_line(e)}); replace it with the file from your "
+            f"{where}: not a readable image ({one_line(e)}); replace it with the file from your "
             "copy of the dataset"
         ) from e
-    return small.tobytes()
+    return rgb.tobytes()
 
 
 def _resize_chunk(paths: list[str], size: int) -> bytes:
@@ -379,3 +412,267 @@ def load_mapped(path: Path) -> dict | None:
     except Exception as e:  # whatever is wrong with a cache, rebuilding it fixes it
         log.warning("ignoring unreadable cache %s (%s)", path, one_line(e))
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoded images (PNG/JPEG bytes from a pickle or an archive) decoded in order, in bounded memory
+
+
+def _decode_chunk(blobs: list[bytes], size: int, label: str, start: int) -> bytes:
+    return b"".join(
+        decode_image(blob, size, f"{label}, image {start + i}") for i, blob in enumerate(blobs)
+    )
+
+
+class DecodePool:
+    """Decodes batches of encoded images to uint8 ``[n, size, size, 3]`` and hands each to
+    ``deliver(start, pixels)`` in submission order.
+
+    With ``expected`` images or more (a large dataset, not a test fixture) the batches go to
+    forked worker processes, at most two per worker in flight, so a dataset of any size passes
+    through in bounded memory; fewer are decoded in this process. ``label`` names the source
+    in errors (``<file>, image <i>``).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        deliver: Callable[[int, torch.Tensor], None],
+        label: str,
+        expected: int = 0,
+        workers: int | None = None,
+    ) -> None:
+        self.size, self.deliver, self.label = size, deliver, label
+        workers = workers or min(4, os.cpu_count() or 1)
+        parallel = workers > 1 and expected >= _PARALLEL_FROM and "fork" in _start_methods()
+        self._pool = _fork_pool(workers) if parallel else None
+        self._ahead = 2 * workers
+        self._pending: deque[tuple[int, Future]] = deque()
+
+    def submit(self, start: int, blobs: list[bytes]) -> None:
+        if self._pool is None:
+            self._hand_on(start, _decode_chunk(blobs, self.size, self.label, start))
+            return
+        self._pending.append(
+            (start, self._pool.submit(_decode_chunk, blobs, self.size, self.label, start))
+        )
+        while len(self._pending) > self._ahead:
+            self._next()
+
+    def _next(self) -> None:
+        start, future = self._pending.popleft()
+        self._hand_on(start, future.result())
+
+    def _hand_on(self, start: int, pixels: bytes) -> None:
+        tensor = torch.frombuffer(bytearray(pixels), dtype=torch.uint8)
+        self.deliver(start, tensor.view(-1, self.size, self.size, 3))
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            while self._pending and kind is None:
+                self._next()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fork_pool(workers: int) -> ProcessPoolExecutor:
+    """Forked, not spawned, for the reason ``resize_files`` gives."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A cache of uint8 images written piece by piece and read memory-mapped
+#
+# Layout: the images, uint8 [count, H, W, C], from byte 0 (so torch.from_file maps them without
+# an offset), then a JSON header, then its length (8 bytes, little-endian) and a magic number.
+# The header holds the key (what the cache was built from), the shape and the dataset's own
+# fields (classes and counts per split, statistics). Written under a temporary name and renamed
+# once complete, so a reader sees a whole cache or none; an interrupted build leaves nothing.
+
+_MAGIC = b"MAMLU8\x00\x01"
+_TRAILER = 16
+
+
+@dataclass(frozen=True)
+class MappedCache:
+    images: torch.Tensor  # uint8 [count, H, W, C], memory-mapped
+    header: dict
+
+
+class ImageCacheWriter:
+    """Fills a cache of ``count`` images of ``shape`` (H, W, C) at any positions, in any order,
+    without holding them: each ``write`` goes straight to the file. ``commit(header)`` makes it
+    appear under ``path``; leaving the ``with`` block without committing removes it."""
+
+    def __init__(self, path: Path, count: int, shape: Sequence[int]) -> None:
+        self.path, self.count, self.shape = Path(path), count, tuple(shape)
+        self._bytes = math.prod(self.shape)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        except OSError as e:
+            raise self._failed(e) from e
+        self._tmp, self._file = Path(name), os.fdopen(fd, "r+b")
+        self._guard(self._file.truncate, count * self._bytes)
+
+    def write(self, index: int, pixels: torch.Tensor) -> None:
+        """Images ``index .. index + len(pixels) - 1``."""
+        if pixels.dtype != torch.uint8 or tuple(pixels.shape[1:]) != self.shape:
+            raise ValueError(f"expected uint8 [n, {self.shape}], got {pixels.dtype} {pixels.shape}")
+        if index < 0 or index + pixels.shape[0] > self.count:
+            raise IndexError(f"images {index}+{pixels.shape[0]} beyond {self.count}")
+        view = memoryview(pixels.contiguous().numpy()).cast("B")
+        self._guard(_pwrite_all, self._file.fileno(), view, index * self._bytes)
+
+    def commit(self, header: Mapping) -> None:
+        document = {**header, "count": self.count, "shape": list(self.shape)}
+        blob = json.dumps(document).encode()
+        tail = blob + len(blob).to_bytes(8, "little") + _MAGIC
+        self._guard(_pwrite_all, self._file.fileno(), tail, self.count * self._bytes)
+        self._file.close()
+        self._tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        self._guard(os.replace, self._tmp, self.path)
+
+    def _guard(self, call: Callable, *args) -> object:
+        try:
+            return call(*args)
+        except OSError as e:
+            raise self._failed(e) from e
+
+    def _failed(self, error: OSError) -> MamlrunError:
+        return MamlrunError(
+            f"cannot write the cache {self.path} ({one_line(error)}); it needs "
+            f"{self.count * self._bytes / 1e9:.2f} GB there (or set $XDG_CACHE_HOME to a folder "
+            "with room when the data folder is read-only)"
+        )
+
+    def __enter__(self) -> ImageCacheWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def read_image_cache(path: Path, key: Mapping) -> MappedCache | None:
+    """The cache at ``path`` memory-mapped, if it is complete and was built with ``key`` (a
+    JSON-able dict); None otherwise, which means: build it again."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            f.seek(max(size - _TRAILER, 0))
+            trailer = f.read(_TRAILER)
+            if len(trailer) != _TRAILER or trailer[8:] != _MAGIC:
+                return None
+            length = int.from_bytes(trailer[:8], "little")
+            f.seek(size - _TRAILER - length)
+            header = json.loads(f.read(length))
+        if header.get("key") != json.loads(json.dumps(key)):
+            return None
+        shape = tuple(header["shape"])
+        data = header["count"] * math.prod(shape)
+        if data + length + _TRAILER != size:
+            return None
+        flat = torch.from_file(str(path), shared=False, size=data, dtype=torch.uint8)
+        return MappedCache(flat.view(header["count"], *shape), header)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        if path.exists():
+            log.warning("ignoring unreadable cache %s (%s)", path, one_line(e))
+        return None
+
+
+def cache_locations(directory: Path, dataset: str, name: str) -> tuple[Path, Path]:
+    """Beside the raw files, or in the user cache (tagged by folder) if that is read-only."""
+    tag = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
+    stem, dot, suffix = name.partition(".")
+    return directory / name, user_cache_dir() / dataset / f"{stem}-{tag}{dot}{suffix}"
+
+
+def cached_splits(
+    directory: Path, dataset: str, name: str, key: Mapping, build: Callable[[Path], None]
+) -> tuple[dict[str, ImageSplit], dict]:
+    """The splits from the cache ``name`` that matches ``key``, beside the raw files or in the
+    user cache; when there is none, ``build(path)`` writes one (``write_splits`` or an
+    ``ImageCacheWriter``, header from ``splits_header``) where it may. Returns the splits and
+    the cache's header."""
+    primary, fallback = cache_locations(directory, dataset, name)
+    for candidate in (primary, fallback):
+        cache = read_image_cache(candidate, key)
+        if cache is not None:
+            return splits_of(cache, candidate), cache.header
+    target = primary if is_writable_dir(directory) else fallback
+    log.info("building the %s cache %s (once)", dataset, target)
+    start = time.perf_counter()
+    build(target)
+    log.info("built in %.1f s", time.perf_counter() - start)
+    cache = read_image_cache(target, key)
+    if cache is None:
+        raise MamlrunError(f"{target}: the cache just written cannot be read back; delete it")
+    return splits_of(cache, target), cache.header
+
+
+def splits_header(key: Mapping, splits: Mapping[str, ImageSplit | tuple], **fields) -> dict:
+    """The header a cache of ``splits`` (train, val, test, one after another) carries: its key,
+    each split's classes and counts, and the dataset's own ``fields``."""
+    described = {
+        s: {"classes": list(v.classes), "counts": list(v.counts)}
+        if isinstance(v, ImageSplit)
+        else {"classes": list(v[0]), "counts": list(v[1])}
+        for s, v in splits.items()
+    }
+    return {"key": dict(key), "splits": described, **fields}
+
+
+def write_splits(path: Path, key: Mapping, splits: Mapping[str, ImageSplit], **fields) -> None:
+    """A cache of splits held in memory (CIFAR, CUB: a few hundred MB at most)."""
+    total = sum(splits[s].images.shape[0] for s in SPLITS)
+    shape = splits["train"].images.shape[1:]
+    with ImageCacheWriter(path, total, shape) as writer:
+        start = 0
+        for s in SPLITS:
+            writer.write(start, splits[s].images)
+            start += splits[s].images.shape[0]
+        writer.commit(splits_header(key, splits, **fields))
+
+
+def splits_of(cache: MappedCache, where: Path) -> dict[str, ImageSplit]:
+    """The cache's images cut into its splits (views: nothing is read until sampled)."""
+    splits, start = {}, 0
+    for s in SPLITS:
+        meta = cache.header["splits"][s]
+        end = start + sum(meta["counts"])
+        splits[s] = ImageSplit(cache.images[start:end], list(meta["counts"]), list(meta["classes"]))
+        splits[s].check(f"{where} ({s})")
+        start = end
+    return splits
+
+
+def check_classes(
+    where: str, split: str, found: Sequence[str], expected: Sequence[str], benchmark: str
+) -> None:
+    """The classes found must be the split's published ones: the first missing or extra one
+    named, so a wrong file or a mixed-up copy is recognised at once."""
+    present = set(found)
+    missing = [c for c in expected if c not in present]
+    extra = sorted(set(found) - set(expected))
+    if not missing and not extra:
+        return
+    first = f"{missing[0]} is missing" if missing else f"{extra[0]} does not belong to it"
+    raise MamlrunError(
+        f"{where}: not the {split} split of {benchmark} ({len(expected)} classes): "
+        f"{first} ({len(missing)} missing, {len(extra)} extra); check that this is the right file"
+    )

@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import logging
 import os
-import pickle
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,6 +47,8 @@ from mamlrun.data.images import (
     resize_files,
     save_atomic,
 )
+from mamlrun.data.images import check_classes as check_class_set
+from mamlrun.data.pickles import read_pickle
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
@@ -179,74 +179,12 @@ def _first_existing(directory: Path, names: Sequence[str]) -> Path | None:
 
 
 def check_classes(where: str, split: str, found: Sequence[str], expected: Sequence[str]) -> None:
-    """The classes found must be the split's published ones: the first missing or extra one
-    named, so a wrong file or a mixed-up copy is recognised at once."""
-    present = set(found)
-    missing = [c for c in expected if c not in present]
-    extra = sorted(set(found) - set(expected))
-    if not missing and not extra:
-        return
-    first = f"{missing[0]} is missing" if missing else f"{extra[0]} does not belong to it"
-    raise MamlrunError(
-        f"{where}: not the {split} split of Ravi & Larochelle ({len(expected)} classes): "
-        f"{first} ({len(missing)} missing, {len(extra)} extra); check that this is the right file"
-    )
+    """The classes found must be the split's published ones (see ``images.check_classes``)."""
+    check_class_set(where, split, found, expected, "Ravi & Larochelle")
 
 
 # ---------------------------------------------------------------------------------------------
-# Pickles (Ren et al.)
-
-
-class _Refused(pickle.UnpicklingError):
-    """The pickle names something other than what arrays are made of."""
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Builds dicts, lists and numpy arrays and nothing else, so a file from a sharing link
-    cannot run code when it is loaded."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # how protocol 2 writes bytes
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str):
-        legacy = module.replace("numpy._core", "numpy.core")
-        if (legacy, name) not in self.ALLOWED:
-            raise _Refused(f"{module}.{name}")
-        if legacy.startswith("numpy.core") and importlib.util.find_spec("numpy._core"):
-            module = legacy.replace("numpy.core", "numpy._core")  # numpy 2 renamed it
-        return super().find_class(module, name)
-
-
-def read_pickle(path: Path) -> object:
-    """The object in ``path``, or one line saying what is wrong with the file and what to do."""
-    again = "download it again and replace it"
-    try:
-        with open(path, "rb") as f:
-            if f.read(256).lstrip().startswith(b"<"):
-                raise MamlrunError(
-                    f"{path} is an HTML page, not a pickle (Google Drive's download warning "
-                    f"saved in its place?); {again}, e.g. with gdown"
-                )
-            f.seek(0)
-            return _ArrayUnpickler(f, encoding="latin1").load()
-    except MamlrunError:
-        raise
-    except _Refused as e:
-        raise MamlrunError(
-            f"{path} holds objects other than arrays ({e}), which mamlrun does not load (a "
-            f"pickle can run code); use the published file"
-        ) from e
-    except OSError as e:
-        raise MamlrunError(f"{path}: cannot read it ({one_line(e)})") from e
-    except Exception as e:  # any failure to unpickle means the bytes are not the dataset's
-        raise MamlrunError(f"{path} is truncated or corrupt ({one_line(e)}); {again}") from e
+# Pickles (Ren et al.), read by data/pickles.py: arrays only
 
 
 def _load_pickles(paths: dict[str, Path], expected: dict[str, tuple[str, ...]]) -> MiniImageNetData:
