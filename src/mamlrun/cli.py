@@ -30,10 +30,12 @@ COMMANDS: dict[str, str] = {
 #: Commands that read what runs left on disk; they take plain arguments, not Hydra's.
 TOOLS: dict[str, str] = {
     "report": "did these runs reproduce their papers? one row per run against its reference",
+    "data": "prepare or check a dataset: download, verify, cache; what each split holds",
 }
 
 USAGE = f"""usage: mamlrun {{{",".join(COMMANDS)}}} [overrides] [hydra flags]
        mamlrun report DIR [DIR...] [--out DIR]
+       mamlrun data {{prepare,check}} dataset=NAME
 
 Meta-learning experiments (MAML and its family) configured with Hydra.
 
@@ -50,6 +52,7 @@ examples:
   torchrun --standalone --nproc_per_node=2 -m mamlrun.cli train
   mamlrun test checkpoint=outputs/train/<date>/<time>      (a run directory or a .pt file)
   mamlrun report outputs/train                every run against its paper's result
+  mamlrun data prepare dataset=cifarfs        download, verify and cache a dataset
   mamlrun train --help                        a command's options and config groups
   mamlrun train --cfg job                     print the composed config and exit
 
@@ -90,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 
 def _tool(command: str, args: list[str]) -> int:
-    from mamlrun import report
+    from mamlrun import datacmd, report
 
+    tool = {"report": report.main, "data": datacmd.main}[command]
     try:
-        code = report.main(args)
+        code = tool(args)
     except MamlrunError as ex:
         return _error(str(ex))
     return code if code == 0 else _exit(code)

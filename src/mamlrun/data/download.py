@@ -19,6 +19,8 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import BinaryIO
 
@@ -133,6 +135,20 @@ def _stream(url: str, out: BinaryIO, label: str) -> str:
     return digest.hexdigest()
 
 
+#: Off inside ``offline()``: ``mamlrun data check`` verifies what is there and fetches nothing.
+_ALLOWED: ContextVar[bool] = ContextVar("downloads_allowed", default=True)
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    """Within this block a missing file is an error instead of a download."""
+    token = _ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
 def download(url: str, dest: Path, md5: str | None = None, manual: str | None = None) -> Path:
     """Download ``url`` to ``dest``, checking ``md5`` before the file appears under its name.
 
@@ -142,6 +158,8 @@ def download(url: str, dest: Path, md5: str | None = None, manual: str | None = 
     """
     dest = Path(dest)
     manual = manual or f"download {url} by hand and put it at {dest}"
+    if not _ALLOWED.get():
+        raise MamlrunError(f"{dest} is missing (not downloaded by a check); {manual}")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

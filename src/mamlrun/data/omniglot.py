@@ -510,6 +510,8 @@ class OmniglotTasks:
             "image_size": self.image_size,
             "characters": {s: len(c) for s, c in self.characters.items()},
             "classes": {s: len(c) for s, c in self.classes.items()},
+            "images": {s: int(t.shape[0] * t.shape[1]) for s, t in self.images.items()},
+            "input_shape": list(self.input_shape),
             "zip_md5": dict(self.md5),
             "official_zips": self.md5 == OFFICIAL_MD5,
         }
