@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""What the image data layer costs at full size: the sampling share of a ``miniimagenet_5w1s``
+meta-iteration, and peak memory with a full-size miniImageNet and with tieredImageNet-sized
+storage. No real data is needed: the splits are synthetic, in the published formats and sizes.
+
+    OMP_NUM_THREADS=1 python scripts/bench_data.py [--dir DIR] [--iterations 5] [--keep]
+
+1. writes ``DIR/miniimagenet/mini-imagenet-cache-{train,val,test}.pkl`` with the published
+   class names and 600 random 84×84×3 images per class (38,400 / 9,600 / 12,000 images,
+   1.27 GB) unless they are there;
+2. in a fresh process, times ``source.sample`` alone and whole meta-iterations (sample,
+   second-order meta-gradient with the preset's 5 inner steps, Adam step) of the preset, and
+   reports the sampling share and that process's peak RSS;
+3. in another fresh process, builds tieredImageNet-sized storage (448,695 / 124,261 / 206,209
+   images of 84×84×3, 9.5 GB for the training split alone) as memory-mapped sparse files, draws
+   200 meta-batches with ``storage=cpu`` and reports the peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TIERED = {"train": (351, 448_695), "val": (97, 124_261), "test": (160, 206_209)}
+
+
+def write_miniimagenet(root: Path) -> None:
+    from mamlrun.data.miniimagenet import SPLIT_CLASSES
+
+    folder = root / "miniimagenet"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, classes in SPLIT_CLASSES.items():
+        path = folder / f"mini-imagenet-cache-{split}.pkl"
+        if path.is_file():
+            continue
+        images = rng.integers(0, 256, size=(600 * len(classes), 84, 84, 3), dtype=np.uint8)
+        class_dict = {c: list(range(600 * i, 600 * (i + 1))) for i, c in enumerate(classes)}
+        with path.open("wb") as f:
+            pickle.dump({"image_data": images, "class_dict": class_dict}, f, protocol=4)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_parts_mib() -> dict[str, float]:
+    """The resident memory now, split into private (``RssAnon``: what must fit in RAM) and
+    file-backed pages (``RssFile``: memory-mapped data, clean, dropped under pressure)."""
+    parts = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile"):
+            parts[key] = int(value.split()[0]) / 1024
+    return parts
+
+
+def time_miniimagenet(root: Path, iterations: int) -> dict:
+    """Run in a fresh process: build the preset as ``train`` does and time its parts."""
+    from hydra import compose, initialize_config_dir
+
+    from mamlrun import config
+    from mamlrun.components import build
+    from mamlrun.loop import backward
+
+    config.register_schemas()
+    with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+        cfg = compose("train", ["experiment=miniimagenet_5w1s", f"dataset.root={root}",
+                                "meta_optimizer.task_batching=loop", "device=cpu"])  # fmt: skip
+    start = time.perf_counter()
+    parts = build(cfg, torch.device("cpu"), 0)
+    load_s = time.perf_counter() - start
+    generator = torch.Generator().manual_seed(0)
+    source, algo, model = parts.source, parts.algorithm, parts.model
+    optimizer = parts.make_optimizer(model.parameters())
+    for _ in range(3):  # warm-up
+        source.sample("train", cfg.meta_batch_size, generator)
+    start = time.perf_counter()
+    for _ in range(50):
+        source.sample("train", cfg.meta_batch_size, generator)
+    sample_s = (time.perf_counter() - start) / 50
+    start = time.perf_counter()
+    for step in range(iterations):
+        batch = source.sample("train", cfg.meta_batch_size, generator)
+        optimizer.zero_grad()
+        backward(algo.meta_objective(model, batch, source.kind, "loop", step))
+        optimizer.step()
+    iteration_s = (time.perf_counter() - start) / iterations
+    return {"load_s": load_s, "sample_s": sample_s, "iteration_s": iteration_s,
+            "sampling_share": sample_s / iteration_s, "peak_rss_mib": peak_rss_mib(),
+            **rss_parts_mib()}  # fmt: skip
+
+
+def tiered_storage(directory: Path, batches: int = 200) -> dict:
+    """Run in a fresh process: tieredImageNet-sized memory-mapped splits through the layer."""
+    from mamlrun.data.images import EpisodicImages, ImageSplit
+
+    splits = {}
+    for split, (classes, images) in TIERED.items():
+        path = directory / f"tiered_{split}.u8"
+        with path.open("wb") as f:
+            f.truncate(images * 84 * 84 * 3)  # sparse: no disk used, reads as zeros
+        array = np.memmap(path, dtype=np.uint8, mode="r", shape=(images, 84, 84, 3))
+        counts = [images // classes + (i < images % classes) for i in range(classes)]
+        names = [f"{split}_{i}" for i in range(classes)]
+        with warnings.catch_warnings():  # read-only by design: the layer only indexes it
+            warnings.simplefilter("ignore", UserWarning)
+            splits[split] = ImageSplit(torch.from_numpy(array), counts, names)
+    source = EpisodicImages("tiered", splits, 5, 1, 15, "cpu", [0.5] * 3, [0.25] * 3, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(batches):
+        source.sample("train", 4, generator)
+    return {"batches": batches, "sample_s": (time.perf_counter() - start) / batches,
+            "peak_rss_mib": peak_rss_mib(), **rss_parts_mib(),
+            "train_split_gib": TIERED["train"][1] * 84 * 84 * 3 / 2**30}  # fmt: skip
+
+
+def in_child(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_data.py: child {args[0]} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", type=Path, help="where the synthetic data goes (default: temp)")
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--child", choices=["mini", "tiered"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "mini":
+        print(json.dumps(time_miniimagenet(args.dir, args.iterations)))
+        return 0
+    if args.child == "tiered":
+        print(json.dumps(tiered_storage(args.dir)))
+        return 0
+    root = args.dir or Path(tempfile.mkdtemp(prefix="mamlrun-bench-data-"))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, data in {root}")
+    write_miniimagenet(root)
+    mini = in_child("--child", "mini", "--dir", str(root), "--iterations", str(args.iterations))
+    print(f"miniimagenet_5w1s (38,400 training images): load {mini['load_s']:.1f} s, "
+          f"sample {1000 * mini['sample_s']:.1f} ms, meta-iteration {mini['iteration_s']:.2f} s, "
+          f"sampling share {100 * mini['sampling_share']:.2f}%, "
+          f"peak RSS {mini['peak_rss_mib']:.0f} MiB (at the end: private "
+          f"{mini['RssAnon']:.0f} MiB, file-backed {mini['RssFile']:.0f} MiB)")  # fmt: skip
+    tiered = in_child("--child", "tiered", "--dir", str(root))
+    print(
+        f"tieredImageNet-sized storage ({tiered['train_split_gib']:.1f} GiB training split, "
+        f"memory-mapped, storage=cpu): {tiered['batches']} meta-batches of 4 tasks, "
+        f"sample {1000 * tiered['sample_s']:.1f} ms, peak RSS {tiered['peak_rss_mib']:.0f} MiB "
+        f"(at the end: private {tiered['RssAnon']:.0f} MiB, memory-mapped file pages "
+        f"{tiered['RssFile']:.0f} MiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
