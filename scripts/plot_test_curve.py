@@ -91,6 +91,12 @@ def plot(run_dir: Path, out: Path) -> None:
         x = [_iterations(t) for t in points]
         ax.errorbar(x, [t.mean * 100 for t in points], yerr=[t.ci95 * 100 for t in points],
                     marker="o", capsize=3, label=f"best.pt, {steps} inner steps")  # fmt: skip
+    planned = report.read_run(run_dir, run_dir.parent).planned
+    if planned:  # the whole budget on the axis, so a run that stopped short looks it
+        ax.set_xlim(0, planned * 1.03)
+        ax.axvline(
+            planned, color="grey", linestyle=":", label=f"the preset's {planned:,} iterations"
+        )
     ax.set_xlabel("meta-training iterations")
     ax.set_ylabel("test accuracy (%), 95% CI")
     ax.set_title(f"{run_dir.name}: {' or '.join(map(str, tasks))} fixed test tasks per point")

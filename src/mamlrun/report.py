@@ -115,9 +115,7 @@ def read_run(directory: Path, root: Path) -> Row:
     results = _json(directory / "results.json")
     preset, searchpath = _preset_of(directory, results)
     preset_flat = preset_config(preset, searchpath) if preset else None
-    ref = _reference(flat)
-    if ref is None and "reference" not in flat and preset_flat is not None:
-        ref = _reference(preset_flat)  # made before presets carried their reference
+    ref = _reference_or_presets(flat, preset_flat)
     metric = (results or {}).get("metric") or ("accuracy" if ref is None else ref["metric"])
     tests = tests_in(directory, results)
     row = Row(
@@ -179,7 +177,17 @@ def preset_config(name: str, searchpath: tuple[str, ...] = ()) -> dict[str, Any]
 
 def reference_of(directory: Path) -> dict[str, Any] | None:
     """The reference block of a run's config (None without one)."""
-    return _reference(_run_config(directory) or {})
+    preset, searchpath = _preset_of(directory, _json(directory / "results.json"))
+    preset_flat = preset_config(preset, searchpath) if preset else None
+    return _reference_or_presets(_run_config(directory) or {}, preset_flat)
+
+
+def _reference_or_presets(flat: dict[str, Any], preset_flat: dict | None) -> dict | None:
+    """The run's reference; for a run made before presets carried one, its preset's."""
+    ref = _reference(flat)
+    if ref is None and "reference" not in flat and preset_flat is not None:
+        ref = _reference(preset_flat)
+    return ref
 
 
 def _reference(flat: dict[str, Any]) -> dict[str, Any] | None:
