@@ -5,8 +5,9 @@ replace its parameters by differentiable clones, adapt the copy with ``autograd.
 backpropagate that task's query loss. Both run in the same process, interleaved A B A B, after
 a check that they compute the same meta-gradient, so the ratios hold even on a noisy machine.
 
-    python scripts/bench.py                      # CPU, all configs, both orders
+    python scripts/bench.py                      # CPU, the Omniglot-shaped configs, both orders
     python scripts/bench.py --configs 5w1s --orders second --repeats 5 --json bench.json
+    python scripts/bench.py --configs mini-conv4 mini-resnet12 --repeats 1   # miniImageNet-shaped
 
 Peak memory is measured in a fresh subprocess per (engine, config): on CPU the peak growth of
 the bytes malloc has handed out (``heap``, glibc's mallinfo2) and of RSS, on CUDA
@@ -15,6 +16,14 @@ to draw the meta-batch, as a share of (that time + the engine's meta-gradient).
 
 Second-order settings also time ``mamlrun+ckpt``: the per-task loop with inner-loop gradient
 checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory.
+
+``5w1s``, ``5w5s`` and ``20w1s`` are Omniglot-shaped (28×28×1, the paper's conv4 with 64
+filters). ``mini-conv4`` and ``mini-resnet12`` are miniImageNet-shaped (84×84×3, 5-way 1-shot,
+meta-batch 4, 5 inner steps): the paper's conv4 with 32 filters, max-pooling and a flattened
+head, and MetaOptNet's ResNet-12 (64-160-320-640). The reference clones any module, so it
+runs ResNet-12 too. Their float64 equality check runs on one task with 2 query images per class
+(the engines' agreement does not depend on the batch size, and float64 ResNet-12 on the full
+meta-batch would take longer than the timing itself).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -41,6 +50,7 @@ from mamlrun.algorithms.maml import MAML
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.loop import backward
 from mamlrun.models.conv4 import conv4
+from mamlrun.models.resnet12 import resnet12
 
 
 @dataclass(frozen=True)
@@ -51,22 +61,48 @@ class Setting:
     meta_batch: int
     inner_steps: int
     inner_lr: float
+    model: str = "conv4-64"  # a key of MODELS
+    image: tuple[int, int, int] = (1, 28, 28)
+    #: float64 equality check on one task with this many query images per class (None: the
+    #: timed batch itself)
+    check_query: int | None = None
 
 
+MINI = (3, 84, 84)
 SETTINGS = {
     "5w1s": Setting("5w1s", 5, 1, 32, 1, 0.4),
     "5w5s": Setting("5w5s", 5, 5, 32, 1, 0.4),
     "20w1s": Setting("20w1s", 20, 1, 16, 5, 0.1),
+    "mini-conv4": Setting("mini-conv4", 5, 1, 4, 5, 0.01, "conv4-32", MINI, check_query=2),
+    "mini-resnet12": Setting("mini-resnet12", 5, 1, 4, 5, 0.01, "resnet12", MINI, check_query=2),
+}
+#: The settings ``python scripts/bench.py`` runs without ``--configs`` (the issue-4 targets).
+DEFAULT_CONFIGS = ["5w1s", "5w5s", "20w1s"]
+
+#: Backbones by name: the MAML paper's conv4 for Omniglot (64 filters, strided) and for
+#: miniImageNet (32 filters, max-pooling, flattened head), MetaOptNet's ResNet-12, and a
+#: ResNet-12 of half TADAM's widths for quick checks on a CPU.
+MODELS = {
+    "conv4-64": lambda shape, ways: conv4(shape, ways),
+    "conv4-32": lambda shape, ways: conv4(
+        shape, ways, filters=32, downsample="max_pool", head="flatten"
+    ),
+    "resnet12": lambda shape, ways: resnet12(shape, ways),
+    "resnet12-small": lambda shape, ways: resnet12(shape, ways, widths=(32, 64, 128, 256)),
 }
 
 
+def build_model(s: Setting, device: torch.device) -> nn.Module:
+    return MODELS[s.model](s.image, s.ways).to(device)
+
+
 def make_batch(s: Setting, query: int, device: torch.device, seed: int = 0) -> TaskBatch:
-    """Omniglot-shaped random tasks (28×28, one channel); the data do not change the cost."""
+    """Random tasks of the setting's image shape; the data do not change the cost."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def images(per_class: int) -> torch.Tensor:
         n = s.ways * per_class
-        return torch.rand(s.meta_batch, n, 1, 28, 28, generator=g, device=device)
+        return torch.rand(s.meta_batch, n, *s.image, generator=g, device=device)
 
     def labels(per_class: int) -> torch.Tensor:
         y = torch.arange(s.ways, device=device).repeat_interleave(per_class)
@@ -93,7 +129,9 @@ def _clone(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model)
     originals = dict(model.named_parameters())
     for name, module in clone.named_modules():
-        for key in list(module._parameters):
+        for key, value in list(module._parameters.items()):
+            if value is None:  # a layer without it (ResNet-12's bias-free convolutions)
+                continue
             full = f"{name}.{key}" if name else key
             del module._parameters[key]
             setattr(module, key, originals[full].clone())  # differentiable w.r.t. the original
@@ -177,7 +215,7 @@ def count_flops(fn) -> float:
 
 def bench_setting(s, first_order, query, device, repeats):
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), s.ways).to(device)
+    model = build_model(s, device)
     batch = make_batch(s, query, device)
     algo = make_algo(s, first_order)
 
@@ -192,21 +230,7 @@ def bench_setting(s, first_order, query, device, repeats):
         batching[name] = chosen if mode == "chosen" else mode
         engines[name] = mamlrun_step(make_algo(s, first_order, checkpoint), batching[name])
 
-    # Same meta-gradient first, in float64 so that float32 rounding (amplified by the large
-    # inner steps) cannot hide or fake a difference.
-    model64, batch64 = (
-        copy.deepcopy(model).double(),
-        TaskBatch(*(t.double() if t.is_floating_point() else t for t in batch)),
-    )
-    grads = {}
-    for name, fn in engines.items():
-        model64.zero_grad(set_to_none=True)
-        fn(model64, batch64, s, first_order)
-        grads[name] = flat_grad(model64)
-    ref = grads.pop("reference")
-    rel = max(float((g - ref).norm() / ref.norm()) for g in grads.values())
-    if rel > 1e-8:
-        raise SystemExit(f"{s.name}: meta-gradients differ (relative {rel:.2e}); not timing")
+    rel = same_meta_gradient(engines, model, batch, s, first_order)
 
     seconds = {name: [] for name in engines}
     for _ in range(repeats):  # interleaved A B A B: drift on the machine hits both alike
@@ -229,26 +253,42 @@ def bench_setting(s, first_order, query, device, repeats):
     return rows, rel, batching, probe_seconds
 
 
+def same_meta_gradient(engines, model, batch, s: Setting, first_order: bool) -> float:
+    """The largest relative difference between an engine's meta-gradient and the reference's,
+    in float64 so that float32 rounding (amplified by the large inner steps) cannot hide or
+    fake a difference; stops the benchmark above 1e-8. A setting with ``check_query`` is
+    checked on one task with that many query images per class instead of the timed batch."""
+    if s.check_query is not None:
+        s = replace(s, meta_batch=1)
+        batch = make_batch(s, s.check_query, batch.x_support.device)
+    model64, batch64 = (
+        copy.deepcopy(model).double(),
+        TaskBatch(*(t.double() if t.is_floating_point() else t for t in batch)),
+    )
+    grads = {}
+    for name, fn in engines.items():
+        model64.zero_grad(set_to_none=True)
+        fn(model64, batch64, s, first_order)
+        grads[name] = flat_grad(model64)
+    ref = grads.pop("reference")
+    rel = max(float((g - ref).norm() / ref.norm()) for g in grads.values())
+    if rel > 1e-8:
+        raise SystemExit(f"{s.name}: meta-gradients differ (relative {rel:.2e}); not timing")
+    return rel
+
+
 def sampling_seconds(s: Setting, query: int, device: torch.device, repeats: int) -> float:
-    """Median time for mamlrun's ``OmniglotTasks`` to draw one meta-batch of this setting.
+    """Median time for mamlrun's task source to draw one meta-batch of this setting.
 
-    The task source is built on a synthetic stand-in of the preprocessed dataset (1,623
-    characters × 20 drawings, random pixels) so that no download is needed: sampling is
-    indexing, whose cost depends on the shapes only.
+    Omniglot-shaped settings use ``OmniglotTasks`` on a synthetic stand-in of the preprocessed
+    dataset (1,623 characters × 20 drawings, random pixels), miniImageNet-shaped ones
+    ``EpisodicImages`` on random uint8 images (64 training classes of 20 images), so that no
+    download is needed: sampling is indexing, whose cost depends on the shapes only.
     """
-    from mamlrun.data import omniglot
-
-    characters = 964 + 659
-    names = [f"A{i // 20:03d}/character{i % 20 + 1:02d}" for i in range(characters)]
-    sources = [omniglot.SETS[0]] * 964 + [omniglot.SETS[1]] * 659
-    images = torch.randint(0, 256, (characters, omniglot.DRAWINGS, 28, 28), dtype=torch.uint8)
-    data = omniglot.OmniglotData(images, names, sources, {})
-    original = omniglot.load_omniglot
-    omniglot.load_omniglot = lambda root, image_size: data
-    try:
-        tasks = omniglot.OmniglotTasks(ways=s.ways, shots=s.shots, query=query, device=device)
-    finally:
-        omniglot.load_omniglot = original
+    if s.image != (1, 28, 28):
+        tasks = _episodic_stand_in(s, query, device)
+    else:
+        tasks = _omniglot_stand_in(s, query, device)
     g = torch.Generator(device=device).manual_seed(0)
     tasks.sample("train", s.meta_batch, g)
     times = []
@@ -259,6 +299,38 @@ def sampling_seconds(s: Setting, query: int, device: torch.device, repeats: int)
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _episodic_stand_in(s: Setting, query: int, device: torch.device):
+    from mamlrun.data.images import EpisodicImages, ImageSplit
+
+    channels, height, width = s.image
+    per_class = max(20, s.shots + query)
+
+    def split(classes: int) -> ImageSplit:
+        shape = (classes * per_class, height, width, channels)
+        images = torch.randint(0, 256, shape, dtype=torch.uint8)
+        return ImageSplit(images, [per_class] * classes, [f"c{i}" for i in range(classes)])
+
+    splits = {"train": split(64), "val": split(s.ways), "test": split(s.ways)}
+    mean, std = [0.5] * channels, [0.25] * channels
+    return EpisodicImages("stand-in", splits, s.ways, s.shots, query, "device", mean, std, device)
+
+
+def _omniglot_stand_in(s: Setting, query: int, device: torch.device):
+    from mamlrun.data import omniglot
+
+    characters = 964 + 659
+    names = [f"A{i // 20:03d}/character{i % 20 + 1:02d}" for i in range(characters)]
+    sources = [omniglot.SETS[0]] * 964 + [omniglot.SETS[1]] * 659
+    images = torch.randint(0, 256, (characters, omniglot.DRAWINGS, 28, 28), dtype=torch.uint8)
+    data = omniglot.OmniglotData(images, names, sources, {})
+    original = omniglot.load_omniglot
+    omniglot.load_omniglot = lambda root, image_size: data
+    try:
+        return omniglot.OmniglotTasks(ways=s.ways, shots=s.shots, query=query, device=device)
+    finally:
+        omniglot.load_omniglot = original
 
 
 def peak_memory(
@@ -292,7 +364,7 @@ def memory_probe(args) -> None:
     device = torch.device(args.device)
     s = SETTINGS[args.configs[0]]
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), s.ways).to(device)
+    model = build_model(s, device)
     batch = make_batch(s, args.query, device)
     if args.memory_probe == "reference":
         fn = reference_meta_gradient
@@ -310,8 +382,8 @@ def memory_probe(args) -> None:
     else:
         # A cold call for every engine: after a warm-up the CPU allocator keeps freed pages, so
         # a second call's growth says more about allocator reuse than about the engine.
-        base = _rss_mib(), _heap_mib()
-        with _PeakRss() as peak:
+        base = rss_mib(), heap_mib()
+        with PeakMemory() as peak:
             fn(model, batch, s, args.first_order_probe)
         print(peak.mib - base[0], peak.heap - base[1])
 
@@ -325,7 +397,7 @@ class _MallInfo2(ctypes.Structure):
     ]
 
 
-def _heap_mib() -> float:
+def heap_mib() -> float:
     """Bytes malloc has handed out and not got back (glibc's mallinfo2), NaN elsewhere.
 
     RSS also counts what the allocator keeps after a free (fragmentation, a raised mmap
@@ -341,35 +413,85 @@ def _heap_mib() -> float:
     return (info.uordblks + info.hblkhd) / 2**20
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-class _PeakRss:
+class PeakMemory:
     """Highest RSS and malloc'd bytes seen while the block runs (polled every millisecond)."""
 
-    def __enter__(self) -> _PeakRss:
-        self.mib, self.heap, self._stop = _rss_mib(), _heap_mib(), threading.Event()
+    def __enter__(self) -> PeakMemory:
+        self.mib, self.heap, self._stop = rss_mib(), heap_mib(), threading.Event()
+        self.start_heap = self.heap
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
 
     def _poll(self) -> None:
         while not self._stop.wait(0.001):
-            self.mib = max(self.mib, _rss_mib())
-            self.heap = max(self.heap, _heap_mib())
+            self.mib = max(self.mib, rss_mib())
+            self.heap = max(self.heap, heap_mib())
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.mib = max(self.mib, _rss_mib())
-        self.heap = max(self.heap, _heap_mib())
+        self.mib = max(self.mib, rss_mib())
+        self.heap = max(self.heap, heap_mib())
+
+    @property
+    def heap_growth(self) -> float:
+        """MiB of peak malloc'd bytes above those at the start of the block."""
+        return self.heap - self.start_heap
+
+
+def setting_rows(name: str, order: str, args, device: torch.device, peak: float) -> list[dict]:
+    """Time (and measure) every engine on one setting and order; print a line for each."""
+    s, first_order, out = SETTINGS[name], order == "first", []
+    rows, rel, batching, probe = bench_setting(s, first_order, args.query, device, args.repeats)
+    sample_s = sampling_seconds(s, args.query, device, args.repeats)
+    mem = {}
+    if not args.no_memory:
+        for engine in rows:
+            how = "reference" if engine == "reference" else batching[engine]
+            how += "+ckpt" if engine.endswith("+ckpt") else ""
+            mem[engine] = peak_memory(how, name, first_order, args.query, args.device)
+    ref = rows["reference"]
+    for engine, row in rows.items():
+        ratio = row["tasks_per_s"] / ref["tasks_per_s"]
+        rss, heap = mem.get(engine, (float("nan"), float("nan")))
+        heap_ratio = heap / mem["reference"][1] if mem else float("nan")
+        sampling = 100 * sample_s / (row["seconds"] + sample_s)
+        print(
+            f"{name:<14}{order:<8}{engine:<14}{batching[engine]:<9}"
+            f"{row['tasks_per_s']:>9.2f}{ratio:>7.2f}{row['gflops']:>9.1f}"
+            f"{100 * row['gflops'] / peak:>6.0f}%"
+            f"{heap:>9.0f}{heap_ratio:>7.2f}{rss:>8.0f}{sampling:>8.2f}%",
+            flush=True,
+        )
+        out.append(
+            {
+                "config": name,
+                "order": order,
+                "engine": engine,
+                "batching": batching[engine],
+                **row,
+                "ratio": ratio,
+                "peak_heap_mib": heap,
+                "heap_ratio": heap_ratio,
+                "peak_rss_mib": rss,
+                "sampling_seconds": sample_s,
+                "sampling_share": sampling / 100,
+                "grad_rel_diff": rel,
+                "probe_seconds": probe,
+            }
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(SETTINGS))
     parser.add_argument(
         "--orders", nargs="+", default=["second", "first"], choices=["second", "first"]
     )
@@ -391,7 +513,7 @@ def main() -> None:
         f"{torch.__version__}, threads {torch.get_num_threads()}; 2048² matmul {peak:.0f} GFLOP/s"
     )
     header = (
-        f"{'config':<7}{'order':<8}{'engine':<14}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
+        f"{'config':<14}{'order':<8}{'engine':<14}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
         f"{'GFLOP/s':>9}{'%peak':>7}{'heap MiB':>9}{'ratio':>7}{'RSS MiB':>8}{'sample':>9}"
     )
     print(header)
@@ -403,48 +525,8 @@ def main() -> None:
         "rows": [],
     }
     for name in args.configs:
-        s = SETTINGS[name]
         for order in args.orders:
-            first_order = order == "first"
-            rows, rel, batching, probe = bench_setting(
-                s, first_order, args.query, device, args.repeats
-            )
-            sample_s = sampling_seconds(s, args.query, device, args.repeats)
-            mem = {}
-            if not args.no_memory:
-                for engine in rows:
-                    how = "reference" if engine == "reference" else batching[engine]
-                    how += "+ckpt" if engine.endswith("+ckpt") else ""
-                    mem[engine] = peak_memory(how, name, first_order, args.query, args.device)
-            ref = rows["reference"]
-            for engine, row in rows.items():
-                ratio = row["tasks_per_s"] / ref["tasks_per_s"]
-                rss, heap = mem.get(engine, (float("nan"), float("nan")))
-                heap_ratio = heap / mem["reference"][1] if mem else float("nan")
-                sampling = 100 * sample_s / (row["seconds"] + sample_s)
-                print(
-                    f"{name:<7}{order:<8}{engine:<14}{batching[engine]:<9}"
-                    f"{row['tasks_per_s']:>9.2f}{ratio:>7.2f}{row['gflops']:>9.1f}"
-                    f"{100 * row['gflops'] / peak:>6.0f}%"
-                    f"{heap:>9.0f}{heap_ratio:>7.2f}{rss:>8.0f}{sampling:>8.2f}%"
-                )
-                results["rows"].append(
-                    {
-                        "config": name,
-                        "order": order,
-                        "engine": engine,
-                        "batching": batching[engine],
-                        **row,
-                        "ratio": ratio,
-                        "peak_heap_mib": heap,
-                        "heap_ratio": heap_ratio,
-                        "peak_rss_mib": rss,
-                        "sampling_seconds": sample_s,
-                        "sampling_share": sampling / 100,
-                        "grad_rel_diff": rel,
-                        "probe_seconds": probe,
-                    }
-                )
+            results["rows"] += setting_rows(name, order, args, device, peak)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

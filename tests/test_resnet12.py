@@ -116,6 +116,23 @@ def test_loop_and_vmap_batching_give_the_same_meta_gradient():
     assert (loop - vmap).abs().max() < 1e-10
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"learned_inner_lr": "per_layer_per_step", "per_step_bn_weights": True}],
+    ids=["maml", "lslr_bnwb"],
+)
+def test_checkpoint_inner_gives_the_same_meta_gradient(settings):
+    """Inner-loop checkpointing is what lets second-order ResNet-12 fit in memory
+    (docs/PERFORMANCE.md, scripts/memory.py); it must not change what is computed."""
+    model, batch = tiny(), tasks()
+    grads = {}
+    for recompute in (False, True):
+        algo = maml(inner_lr=0.3, inner_steps=3, checkpoint_inner=recompute, **settings)
+        grads[recompute] = gradient(algo, algo.meta_model(model), batch, "loop")
+    assert grads[False].abs().max() > 0
+    assert (grads[True] - grads[False]).norm() / grads[False].norm() < 1e-10
+
+
 def test_anil_adapts_only_the_head_and_meta_learns_the_body():
     algo = maml(inner_lr=0.3, inner_steps=2, adapt_params="head")
     model, batch = tiny(), tasks()

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import config
-from mamlrun.algorithms.base import MEMBERS, Algorithm
+from mamlrun import config, precision
+from mamlrun.algorithms.base import MEMBERS, Algorithm, SupportsPrecision
 from mamlrun.data.tasks import TaskSource
 from mamlrun.errors import MamlrunError
 
@@ -31,11 +31,14 @@ class Components:
     make_scheduler: Callable[[torch.optim.Optimizer], Any]
 
 
-def build(cfg: DictConfig, device: torch.device, seed: int) -> Components:
+def build(
+    cfg: DictConfig, device: torch.device, seed: int, precision_name: str = "fp32"
+) -> Components:
     """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``.
 
     The model is the backbone plus whatever extra meta-parameters the algorithm learns
-    (``algorithm.meta_model``), so optimizer and checkpoints cover those too.
+    (``algorithm.meta_model``), so optimizer and checkpoints cover those too. The algorithm
+    runs its forward passes in ``precision_name`` (``with_precision``).
     """
     torch.manual_seed(seed)
     source = config.instantiate(cfg.dataset, device=device)
@@ -49,9 +52,24 @@ def build(cfg: DictConfig, device: torch.device, seed: int) -> Components:
             f"meta_optimizer._target_ builds a {type(algorithm).__name__}, which lacks "
             f"{', '.join(sorted(missing))} (see mamlrun.algorithms.base.Algorithm)"
         )
+    algorithm = in_precision(algorithm, precision.choose(precision_name, device))
     model = algorithm.meta_model(backbone)
     scheduler = config.build_scheduler(cfg.meta_optimizer)
     return Components(source, model, algorithm, make_optimizer, scheduler or (lambda _: None))
+
+
+def in_precision(algorithm: Algorithm, chosen: precision.Precision) -> Algorithm:
+    """The algorithm with its forward passes in ``chosen``; ``fp32`` and ``tf32`` need
+    nothing of an algorithm that does not declare ``SupportsPrecision``, ``bf16`` does."""
+    if isinstance(algorithm, SupportsPrecision):
+        return algorithm.with_precision(chosen)
+    if chosen.name == "bf16":
+        raise MamlrunError(
+            f"precision=bf16 needs an algorithm that can run its forward passes in it; "
+            f"{type(algorithm).__name__} has no with_precision "
+            "(see mamlrun.algorithms.base.SupportsPrecision): use precision=fp32"
+        )
+    return algorithm
 
 
 def component_config(cfg: DictConfig) -> dict[str, Any]:

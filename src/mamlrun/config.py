@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from mamlrun import precision
 from mamlrun.errors import MamlrunError
 
 #: Parts of ``meta_optimizer`` that configure the outer loop, not the algorithm.
@@ -72,6 +73,7 @@ class TrainConfig:
     meta_optimizer: Any = MISSING
     seed: int = MISSING
     device: str = MISSING
+    precision: str = MISSING  # one of precision.PRECISIONS, checked by ``check``
     iterations: int = MISSING
     meta_batch_size: int = MISSING
     log_every: int = MISSING
@@ -98,6 +100,7 @@ class TestConfig:
     inner_steps: int | None = MISSING  # None: the checkpoint's meta_optimizer.inner_steps_test
     test_seed: int = MISSING
     device: str = MISSING
+    precision: str = MISSING  # of the test's forward passes; the checkpoint's is recorded
     eval_batch_size: int = MISSING
     data_root: str | None = MISSING  # replaces dataset.root of the checkpoint's config
     progress_seconds: float = MISSING
@@ -148,6 +151,8 @@ def check(cfg: DictConfig, schema: type) -> DictConfig:
             raise MamlrunError(f"{name} must be >= 0, got {cfg[name]}")
     if "max_minutes" in cfg and cfg.max_minutes is not None and cfg.max_minutes <= 0:
         raise MamlrunError(f"max_minutes must be positive (or null), got {cfg.max_minutes}")
+    if "precision" in cfg:
+        precision.check(cfg.precision)
     return cfg
 
 

@@ -4,6 +4,9 @@ against the pretrained baseline (``adapt_checkpoint``).
 Both take typed settings (``config.TestConfig``, ``config.AdaptConfig``), so ``train`` calls
 them for its final test directly, and both rebuild dataset, backbone and algorithm from the
 checkpoint's own config: a test cannot silently use settings the model was not trained with.
+The precision is the exception: it is how the numbers are computed, not what was learned, so
+a test runs in its own ``precision`` (fp32 unless told) and records the one the run trained
+with beside it (``trained_precision``).
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class Restored:
     def metric_name(self) -> str:
         return METRIC[self.parts.source.kind][0]
 
+    @property
+    def trained_precision(self) -> str:
+        """The precision the run was trained in (checkpoints from before it existed: fp32)."""
+        return self.saved["config"].get("run", {}).get("precision", "fp32")
+
 
 def checkpoint_path(path: str | Path) -> Path:
     """A checkpoint file, or a run directory, meaning its ``checkpoints/best.pt``."""
@@ -69,7 +77,7 @@ def restore(settings: config.TestConfig) -> Restored:
     if settings.data_root is not None and "root" in components.dataset:
         components.dataset.root = settings.data_root
     components = config.validate(components, config.ComponentsOnly)
-    parts = build(components, device, seed=0)
+    parts = build(components, device, seed=0, precision_name=settings.precision)
     try:
         parts.model.load_state_dict(saved["model"])
     except RuntimeError as ex:
@@ -118,6 +126,8 @@ def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any
         "inner_steps": steps,
         "mean": mean,
         "ci95": ci,
+        "precision": settings.precision,
+        "trained_precision": restored.trained_precision,
         **restored.parts.algorithm.describe(),
         "checkpoint": str(restored.path),
         "trained_steps": restored.saved.get("progress", {}).get("step"),
@@ -144,6 +154,8 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
         "metric": name,
         "test_tasks": settings.test_tasks,
         "test_seed": settings.test_seed,
+        "precision": settings.precision,
+        "trained_precision": restored.trained_precision,
         **_per_step(_curves(restored, settings, steps, "adapt")),
         "baseline": None,
     }
@@ -164,7 +176,8 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
 
 def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
     b = settings.baseline
-    parts = build(restored.components, restored.parts.source.device, seed=b.seed)
+    device = restored.parts.source.device
+    parts = build(restored.components, device, seed=b.seed, precision_name=settings.precision)
     with Progress("baseline", b.steps, every_s=settings.progress_seconds) as bar:
         pretrain_jointly(
             parts.model,

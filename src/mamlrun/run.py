@@ -121,6 +121,7 @@ def _final_settings(
         "test_seed": cfg.test_seed,
         "inner_steps": inner_steps,
         "device": cfg.device,
+        "precision": "fp32",  # as `mamlrun test` (conf/test.yaml): the model, not the arithmetic
         "eval_batch_size": cfg.eval_batch_size,
         "data_root": None,
         "progress_seconds": cfg.progress_seconds,

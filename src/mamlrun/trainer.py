@@ -150,7 +150,7 @@ class Trainer:
                 log.info(f"resume changes {line}")
         else:
             ctx.on_main(lambda: _check_fresh(run_dir))
-        parts = build(cfg, device, cfg.seed)
+        parts = build(cfg, device, cfg.seed, cfg.precision)
         _check_direction(launch.sweep_direction, parts.source.kind)
         state = TrainState(
             parts.model,
@@ -329,6 +329,7 @@ class Trainer:
             "val_tasks": self.cfg.val_tasks,
             "val_inner_steps": self.parts.algorithm.inner_steps_test,
             "task_batching": s.batching,
+            "precision": self.cfg.precision,
             **self.parts.algorithm.describe(),
             "processes": self.ctx.world_size,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
@@ -342,7 +343,7 @@ class Trainer:
         for key in ("test", "reference_test"):
             if results.get(key):
                 finals[f"hparam/{key}_{self.metric_name}"] = results[key]["mean"]
-        run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations")}
+        run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations", "precision")}
         hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
         hparams["preset"] = self.preset or "none"
         if self.cfg.reference is not None:

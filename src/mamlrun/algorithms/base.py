@@ -4,8 +4,9 @@ An algorithm computes; the episode loop (``loop.py``) owns the optimisation step
 is ``meta_objective``: the algorithm yields the outer objective of a meta-batch in parts
 (one per task when tasks run one at a time, so each task's graph is freed before the next is
 built), and the loop backpropagates each part, combines the gradients across processes and
-steps the optimizer and the scheduler. Gradient scaling or mixed precision then touch the
-loop only.
+steps the optimizer and the scheduler. Gradient scaling would then touch the loop only.
+Mixed precision acts on the forward passes, which only the algorithm runs, so an algorithm
+that offers it declares ``SupportsPrecision`` and the runner hands it the run's ``Precision``.
 
 A new algorithm is a class with these members, named by ``_target_`` in a
 ``conf/meta_optimizer/*.yaml``; the runner never reads anything else off it.
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from mamlrun.data.tasks import TaskBatch
+from mamlrun.precision import Precision
 
 
 class Part(NamedTuple):
@@ -81,4 +83,19 @@ class Algorithm(Protocol):
 
     def describe(self) -> dict[str, Any]:
         """Settings worth recording with every result (``results.json``, HParams)."""
+        ...
+
+
+@runtime_checkable
+class SupportsPrecision(Protocol):
+    """An algorithm that can run its forward passes in another precision (``precision=bf16``).
+
+    Optional: an algorithm without it runs ``fp32`` and ``tf32`` (TF32 is a switch of the
+    process, not of the algorithm), and the runner refuses ``bf16`` for it in one line.
+    """
+
+    def with_precision(self, precision: Precision) -> SupportsPrecision:
+        """These settings with every forward pass of the network run in ``precision``
+        (``Precision.forward``), and everything else (parameters, inner-loop gradients and
+        updates, losses, the meta-gradient) float32."""
         ...

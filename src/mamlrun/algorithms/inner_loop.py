@@ -13,9 +13,10 @@ MAML++'s LSLR), per-step batch-norm weights and statistics (``per_step``, MAML++
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
 from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
+from mamlrun.precision import FP32, Precision
 
 TASK_BATCHING = ("auto", "loop", "vmap")
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
@@ -83,6 +85,9 @@ class InnerLoop:
             no longer grows with the steps' graphs, for about one more forward and backward
             of every step. Same meta-gradient. ``loop`` batching only, not with
             ``bn_mode=per_step`` (the recomputation would update the statistics twice).
+        precision: how the network's forward passes run (``precision.Precision``); not a
+            setting of ``meta_optimizer`` but the run's top-level ``precision``, handed over
+            by the runner through ``with_precision``.
     """
 
     inner_lr: float
@@ -98,6 +103,7 @@ class InnerLoop:
     inner_optimizer: str
     adam_betas: tuple[float, float]
     checkpoint_inner: bool
+    precision: Precision = field(default=FP32, init=False)
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0:
@@ -145,6 +151,17 @@ class InnerLoop:
             "bn_mode": self.bn_mode,
             "inner_steps_test": self.inner_steps_test,
         }
+
+    def with_precision(self, precision: Precision) -> InnerLoop:
+        """A copy whose forward passes run in ``precision`` (``base.SupportsPrecision``).
+
+        Every forward pass of the family goes through ``inner_loop``'s ``forward`` (inner
+        steps, query passes, evaluation, their recomputation under ``checkpoint_inner``),
+        so that is the one place it is applied.
+        """
+        changed = copy.copy(self)
+        changed.precision = precision
+        return changed
 
     def meta_model(self, backbone: nn.Module) -> nn.Module:
         """The backbone plus these settings' extra meta-parameters (learned rates, per-step
@@ -227,6 +244,7 @@ class InnerLoop:
         stats = per_name(extras["bn_stats"]) if "bn_stats" in extras else {}
         loss = loss_fn(kind, self.loss_normalization)
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
+        precision = self.precision
 
         def forward_at(meta: Meta, s: int) -> Forward:
             fixed = {k: t for k, t in meta["theta"].items() if k not in adapted}
@@ -234,7 +252,8 @@ class InnerLoop:
             buffers = per_step.at_inner_step(stats, s)
 
             def forward(p: Params, inputs: torch.Tensor) -> torch.Tensor:
-                return functional_call(backbone, ({**params, **p}, buffers), (inputs,))
+                tensors = ({**params, **p}, buffers)
+                return precision.forward(functional_call, backbone, tensors, (inputs,))
 
             return forward
 

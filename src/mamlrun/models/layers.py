@@ -167,8 +167,11 @@ class DropBlock(nn.Module):
         # fraction 1 - keep_prob (Ghiasi et al., eq. 1, for a rectangular map).
         fits = seeds_shape[-2] * seeds_shape[-1]
         gamma = (1.0 - self.keep_prob()) / size**2 * (height * width) / fits
+        # Drawn in at least float32: bfloat16 (precision=bf16's query passes) rounds the
+        # uniform draws so coarsely that ``< gamma`` holds a third more often than gamma.
+        dtype = torch.promote_types(x.dtype, torch.float32)
         try:
-            seeds = torch.rand(seeds_shape, device=x.device, dtype=x.dtype) < gamma
+            seeds = torch.rand(seeds_shape, device=x.device, dtype=dtype) < gamma
         except RuntimeError as ex:
             if "vmap" not in str(ex):
                 raise
