@@ -198,10 +198,12 @@ def _reference(flat: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _steps_done(directory: Path, results: dict | None) -> int | None:
-    if results and "steps" in results:
-        return results["steps"]
+    """The furthest step on disk: a resumed run's last.pt is ahead of the results.json its
+    previous segment wrote."""
     saved = _checkpoint(directory)
-    return saved["progress"]["step"] if saved else None
+    found = [(results or {}).get("steps"), saved["progress"]["step"] if saved else None]
+    steps = [v for v in found if v is not None]
+    return max(steps) if steps else None
 
 
 def tests_in(directory: Path, results: dict | None = None) -> list[Test]:
