@@ -292,6 +292,7 @@ def run_preset(tmp_path, preset: str, root):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_training_the_cifar_fs_preset_from_the_archive_writes_results(tmp_path):
     write_cifar_archive(tmp_path / "data")
     out = run_preset(tmp_path, "cifarfs_5w1s", tmp_path / "data")

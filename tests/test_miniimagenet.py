@@ -447,6 +447,7 @@ def test_dataset_miniimagenet_alone_trains_the_maml_papers_1_shot_setup():
     assert five_shot.reference.value == 0.6311 and "Table 2" in five_shot.reference.source
 
 
+@pytest.mark.slow
 def test_training_the_1_shot_preset_on_a_fixture_root_writes_results(tmp_path):
     write_pickles(tmp_path / "data", classes=SPLIT_CLASSES, per_class=2)
     out = run_cli(

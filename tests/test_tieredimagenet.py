@@ -250,6 +250,7 @@ def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
 # A real run
 
 
+@pytest.mark.slow
 def test_training_the_1_shot_preset_on_a_full_size_fixture_writes_results(tmp_path):
     write_tiered(tmp_path / "data", classes=full_tiered_classes(), per_class=2)
     out = run_cli(

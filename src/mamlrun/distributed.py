@@ -177,5 +177,9 @@ def session(device: torch.device) -> Iterator[tuple[Context, torch.device]]:
     dist.init_process_group(backend, timeout=TIMEOUT)
     try:
         yield Context(rank, world_size, local_rank), device
+        # Leave together: a rank that tore its group down while rank 0 was still writing the
+        # results sometimes died in gloo's teardown (SIGABRT, "terminate called without an
+        # active exception"), failing a run whose work was done.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
