@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import random
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -56,6 +55,7 @@ from mamlrun.data.download import (
     resolve_root,
     user_cache_dir,
 )
+from mamlrun.data.images import save_atomic
 from mamlrun.data.tasks import SPLITS, TaskBatch, check_split
 from mamlrun.errors import MamlrunError
 
@@ -264,21 +264,7 @@ def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
         "sources": data.sources,
         "md5": data.md5,
     }
-    tmp: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        tmp = Path(tmp_name)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-        return True
-    except OSError as e:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        log.warning("could not write cache %s (%s)", path, _one_line(e))
-        return False
+    return save_atomic(path, blob)
 
 
 def ensure_zips(directory: Path) -> dict[str, Path]:
