@@ -43,6 +43,19 @@ def cli(tmp_path):
     return call
 
 
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Spy on ``module.name``: each call appends to the returned list, and still runs."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def compose_train(*overrides: str):
     """The `train` config as the CLI composes it, with these overrides."""
     from hydra import compose, initialize_config_dir

@@ -17,7 +17,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import count_calls, run_cli
 from image_fixtures import SPLITS, py2_pickle, write_cifar_archive, write_cifar_pickles
 from test_miniimagenet import colour, one_line_error
 
@@ -49,15 +49,8 @@ def private_cache(monkeypatch, tmp_path):
 
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = cifar.read_archive
-
-    def read(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cifar, "read_archive", read)
-    return calls
+    """Each call of the expensive build (which still runs)."""
+    return count_calls(monkeypatch, cifar, "read_archive")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import count_calls, run_cli
 from image_fixtures import SPLITS, write_cub_archive, write_cub_folder
 from test_miniimagenet import colour, one_line_error
 
@@ -54,15 +54,8 @@ def per_species(c: int) -> int:
 
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = cub.write_splits
-
-    def write(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cub, "write_splits", write)
-    return calls
+    """Each call of the expensive build (which still runs)."""
+    return count_calls(monkeypatch, cub, "write_splits")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, run_cli
+from conftest import compose_train, count_calls, run_cli
 from PIL import Image
 
 from mamlrun.data import miniimagenet
@@ -197,15 +197,8 @@ def test_ravi_layout_is_resized_to_84x84_with_the_same_classes_as_the_pickles(tm
 
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real_build = miniimagenet.build_ravi
-
-    def build(*args, **kwargs):
-        calls.append(1)
-        return real_build(*args, **kwargs)
-
-    monkeypatch.setattr(miniimagenet, "build_ravi", build)
-    return calls
+    """Each call of the expensive build (which still runs)."""
+    return count_calls(monkeypatch, miniimagenet, "build_ravi")
 
 
 def test_ravi_cache_is_written_beside_the_raw_files_and_reused_memory_mapped(

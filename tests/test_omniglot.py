@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import count_calls
 from omniglot_fixtures import (
     SMALL_COUNTS,
     STROKE_BOX,
@@ -59,16 +60,8 @@ def small_root(tmp_path, small_counts) -> Path:
 
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
-    """Record each call of the expensive build (and still run it)."""
-    calls: list[int] = []
-    real_build = omniglot.build_omniglot
-
-    def build(*args, **kwargs):
-        calls.append(1)
-        return real_build(*args, **kwargs)
-
-    monkeypatch.setattr(omniglot, "build_omniglot", build)
-    return calls
+    """Each call of the expensive build (which still runs)."""
+    return count_calls(monkeypatch, omniglot, "build_omniglot")
 
 
 def forbid_builds(monkeypatch) -> None:

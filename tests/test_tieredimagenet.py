@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import count_calls, run_cli
 from image_fixtures import (
     SPLITS,
     TIERED_SMALL,
@@ -44,15 +44,8 @@ def load(root: Path, **kwargs):
 
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    real = tieredimagenet.build_cache
-
-    def build(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tieredimagenet, "build_cache", build)
-    return calls
+    """Each call of the expensive build (which still runs)."""
+    return count_calls(monkeypatch, tieredimagenet, "build_cache")
 
 
 def test_split_sizes_are_ren_et_als_351_97_160_classes_from_20_6_8_categories():
