@@ -248,3 +248,16 @@ def test_a_run_made_before_presets_had_references_is_compared_with_its_presets(t
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
     row = row_of(run)
     assert row.reference["value"] == 0.987 and row.verdict == reference.INSIDE
+
+
+def test_a_training_sweep_ends_with_the_report_grouped_over_seeds(tmp_path, capsys):
+    from mamlrun import sweep
+
+    for seed, mean in [(0, 0.985), (1, 0.989)]:
+        fake_run(tmp_path / str(seed), "omniglot_5w1s", f"seed={seed}",
+                 tests=[("test_3steps", mean, 0.005, 3, 60000)])  # fmt: skip
+    sweep._report(tmp_path)
+    out = capsys.readouterr().out
+    assert "against the papers (mamlrun report):" in out and "Grouped over seeds" in out
+    assert "| omniglot_5w1s | 0, 1 | 98.7 ± 2.5% |" in out  # t-interval over the two seeds
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.csv").is_file()
