@@ -63,7 +63,7 @@ def finite_difference_gradient(model, batch, steps: int, eps=1e-6) -> torch.Tens
 
 
 @pytest.mark.parametrize("steps", [1, 2])
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", "threads", "vmap", "vmap:2"])
 def test_second_order_meta_gradient_matches_finite_differences(problem, batching, steps):
     model, batch = problem
     exact = engine_gradient(model, batch, batching, steps=steps)
@@ -73,11 +73,14 @@ def test_second_order_meta_gradient_matches_finite_differences(problem, batching
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_batched_and_per_task_paths_give_the_same_meta_gradient(problem, first_order):
+@pytest.mark.parametrize("batching", ["threads", "vmap", "vmap:2"])
+def test_batched_threaded_and_per_task_paths_give_the_same_meta_gradient(
+    problem, first_order, batching
+):
     model, batch = problem
     loop = engine_gradient(model, batch, "loop", first_order)
-    vmap = engine_gradient(model, batch, "vmap", first_order)
-    assert (loop - vmap).abs().max() < 1e-6
+    other = engine_gradient(model, batch, batching, first_order)
+    assert (loop - other).abs().max() < 1e-12
 
 
 def test_first_order_is_the_query_gradient_at_the_adapted_parameters(problem):
@@ -101,7 +104,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(problem):
     assert (first - second).norm() / second.norm() > 1e-3, "first order should drop a real term"
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", "threads", "vmap", "vmap:2"])
 def test_evaluation_reports_the_query_loss_after_each_inner_step(problem, batching):
     model, batch = problem
     algo = maml(inner_lr=ALPHA, inner_steps=1)

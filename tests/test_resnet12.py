@@ -232,14 +232,16 @@ def test_keep_probability_ramps_linearly_with_the_training_step_it_is_told():
 def test_drop_block_in_training_needs_loop_batching_and_auto_finds_it():
     model, batch = tiny(size=32, drop_block=True), tasks(size=32)
     algo = maml(inner_lr=0.3)
-    with pytest.raises(MamlrunError, match="task_batching=loop"):
-        gradient(algo, model, batch, "vmap")
+    for mode in ("vmap", "threads"):  # vmap cannot batch the draws; threads would reorder them
+        with pytest.raises(MamlrunError, match="task_batching=loop"):
+            gradient(algo, model, batch, mode)
 
     def one_step(mode: str) -> None:
         gradient(algo, model, batch, mode)
 
-    chosen, seconds = batching.choose(("loop", "vmap"), one_step, torch.device("cpu"), repeats=1)
-    assert chosen == "loop" and seconds["vmap"] == float("inf")
+    modes = ("loop", "threads", "vmap")
+    chosen, seconds = batching.choose(modes, one_step, torch.device("cpu"), repeats=1)
+    assert chosen == "loop" and seconds["vmap"] == seconds["threads"] == float("inf")
 
 
 def test_recomputed_inner_steps_draw_the_same_drop_block_masks():

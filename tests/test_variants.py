@@ -457,15 +457,16 @@ VMAP_VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VMAP_VARIANTS))
 @pytest.mark.parametrize("step", [1, 5])
-def test_loop_and_vmap_paths_agree(variant, step):
+@pytest.mark.parametrize("batching", ["threads", "vmap", "vmap:2"])
+def test_per_task_threaded_and_batched_paths_agree(variant, step, batching):
     algo = VMAP_VARIANTS[variant]()
     model, batch = tiny_conv4(algo), image_batch(tasks=3)
     loop = engine_gradient(algo, model, batch, "classification", "loop", step=step)
-    vmap = engine_gradient(algo, model, batch, "classification", "vmap", step=step)
-    assert (loop - vmap).abs().max() < 1e-10
+    other = engine_gradient(algo, model, batch, "classification", batching, step=step)
+    assert (loop - other).abs().max() < 1e-10
     curves_loop = algo.evaluate(model, batch, "classification", 3, "loop")
-    curves_vmap = algo.evaluate(model, batch, "classification", 3, "vmap")
-    for a, b in zip(curves_loop, curves_vmap, strict=True):
+    curves_other = algo.evaluate(model, batch, "classification", 3, batching)
+    for a, b in zip(curves_loop, curves_other, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
 

@@ -184,7 +184,8 @@ class Trainer:
                 finally:
                     model.zero_grad(set_to_none=True)
 
-            return task_batching.choose(algorithm.batching_modes, one_step, source.device)
+            modes = task_batching.candidates(algorithm.batching_modes, share, source.device)
+            return task_batching.choose(modes, one_step, source.device)
 
         chosen, seconds = self.ctx.on_main(probe)
         timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())

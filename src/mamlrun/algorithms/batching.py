@@ -1,47 +1,146 @@
-"""How the tasks of a meta-batch run: one at a time (``loop``) or together (``vmap``).
+"""How the tasks of a meta-batch run: one at a time (``loop``), one at a time on each of
+several threads (``threads``), or together (``vmap``, or ``vmap:C`` in chunks of C tasks).
 
 ``map_tasks`` is the one place the switch is written. Which mode is faster depends on the
-model and the device together (``vmap`` is ~9× faster for the sinusoid MLP on a CPU but ~2.3×
-slower for conv4 on the same CPU, shared/MEASUREMENTS.md, and expected to win on a GPU), so
-``auto`` times both on the actual workload (``choose``) instead of guessing.
+model, the task shape and the device together (``vmap`` is ~9× faster for the sinusoid MLP on
+a CPU but slower for conv4 with many query images on the same CPU, shared/MEASUREMENTS.md,
+and expected to win on a GPU), so ``auto`` times the candidates on the actual workload
+(``choose``) instead of guessing.
+
+Why ``threads`` exists: the small convolutions of one task do not keep several cores busy
+(intra-op parallelism splits each small operation, and most of them are too small to split
+well), so on a CPU running whole tasks side by side, one intra-op thread each, does more with
+the same cores. Each worker gets its own copy of the module structure (``functional_call``
+swaps a module's attributes, so one module cannot serve two threads at once), and every task
+is computed with one intra-op thread on whichever worker runs it, with the outputs returned in
+task order: the result is the same whatever the number of workers, and the same on every run.
+
+Why ``vmap:C``: ``vmap`` over a whole meta-batch turns every convolution with per-task weights
+into one grouped convolution over all tasks, whose CPU kernels are slow for many groups and
+large batches; chunks keep the batching (the first step's shared weights still make one
+ordinary convolution per chunk) at a size the kernels handle well, and bound the memory
+(a chunk's graph is freed before the next is built).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+from torch import nn
 
 from mamlrun.data.tasks import TaskBatch
+from mamlrun.models.layers import task_thread
 
-MODES = ("loop", "vmap")
+#: The ways of running tasks; ``vmap`` also takes a chunk size, ``vmap:C``.
+MODES = ("loop", "threads", "vmap")
+#: Per-task function: ``fn(shared, x_support, y_support, x_query, y_query) -> outputs``.
+TaskFn = Callable[..., Any]
 
 
-def map_tasks(fn: Callable[..., Any], shared: Any, batch: TaskBatch, mode: str) -> Any:
+def parse(mode: str) -> tuple[str, int | None]:
+    """``("vmap", 8)`` for ``vmap:8``, ``(mode, None)`` otherwise; ValueError if unknown."""
+    kind, _, chunk = mode.partition(":")
+    if kind not in MODES or (chunk and (kind != "vmap" or not chunk.isdigit() or int(chunk) < 1)):
+        raise ValueError(
+            f"unknown task batching {mode!r} (one of {', '.join(MODES)}, or vmap:C for chunks "
+            "of C tasks)"
+        )
+    return kind, int(chunk) if chunk else None
+
+
+def chunks(batch: TaskBatch, size: int | None) -> list[TaskBatch]:
+    """The meta-batch cut into consecutive meta-batches of ``size`` tasks (the last one may
+    be smaller); the whole batch for ``size=None``."""
+    n = batch.num_tasks
+    size = size or n
+    return [TaskBatch(*(t[a : a + size] for t in batch)) for a in range(0, n, size)]
+
+
+def map_tasks(
+    make_fn: Callable[[nn.Module], TaskFn], model: nn.Module, shared: Any, batch: TaskBatch,
+    mode: str,
+) -> Any:  # fmt: skip
     """``fn(shared, x_support, y_support, x_query, y_query)`` for every task of ``batch``,
-    outputs stacked over tasks (any tree of tensors).
+    outputs stacked over tasks (any tree of tensors), where ``fn = make_fn(model)``.
 
     ``shared`` (the meta-parameters) is the same for every task; ``vmap`` batches the rest.
+    ``make_fn`` rather than ``fn``, because ``threads`` needs one per worker, each from its own
+    copy of ``model``.
     """
-    if mode == "vmap":
-        return torch.func.vmap(fn, in_dims=(None, 0, 0, 0, 0))(shared, *batch)
-    if mode != "loop":
-        raise ValueError(f"unknown task batching {mode!r}")
-    outputs = [fn(shared, *task) for task in zip(*batch, strict=True)]
-    return _stack(outputs)
+    kind, chunk = parse(mode)
+    if kind == "vmap":
+        batched = torch.func.vmap(make_fn(model), in_dims=(None, 0, 0, 0, 0))
+        parts = [batched(shared, *part) for part in chunks(batch, chunk)]
+        return parts[0] if len(parts) == 1 else _tree(torch.cat, parts)
+    if kind == "threads":
+        return _tree(torch.stack, in_threads(make_fn, model, shared, batch))
+    fn = make_fn(model)
+    return _tree(torch.stack, [fn(shared, *task) for task in zip(*batch, strict=True)])
 
 
-def _stack(outputs: Sequence[Any]) -> Any:
+def in_threads(
+    make_fn: Callable[[nn.Module], TaskFn], model: nn.Module, shared: Any, batch: TaskBatch
+) -> list[Any]:
+    """Every task's outputs, in task order, computed on ``torch.get_num_threads()`` worker
+    threads with one intra-op thread each (see the module docstring).
+
+    The workers inherit the caller's grad mode (it is per thread in torch); task ``i`` runs
+    on worker ``i mod workers``.
+    """
+    workers = max(1, min(torch.get_num_threads(), batch.num_tasks))
+    fns = [make_fn(copy.deepcopy(model)) for _ in range(workers)]
+    tasks = list(zip(*batch, strict=True))
+    grad_enabled = torch.is_grad_enabled()
+
+    def work(w: int) -> list[Any]:
+        torch.set_num_threads(1)  # this thread's OpenMP team too, before its first operation
+        with torch.set_grad_enabled(grad_enabled), task_thread():
+            return [fns[w](shared, *tasks[i]) for i in range(w, len(tasks), workers)]
+
+    with _one_intra_op_thread(), ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(work, range(workers)))
+    return [done[i % workers][i // workers] for i in range(len(tasks))]
+
+
+@contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tree(combine: Callable, outputs: Sequence[Any]) -> Any:
+    """``combine`` (stack or cat) applied leaf by leaf across ``outputs`` (trees of tensors)."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
-        return torch.stack(list(outputs))
+        return combine(list(outputs))
     if isinstance(first, dict):
-        return {k: _stack([o[k] for o in outputs]) for k in first}
+        return {k: _tree(combine, [o[k] for o in outputs]) for k in first}
     if isinstance(first, tuple | list):
-        return type(first)(_stack(column) for column in zip(*outputs, strict=True))
-    raise TypeError(f"map_tasks cannot stack outputs of type {type(first).__name__}")
+        return type(first)(_tree(combine, column) for column in zip(*outputs, strict=True))
+    raise TypeError(f"map_tasks cannot combine outputs of type {type(first).__name__}")
+
+
+def candidates(modes: Sequence[str], meta_batch: int, device: torch.device) -> list[str]:
+    """What ``auto`` measures: the supported modes, ``threads`` only on a CPU with more than
+    one thread to run on, and ``vmap`` also in chunks of a quarter and an eighth of the
+    meta-batch (at least 2 tasks), the range where its kernels ran best on CPU
+    (docs/PERFORMANCE.md, issue 15)."""
+    parallel = device.type == "cpu" and torch.get_num_threads() > 1
+    out = [m for m in modes if m != "threads" or parallel]
+    if "vmap" in modes:
+        sizes = sorted({meta_batch // 4, meta_batch // 8} - {0, 1}, reverse=True)
+        out += [f"vmap:{c}" for c in sizes if c < meta_batch]
+    return out
 
 
 def choose(

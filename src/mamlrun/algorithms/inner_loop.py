@@ -24,7 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mamlrun.algorithms import learned_lr, per_step, selection
-from mamlrun.algorithms.batching import map_tasks
+from mamlrun.algorithms.batching import map_tasks, parse
 from mamlrun.algorithms.inner import (
     Forward,
     GradFn,
@@ -42,7 +42,6 @@ from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
 from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
 from mamlrun.precision import FP32, Precision
 
-TASK_BATCHING = ("auto", "loop", "vmap")
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
 #: (the task's support or query set), as the original MAML. ``per_step``: running statistics
 #: per inner step, collected while meta-training and used at evaluation (MAML++'s BNRS).
@@ -66,7 +65,8 @@ class InnerLoop:
         inner_steps: inner steps while meta-training.
         inner_steps_test: inner steps at validation and test time (the paper uses more).
         first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
-        task_batching: ``loop``, ``vmap`` or ``auto`` (measure both at start-up).
+        task_batching: ``loop``, ``threads``, ``vmap``, ``vmap:C`` (chunks of C tasks) or
+            ``auto`` (measure them at start-up), see ``batching``.
         loss_normalization: ``mean`` or ``tf_maml`` (see ``metrics.loss_fn``): what the inner
             learning rate is relative to.
         adapt_params: ``all``, ``head`` (ANIL) or a list of parameter-name prefixes: which
@@ -115,7 +115,6 @@ class InnerLoop:
             )
         for name, choices in (
             ("loss_normalization", LOSS_NORMALIZATION),
-            ("task_batching", TASK_BATCHING),
             ("learned_inner_lr", learned_lr.LEARNED_LR),
             ("bn_mode", BN_MODES),
             ("inner_optimizer", INNER_OPTIMIZERS),
@@ -135,15 +134,16 @@ class InnerLoop:
                 "meta_optimizer.checkpoint_inner=true is not possible with bn_mode=per_step: "
                 "recomputing an inner step would update its running statistics a second time"
             )
-        if self.task_batching not in ("auto", *self.batching_modes):
-            raise MamlrunError(self._no_vmap_message())
+        if self.task_batching != "auto":
+            self.check_batching(self.task_batching)
         self.adam_betas = tuple(self.adam_betas)
 
     # ------------------------------------------------------------------ what the runner asks
     @property
     def batching_modes(self) -> tuple[str, ...]:
-        loop_only = self.bn_mode == "per_step" or self.checkpoint_inner
-        return ("loop",) if loop_only else ("loop", "vmap")
+        if self.bn_mode == "per_step":  # statistics updated in place: one module, in order
+            return ("loop",)
+        return ("loop", "threads") if self.checkpoint_inner else ("loop", "threads", "vmap")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -190,24 +190,28 @@ class InnerLoop:
         meta = {
             g: {k: t.detach() for k, t in ts.items()} for g, ts in self.meta_tensors(model).items()
         }
-        if batching == "vmap":
-            adapted = self.inner_loop(model, kind, steps, functional_grad(first_order=True))
-        else:
-            adapted = _without_outer_graph(
-                self.inner_loop(model, kind, steps, autograd_grad(False))
-            )
-        task = scored(adapted, kind, self.loss_normalization, range(steps + 1))
+        batched = parse(batching)[0] == "vmap"
+
+        def task(m: nn.Module):
+            if batched:
+                adapted = self.inner_loop(m, kind, steps, functional_grad(first_order=True))
+            else:
+                adapted = _without_outer_graph(
+                    self.inner_loop(m, kind, steps, autograd_grad(False))
+                )
+            return scored(adapted, kind, self.loss_normalization, range(steps + 1))
+
         with self._evaluation_mode(model), torch.no_grad():
-            _, losses, metrics = map_tasks(task, meta, batch, batching)
+            _, losses, metrics = map_tasks(task, model, meta, batch, batching)
         return losses, metrics
 
     def check_batching(self, batching: str) -> None:
-        if batching not in self.batching_modes:
-            raise MamlrunError(
-                self._no_vmap_message()
-                if batching == "vmap"
-                else f"unknown task batching {batching!r}"
-            )
+        try:
+            how = parse(batching)[0]
+        except ValueError as ex:
+            raise MamlrunError(f"meta_optimizer.task_batching: {ex}") from None
+        if how not in self.batching_modes:
+            raise MamlrunError(self._not_possible(batching))
 
     # ------------------------------------------------------------------ the inner loop
     def meta_tensors(self, model: nn.Module) -> Meta:
@@ -291,16 +295,17 @@ class InnerLoop:
         owned = {f"{layer}.{n}" for layer, m in bn.items() for n, _ in m.named_parameters()}
         return selection.adapted_names(backbone, self.adapt_params, exclude=owned)
 
-    def _no_vmap_message(self) -> str:
-        if self.checkpoint_inner:
+    def _not_possible(self, batching: str) -> str:
+        if self.bn_mode == "per_step":
             return (
-                "meta_optimizer.task_batching=vmap is not possible with checkpoint_inner=true: "
-                "the recomputed inner step is a custom autograd function that vmap cannot "
-                "batch; use loop or auto"
+                f"meta_optimizer.task_batching={batching} is not possible with bn_mode=per_step: "
+                "its running statistics are updated in place, task after task on one module, "
+                "which neither vmap nor threads can do; use loop or auto"
             )
         return (
-            "meta_optimizer.task_batching=vmap is not possible with bn_mode=per_step: its "
-            "running statistics are updated in place, which vmap cannot batch; use loop or auto"
+            f"meta_optimizer.task_batching={batching} is not possible with checkpoint_inner=true: "
+            "the recomputed inner step is a custom autograd function that vmap cannot batch; "
+            "use loop, threads or auto"
         )
 
     @contextmanager

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from mamlrun.algorithms import schedules
 from mamlrun.algorithms.base import Part
-from mamlrun.algorithms.batching import map_tasks
+from mamlrun.algorithms.batching import chunks, map_tasks, parse
 from mamlrun.algorithms.inner import autograd_grad, functional_grad
 from mamlrun.algorithms.inner_loop import InnerLoop, scored
 from mamlrun.data.tasks import TaskBatch
@@ -71,24 +72,78 @@ class MAML(InnerLoop):
             else [0.0] * (self.inner_steps - 1) + [1.0]
         )
         scored_steps = [(s + 1, w) for s, w in enumerate(weights) if w != 0]
+        how, chunk = parse(batching)
+        if how == "vmap":
+            yield from self._batched(model, batch, kind, first_order, scored_steps, chunk)
+        elif how == "threads":
+            yield self._threaded(model, batch, kind, first_order, scored_steps)
+        else:
+            yield from self._looped(model, batch, kind, first_order, scored_steps)
+
+    def _batched(self, model, batch, kind, first_order, scored_steps, chunk) -> Iterator[Part]:
+        """Under ``vmap``, one part per chunk of tasks (the whole meta-batch without one)."""
+        meta, n = self.meta_tensors(model), batch.num_tasks
         steps = [s for s, _ in scored_steps]
-        meta = self.meta_tensors(model)
-        n = batch.num_tasks
 
-        if batching == "vmap":
-            inner = self.inner_loop(model, kind, self.inner_steps, functional_grad(first_order))
-            task = scored(inner, kind, self.loss_normalization, steps)
-            objectives, losses, metrics = map_tasks(task, meta, batch, "vmap")
+        def task(m: nn.Module):
+            inner = self.inner_loop(m, kind, self.inner_steps, functional_grad(first_order))
+            return scored(inner, kind, self.loss_normalization, steps)
+
+        for part in chunks(batch, chunk):
+            objectives, losses, metrics = map_tasks(task, model, meta, part, "vmap")
             w = objectives.new_tensor([w for _, w in scored_steps])
-            yield Part((objectives @ w).mean(), losses[:, -1].mean(), metrics[:, -1].mean(), n)
-            return
+            share = part.num_tasks / n
+            yield Part(
+                (objectives @ w).mean() * share, losses[:, -1].mean(), metrics[:, -1].mean(),
+                part.num_tasks,
+            )  # fmt: skip
 
+    def _task(self, model, kind, first_order, scored_steps):
+        """One task's weighted objective, its last query loss and metric (per-task paths)."""
         checkpoint = self.checkpoint_inner and not first_order
         inner = self.inner_loop(
             model, kind, self.inner_steps, autograd_grad(not first_order), checkpoint
         )
+        steps = [s for s, _ in scored_steps]
         task = scored(inner, kind, self.loss_normalization, steps, fused_query=True)
-        for xs, ys, xq, yq in zip(*batch, strict=True):
+
+        def weighted(meta, xs, ys, xq, yq):
             objectives, losses, metrics = task(meta, xs, ys, xq, yq)
-            weighted = sum(w * o for (_, w), o in zip(scored_steps, objectives, strict=True))
-            yield Part(weighted / n, losses[-1], metrics[-1].detach(), 1)
+            total = sum(w * o for (_, w), o in zip(scored_steps, objectives, strict=True))
+            return total, losses[-1], metrics[-1].detach()
+
+        return weighted
+
+    def _looped(self, model, batch, kind, first_order, scored_steps) -> Iterator[Part]:
+        """One part per task, so the loop can free a task's graph before the next is built."""
+        meta, n = self.meta_tensors(model), batch.num_tasks
+        task = self._task(model, kind, first_order, scored_steps)
+        for xs, ys, xq, yq in zip(*batch, strict=True):
+            objective, loss, metric = task(meta, xs, ys, xq, yq)
+            yield Part(objective / n, loss, metric, 1)
+
+    def _threaded(self, model, batch, kind, first_order, scored_steps) -> Part:
+        """Tasks on worker threads, each returning its meta-gradient (``autograd.grad``: no
+        shared ``.grad`` is touched from two threads); summed in task order, they come back as
+        one part whose objective ``Σ θ·g`` (g held constant) has exactly that gradient."""
+        meta, n = self.meta_tensors(model), batch.num_tasks
+        leaves = [t for group in meta.values() for t in group.values()]
+
+        def task(m: nn.Module):
+            weighted = self._task(m, kind, first_order, scored_steps)
+
+            def gradient(meta, xs, ys, xq, yq):
+                objective, loss, metric = weighted(meta, xs, ys, xq, yq)
+                grads = torch.autograd.grad(objective / n, leaves, allow_unused=True)
+                pairs = zip(leaves, grads, strict=True)
+                return (
+                    [torch.zeros_like(t) if g is None else g for t, g in pairs],
+                    loss.detach(),
+                    metric,
+                )
+
+            return gradient
+
+        grads, losses, metrics = map_tasks(task, model, meta, batch, "threads")
+        objective = sum((t * g.sum(0)).sum() for t, g in zip(leaves, grads, strict=True))
+        return Part(objective, losses.mean(), metrics.mean(), n)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mamlrun.algorithms.base import Part
-from mamlrun.algorithms.batching import map_tasks
+from mamlrun.algorithms.batching import map_tasks, parse
 from mamlrun.algorithms.inner import autograd_grad, functional_grad
 from mamlrun.algorithms.inner_loop import InnerLoop
 from mamlrun.algorithms.meta_parameters import split
@@ -72,22 +72,23 @@ class Reptile(InnerLoop):
         meta = {"theta": {k: p.detach() for k, p in theta.items()}}
         x = torch.cat([batch.x_support, batch.x_query], dim=1)
         y = torch.cat([batch.y_support, batch.y_query], dim=1)
-        grad = functional_grad(True) if batching == "vmap" else autograd_grad(False)
-        task = self._task(model, kind, grad, batching)
+        per_task = parse(batching)[0] != "vmap"
+        grad = autograd_grad(False) if per_task else functional_grad(True)
+        tasks = TaskBatch(x, y, batch.x_query, batch.y_query)
         phis, losses, metrics = map_tasks(
-            task, meta, (x, y, batch.x_query, batch.y_query), batching
+            lambda m: self._task(m, kind, grad, per_task), model, meta, tasks, batching
         )
         with torch.no_grad():
             directions = {k: p.detach() - phis[k].mean(0) for k, p in theta.items()}
         objective = sum((p * directions[k]).sum() for k, p in theta.items())
         yield Part(objective, losses.mean(), metrics.mean(), batch.num_tasks)
 
-    def _task(self, model: nn.Module, kind: str, grad, batching: str):
+    def _task(self, model: nn.Module, kind: str, grad, per_task: bool):
         inner = self.inner_loop(model, kind, self.inner_steps, grad)
         loss, metric = loss_fn(kind, self.loss_normalization), metric_fn(kind)
 
         def task(meta, x, y, xq, yq):
-            if batching == "loop":  # fresh leaves: the inner gradients need θ to require grad
+            if per_task:  # fresh leaves: autograd's inner gradients need θ to require grad
                 meta = {"theta": {k: t.clone().requires_grad_() for k, t in meta["theta"].items()}}
             trajectory, forwards = inner(meta, x, y)
             with torch.no_grad():

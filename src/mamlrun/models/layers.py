@@ -15,6 +15,7 @@ iteration (``meta_objective(..., step)``) and the algorithm passes it on with
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -111,6 +112,19 @@ def tell_training_step(model: nn.Module, step: int | None) -> None:
             module.set_training_step(step)
 
 
+_TASK_THREAD = threading.local()
+
+
+@contextmanager
+def task_thread() -> Iterator[None]:
+    """Marks the current thread as a worker of ``task_batching=threads`` (``batching``)."""
+    _TASK_THREAD.on = True
+    try:
+        yield
+    finally:
+        _TASK_THREAD.on = False
+
+
 class RandomnessUnderVmap(MamlrunError, RuntimeError):
     """A layer drew random numbers under ``vmap``, which cannot batch them. A RuntimeError
     too, so that ``task_batching=auto``'s probe counts vmap as unusable and picks loop."""
@@ -160,6 +174,12 @@ class DropBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if getattr(_TASK_THREAD, "on", False):
+            raise RandomnessUnderVmap(
+                "DropBlock (backbone.drop_block=true) draws its masks from the global generator, "
+                "which task threads would draw from in a varying order: use "
+                "meta_optimizer.task_batching=loop (or auto)"
+            )
         height, width = x.shape[-2:]
         size = min(self.block_size, height, width)
         seeds_shape = (*x.shape[:-2], height - size + 1, width - size + 1)
