@@ -130,8 +130,10 @@ def test_a_run_resumed_with_threads_matches_an_unbroken_one_bit_for_bit(tmp_path
 
 
 def test_a_chunked_vmap_run_is_configured_from_the_command_line(tmp_path):
-    cfg = compose_train("dataset=sinusoid", "meta_optimizer.task_batching=vmap:2",
-                        "iterations=2", "meta_batch_size=3", "val_every=2", "val_tasks=2")  # fmt: skip
+    cfg = compose_train(
+        "dataset=sinusoid", "meta_optimizer.task_batching=vmap:2", "iterations=2",
+        "meta_batch_size=3", "val_every=2", "val_tasks=2",
+    )  # fmt: skip
     assert cfg.meta_optimizer.task_batching == "vmap:2"
     run.train(cfg, run_dir=tmp_path)
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
