@@ -350,11 +350,21 @@ def test_interface_attributes(tasks):
     assert description["characters"] == {"train": 1100, "val": 100, "test": 423}
 
 
+def class_images(tasks: OmniglotTasks, split: str) -> torch.Tensor:
+    """A split's images as the network sees them, float ``[classes, 20, 1, s, s]`` in [0, 1]."""
+    size = tasks.image_size
+    pixels = tasks.splits[split].images.view(-1, 20, size, size, 1).movedim(-1, 2)
+    return pixels.float() / 255
+
+
 def test_each_rotation_of_a_character_is_a_class_of_the_same_split(tasks, fake):
     for split in ("train", "val", "test"):
-        images = tasks.images[split]
-        assert images.shape == (4 * len(tasks.characters[split]), 20, 1, 28, 28)
-        assert images.dtype == torch.float32
+        stored = tasks.splits[split]
+        assert stored.images.shape == (4 * len(tasks.characters[split]) * 20, 28, 28, 1)
+        assert stored.images.dtype == torch.uint8
+        assert stored.counts == [20] * len(tasks.classes[split])
+        assert stored.classes == tasks.classes[split]
+        images = class_images(tasks, split)
         upright = images[0::4]
         for k in (1, 2, 3):
             assert torch.equal(images[k::4], torch.rot90(upright, k, dims=(-2, -1)))
@@ -363,7 +373,7 @@ def test_each_rotation_of_a_character_is_a_class_of_the_same_split(tasks, fake):
         f"{tasks.characters['val'][0]}/rot90",
     ]
     first = fake.names.index(tasks.characters["train"][0])
-    assert torch.equal(tasks.images["train"][0, :, 0], fake.images[first].float() / 255)
+    assert torch.equal(tasks.splits["train"].images[:20, :, :, 0], fake.images[first])
 
 
 def test_without_rotations_each_character_is_one_class(use_fake):
@@ -403,8 +413,8 @@ def trace(images: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_labels_name_the_same_class_in_support_and_query(tasks, split):
     batch = tasks.sample(split, 8, torch.Generator().manual_seed(1))
-    cls_s, draw_s = trace(tasks.images[split], batch.x_support)
-    cls_q, draw_q = trace(tasks.images[split], batch.x_query)
+    cls_s, draw_s = trace(class_images(tasks, split), batch.x_support)
+    cls_q, draw_q = trace(class_images(tasks, split), batch.x_query)
     for b in range(8):
         label_to_class = {}
         for classes, labels in ((cls_s[b], batch.y_support[b]), (cls_q[b], batch.y_query[b])):
@@ -436,6 +446,89 @@ def test_same_generator_seed_gives_the_same_batch(tasks):
     assert not torch.equal(one.x_support, other.x_support)
 
 
+def stored_as_before(fake, split_name, rotations, split, device) -> torch.Tensor:
+    """A split as OmniglotTasks stored it before the shared image layer: float
+    ``[classes, 20, 1, s, s]`` in [0, 1] on the device, class ``4i + k`` being character ``i``
+    rotated ``k`` times."""
+    index = character_splits(fake.names, fake.sources, split_name)[split]
+    characters = fake.images[torch.as_tensor(index)].to(device)
+    turns = range(4) if rotations else range(1)
+    rotated = torch.stack([torch.rot90(characters, k, dims=(-2, -1)) for k in turns], dim=1)
+    return rotated.flatten(0, 1).unsqueeze(2).float().div_(255)
+
+
+def sample_as_before(images, settings, num_tasks, generator) -> tuple[torch.Tensor, ...]:
+    """The task stream as OmniglotTasks drew it before the shared image layer, by ranks of
+    uniform noise. The long reproduction run and the published numbers depend on this stream,
+    so it is the specification, kept here in its original few lines."""
+    ways, shots, query = settings
+
+    def ranks(*shape):
+        noise = torch.rand(*shape, generator=generator, device=images.device)
+        return noise.argsort(dim=-1, stable=True)
+
+    classes = ranks(num_tasks, images.shape[0])[:, :ways]
+    drawings = ranks(num_tasks, ways, images.shape[1])[..., : shots + query]
+    labels = ranks(num_tasks, ways)
+    x = images[classes.unsqueeze(-1), drawings]
+    y = labels.unsqueeze(-1).expand(-1, -1, shots + query)
+    shape = images.shape[-3:]
+    return (
+        x[:, :, :shots].reshape(num_tasks, ways * shots, *shape),
+        y[:, :, :shots].reshape(num_tasks, ways * shots),
+        x[:, :, shots:].reshape(num_tasks, ways * query, *shape),
+        y[:, :, shots:].reshape(num_tasks, ways * query),
+    )
+
+
+needs_cuda = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.mark.parametrize(
+    ("split_name", "rotations", "settings", "device", "storage"),
+    [
+        ("maml", True, (5, 1, 15), "cpu", "device"),
+        ("maml", True, (20, 5, 5), "cpu", "cpu"),
+        ("maml", False, (5, 5, 15), "cpu", "device"),
+        ("background_evaluation", True, (20, 1, 19), "cpu", "device"),
+        pytest.param("maml", True, (5, 1, 15), "cuda", "device", marks=needs_cuda),
+        pytest.param("maml", True, (20, 5, 5), "cuda", "cpu", marks=needs_cuda),
+    ],
+)
+def test_task_stream_is_bitwise_the_one_before_the_shared_image_layer(
+    use_fake, fake, split_name, rotations, settings, device, storage
+):
+    ways, shots, query = settings
+    tasks = OmniglotTasks(
+        ways=ways,
+        shots=shots,
+        query=query,
+        split=split_name,
+        rotations=rotations,
+        device=device,
+        storage=storage,
+    )
+    for split in ("train", "val", "test"):
+        images = stored_as_before(fake, split_name, rotations, split, device)
+        for seed in (0, 1, 2002):
+            ours = torch.Generator(device).manual_seed(seed)
+            before = torch.Generator(device).manual_seed(seed)
+            for num_tasks in (4, 1, 4):  # consecutive batches: the generator advances alike
+                batch = tasks.sample(split, num_tasks, ours)
+                expected = sample_as_before(images, settings, num_tasks, before)
+                for got, want in zip(batch, expected, strict=True):
+                    assert got.dtype == want.dtype and got.device == want.device
+                    assert torch.equal(got, want), f"{split}, seed {seed}"
+
+
+def test_storage_cpu_reaches_the_sampler(use_fake):
+    assert OmniglotTasks(storage="cpu").episodes.storage == "cpu"
+    assert OmniglotTasks().episodes.storage == "device"
+
+
 def test_unknown_sample_split_is_an_error(tasks):
     with pytest.raises(MamlrunError, match="unknown split 'validation'"):
         tasks.sample("validation", 1, torch.Generator())
@@ -450,6 +543,7 @@ def test_unknown_sample_split_is_an_error(tasks):
         ({"shots": 5, "query": 16}, r"K\+Q=21 exceeds the 20 drawings per character"),
         ({"ways": 401}, "401-way tasks need 401 classes but the 'val' split has 400"),
         ({"ways": 101, "rotations": False}, "the 'val' split has 100"),
+        ({"storage": "gpu"}, "omniglot: storage='gpu'; expected one of device, cpu"),
     ],
 )
 def test_impossible_tasks_are_rejected(use_fake, kwargs, message):
@@ -505,7 +599,7 @@ def test_real_data_has_1623_characters_of_20_drawings(real):
 
 
 def test_real_strokes_are_one_and_background_zero(real):
-    images = real["tasks"].images["test"]
+    images = class_images(real["tasks"], "test")
     assert images.min() == 0.0 and images.max() == 1.0
     assert images.mean() < 0.15  # mostly background
     assert (images[..., 0, 0] == 0).float().mean() > 0.99  # corners are background
@@ -539,7 +633,7 @@ def test_real_background_evaluation_sizes(real):
 
 
 def test_real_rotation_classes(real):
-    images = real["tasks"].images["val"]
+    images = class_images(real["tasks"], "val")
     assert torch.equal(images[1::4], torch.rot90(images[0::4], 1, dims=(-2, -1)))
     assert not torch.equal(images[1::4], images[0::4])
 

@@ -55,8 +55,8 @@ from mamlrun.data.download import (
     resolve_root,
     user_cache_dir,
 )
-from mamlrun.data.images import save_atomic
-from mamlrun.data.tasks import SPLITS, TaskBatch, check_split
+from mamlrun.data.images import STORAGE, EpisodicImages, ImageSplit, save_atomic
+from mamlrun.data.tasks import SPLITS, TaskBatch
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -373,7 +373,10 @@ def _background_evaluation_split(
 # Task source
 
 
-def _check_task_shape(ways: int, shots: int, query: int, image_size: int) -> None:
+def _check_settings(
+    ways: int, shots: int, query: int, image_size: int, split: str, storage: str
+) -> None:
+    """One-line errors for impossible settings, before the dataset is loaded."""
     for name, value in (
         ("ways", ways),
         ("shots", shots),
@@ -387,6 +390,12 @@ def _check_task_shape(ways: int, shots: int, query: int, image_size: int) -> Non
             f"omniglot: shots+query K+Q={shots + query} exceeds the {DRAWINGS} drawings per "
             f"character"
         )
+    if split not in SPLIT_NAMES:
+        raise MamlrunError(
+            f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
+        )
+    if storage not in STORAGE:
+        raise MamlrunError(f"omniglot: storage={storage!r}; expected one of {', '.join(STORAGE)}")
 
 
 def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
@@ -397,22 +406,32 @@ def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
         )
 
 
-def _class_images(
-    images: torch.Tensor, index: list[int], turns: range, device: torch.device
-) -> torch.Tensor:
-    """``[classes, 20, 1, s, s]`` floats in [0, 1] on ``device``; class ``len(turns)*i + k`` is
-    character ``index[i]`` rotated ``k`` times by 90° counterclockwise."""
-    characters = images[torch.as_tensor(index, dtype=torch.long)].to(device)
+def _split_images(
+    images: torch.Tensor, index: list[int], turns: range, classes: list[str]
+) -> ImageSplit:
+    """The characters ``index`` as an ``ImageSplit``: uint8 ``[classes * 20, s, s, 1]``, class
+    ``len(turns)*i + k`` being character ``index[i]`` rotated ``k`` times by 90°
+    counterclockwise.
+
+    The rotations are materialised here, in the class order the sampler has always used
+    (character-major, then rotation), because the class index a random draw lands on must name
+    the same images as before for the task stream, and so every published number, to stay
+    bitwise the same.
+    """
+    characters = images[torch.as_tensor(index, dtype=torch.long)]  # [chars, 20, s, s]
     rotated = torch.stack([torch.rot90(characters, k, dims=(-2, -1)) for k in turns], dim=1)
-    return rotated.flatten(0, 1).unsqueeze(2).float().div_(255)
+    size = images.shape[-1]
+    return ImageSplit(rotated.reshape(-1, size, size, 1), [DRAWINGS] * len(classes), classes)
 
 
 class OmniglotTasks:
-    """N-way K-shot Omniglot tasks, each split's images held on ``device`` as one tensor.
+    """N-way K-shot Omniglot tasks: the characters (and their rotations) of each split as an
+    ``ImageSplit``, sampled by the ``EpisodicImages`` every image dataset uses.
 
-    Keeping everything on the device lets ``sample`` build a meta-batch by indexing alone, with
-    no per-image Python work and no host synchronisation, which is what makes small Omniglot
-    tasks fast on a GPU.
+    What is Omniglot's own is the data (zips, cache, splits, rotations as classes) and its
+    description; the storage and the seeded on-device sampling are the shared layer's, with
+    mean 0 and std 1 so that the network sees pixels/255 (strokes 1, background 0) as before.
+    ``storage="cpu"`` keeps the splits in host memory on a GPU run (``EpisodicImages``).
     """
 
     kind = "classification"
@@ -428,12 +447,9 @@ class OmniglotTasks:
         rotations: bool = True,
         image_size: int = 28,
         device: str | torch.device = "cpu",
+        storage: str = "device",
     ) -> None:
-        _check_task_shape(ways, shots, query, image_size)
-        if split not in SPLIT_NAMES:
-            raise MamlrunError(
-                f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
-            )
+        _check_settings(ways, shots, query, image_size, split, storage)
         self.ways, self.shots, self.query = ways, shots, query
         self.split, self.split_seed, self.rotations = split, split_seed, rotations
         self.image_size = image_size
@@ -451,37 +467,27 @@ class OmniglotTasks:
         }
         _check_ways(ways, self.classes)
         self.md5 = data.md5
-        #: ``[classes, 20, 1, size, size]`` floats in [0, 1] per split, in class-index order
-        self.images = {s: _class_images(data.images, index[s], turns, self.device) for s in SPLITS}
+        #: each split's images on the host, uint8 ``[classes * 20, s, s, 1]`` in class order;
+        #: with storage=device the sampler holds its own copy on the device
+        self.splits = {
+            s: _split_images(data.images, index[s], turns, self.classes[s]) for s in SPLITS
+        }
+        self.episodes = EpisodicImages(
+            "omniglot",
+            self.splits,
+            ways,
+            shots,
+            query,
+            storage=storage,
+            mean=[0.0],
+            std=[1.0],
+            device=self.device,
+        )
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        """Draw tasks by indexing: random classes, random distinct drawings, shuffled labels.
-
-        Support and query are ordered by class slot (``[slot0 × K, slot1 × K, ...]``); the
-        labels of the slots are a random permutation per task, so the order carries no
-        information.
-        """
-        check_split(split)
-        if num_tasks < 1:
-            raise MamlrunError(f"omniglot: num_tasks must be positive, got {num_tasks}")
-        images = self.images[split]
-        n, k, kq = self.ways, self.shots, self.shots + self.query
-
-        def ranks(*shape: int) -> torch.Tensor:
-            noise = torch.rand(*shape, generator=generator, device=self.device)
-            return noise.argsort(dim=-1, stable=True)
-
-        classes = ranks(num_tasks, images.shape[0])[:, :n]  # [B, N]
-        drawings = ranks(num_tasks, n, images.shape[1])[..., :kq]  # [B, N, K+Q]
-        labels = ranks(num_tasks, n)  # [B, N]: the label of each class slot
-        x = images[classes.unsqueeze(-1), drawings]  # [B, N, K+Q, 1, s, s]
-        y = labels.unsqueeze(-1).expand(-1, -1, kq)
-        return TaskBatch(
-            x[:, :, :k].reshape(num_tasks, n * k, *self.input_shape),
-            y[:, :, :k].reshape(num_tasks, n * k),
-            x[:, :, k:].reshape(num_tasks, n * self.query, *self.input_shape),
-            y[:, :, k:].reshape(num_tasks, n * self.query),
-        )
+        """Draw tasks by indexing (``EpisodicImages.sample``): random classes, random distinct
+        drawings, shuffled labels; support and query ordered by class slot."""
+        return self.episodes.sample(split, num_tasks, generator)
 
     def describe(self) -> dict:
         """Task shape, split sizes and the zips' md5, enough to tell two runs' data apart."""
@@ -496,7 +502,7 @@ class OmniglotTasks:
             "image_size": self.image_size,
             "characters": {s: len(c) for s, c in self.characters.items()},
             "classes": {s: len(c) for s, c in self.classes.items()},
-            "images": {s: int(t.shape[0] * t.shape[1]) for s, t in self.images.items()},
+            "images": {s: int(stored.images.shape[0]) for s, stored in self.splits.items()},
             "input_shape": list(self.input_shape),
             "zip_md5": dict(self.md5),
             "official_zips": self.md5 == OFFICIAL_MD5,
