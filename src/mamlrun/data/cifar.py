@@ -184,6 +184,7 @@ class CifarData:
     layout: str  # "archive" | "pickle"
     files: list[str]
     stats: tuple[list[float], list[float]] | None = None
+    cache: Path | None = None  # the memory-mapped cache (archive layout)
 
 
 def cifarfs_tasks(
@@ -195,9 +196,14 @@ def cifarfs_tasks(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
+    crop_padding: int = 4,
 ) -> EpisodicImages:
     """The task source ``conf/dataset/cifarfs.yaml`` builds."""
-    return _tasks("cifarfs", root, ways, shots, query, storage, mean, std, device)
+    return _tasks(
+        "cifarfs", root, ways, shots, query, storage, mean, std, device,
+        augment=augment, crop_padding=crop_padding,
+    )  # fmt: skip
 
 
 def fc100_tasks(
@@ -209,18 +215,30 @@ def fc100_tasks(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
+    crop_padding: int = 4,
 ) -> EpisodicImages:
     """The task source ``conf/dataset/fc100.yaml`` builds."""
-    return _tasks("fc100", root, ways, shots, query, storage, mean, std, device)
+    return _tasks(
+        "fc100", root, ways, shots, query, storage, mean, std, device,
+        augment=augment, crop_padding=crop_padding,
+    )  # fmt: skip
 
 
-def _tasks(name, root, ways, shots, query, storage, mean, std, device) -> EpisodicImages:
+def _tasks(
+    name, root, ways, shots, query, storage, mean, std, device, **augmentation
+) -> EpisodicImages:
+    """``augmentation``: ``EpisodicImages``'s ``augment`` and ``crop_padding``."""
     data = load_cifar(name, root)
     stats = data.stats or channel_stats(data.splits["train"].images)
     mean = stats[0] if mean is None else mean
     std = stats[1] if std is None else std
     info = {"layout": data.layout, "files": data.files, "split": name}
-    return EpisodicImages(name, data.splits, ways, shots, query, storage, mean, std, device, info)
+    if data.cache is not None:
+        info["cache"] = str(data.cache)
+    return EpisodicImages(
+        name, data.splits, ways, shots, query, storage, mean, std, device, info, **augmentation
+    )
 
 
 def load_cifar(
@@ -319,9 +337,9 @@ def _from_archive(
         write_splits(target, key, splits, stats=list(stats), files=[archive.name])
 
     name = f"cache_{benchmark.name}_{IMAGE_SIZE}.u8"
-    splits, header = cached_splits(archive.parent, benchmark.name, name, key, build)
-    stats = tuple(header["stats"]) if "stats" in header else None
-    return CifarData(splits, "archive", [archive.name], stats)
+    cached = cached_splits(archive.parent, benchmark.name, name, key, build)
+    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
+    return CifarData(cached.splits, "archive", [archive.name], stats, cached.path)
 
 
 def read_archive(path: Path, manual: str) -> tuple[torch.Tensor, np.ndarray]:

@@ -42,6 +42,7 @@ from mamlrun.data.download import (
     tar_gz_files,
 )
 from mamlrun.data.images import (
+    CachedSplits,
     DecodePool,
     EpisodicImages,
     ImageSplit,
@@ -294,6 +295,7 @@ class CubData:
     layout: str  # "folder" | "archive"
     files: list[str]
     stats: tuple[list[float], list[float]] | None
+    cache: Path | None = None
 
 
 def cub_tasks(
@@ -305,14 +307,24 @@ def cub_tasks(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
+    crop_padding: int = 8,
 ) -> EpisodicImages:
     """The task source ``conf/dataset/cub.yaml`` builds."""
     data = load_cub(root)
     if data.stats is not None:
         mean = data.stats[0] if mean is None else mean
         std = data.stats[1] if std is None else std
-    info = {"layout": data.layout, "files": data.files, "split": "chen2019"}
-    return EpisodicImages("cub", data.splits, ways, shots, query, storage, mean, std, device, info)
+    info = {
+        "layout": data.layout,
+        "files": data.files,
+        "split": "chen2019",
+        "cache": str(data.cache),
+    }
+    return EpisodicImages(
+        "cub", data.splits, ways, shots, query, storage, mean, std, device, info,
+        augment=augment, crop_padding=crop_padding,
+    )  # fmt: skip
 
 
 def load_cub(
@@ -397,9 +409,9 @@ def _key(expected: Mapping[str, tuple[str, ...]], layout: str, files: list[Path]
     return {"format": _CACHE_FORMAT, "layout": layout, "classes": classes, "files": digest}
 
 
-def _loaded(splits: dict[str, ImageSplit], header: dict, layout: str, files: list) -> CubData:
-    stats = tuple(header["stats"]) if "stats" in header else None
-    return CubData(splits, layout, files, stats)
+def _loaded(cached: CachedSplits, layout: str, files: list) -> CubData:
+    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
+    return CubData(cached.splits, layout, files, stats, cached.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,8 +440,8 @@ def _from_folder(folder: Path, expected: Mapping[str, tuple[str, ...]]) -> CubDa
         }
         write_splits(target, key, splits, stats=list(channel_stats(splits["train"].images)))
 
-    splits, header = cached_splits(folder.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
-    return _loaded(splits, header, "folder", [f"{EXTRACTED}/{n}" for n in LISTINGS])
+    cached = cached_splits(folder.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
+    return _loaded(cached, "folder", [f"{EXTRACTED}/{n}" for n in LISTINGS])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,8 +475,8 @@ def _from_archive(archive: Path, expected: Mapping[str, tuple[str, ...]], manual
         stats = list(channel_stats(splits["train"].images))
         write_splits(target, key, splits, stats=stats, files=[archive.name])
 
-    splits, header = cached_splits(archive.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
-    return _loaded(splits, header, "archive", [archive.name])
+    cached = cached_splits(archive.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
+    return _loaded(cached, "archive", [archive.name])
 
 
 def read_archive(path: Path, manual: str) -> tuple[dict[str, str], list[str], torch.Tensor]:

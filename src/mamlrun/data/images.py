@@ -21,11 +21,12 @@ Why the images are stored the way they are:
   each meta-batch's images to the device, through pinned memory where the device is CUDA so the
   copy is asynchronous. Pinning the whole split would gain nothing, since indexing it makes a
   new tensor anyway, and would lock hundreds of MB of a memory-mapped cache in RAM.
-* **a raw ``.u8`` cache** (``ImageCacheWriter``, ``read_image_cache``) for the datasets added
-  after miniImageNet: the images at byte 0, a JSON header at the end. Unlike ``torch.save``,
-  which needs the whole tensor in memory, it can be filled image batch by image batch as a
-  dataset is decoded (tieredImageNet's 16.5 GB could not be held), and ``torch.from_file``
-  maps it back without reading it.
+* **a raw ``.u8`` cache** (``ImageCacheWriter``, ``read_image_cache``) for every image
+  dataset: the images at byte 0, a JSON header at the end. Unlike ``torch.save``, which needs
+  the whole tensor in memory, it can be filled image batch by image batch as a dataset is
+  decoded or read (tieredImageNet's 16.5 GB could not be held; miniImageNet's pickles are read
+  one split at a time), and it is mapped back without being read. The mapping is advised as
+  random access, so that sampling pages in only the drawn images, not their neighbours.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import io
 import json
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import tempfile
@@ -96,11 +98,14 @@ class ChannelMoments:
         self.squares = torch.zeros(channels, dtype=torch.float64)
         self.count = 0
 
-    def add(self, images: torch.Tensor) -> None:
-        part = images.reshape(-1, images.shape[-1]).to(torch.float64)
-        self.total += part.sum(0)
-        self.squares += part.square().sum(0)
-        self.count += part.shape[0]
+    def add(self, images: torch.Tensor, chunk: int = 256) -> None:
+        """In chunks of ``chunk`` images: the float64 copy of a whole class (600 images of
+        miniImageNet: 100 MB) would cost more memory than the class itself."""
+        for start in range(0, images.shape[0], chunk):
+            part = images[start : start + chunk].reshape(-1, images.shape[-1]).to(torch.float64)
+            self.total += part.sum(0)
+            self.squares += part.square().sum(0)
+            self.count += part.shape[0]
 
     def result(self) -> tuple[list[float], list[float]]:
         """Mean and standard deviation on the [0, 1] scale. A channel that never varies gets
@@ -114,8 +119,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], 
     """Per-channel mean and standard deviation of uint8 ``[n, H, W, C]`` images, on the [0, 1]
     scale, accumulated in float64 over chunks so a split is never converted whole."""
     moments = ChannelMoments(images.shape[-1])
-    for start in range(0, images.shape[0], chunk):
-        moments.add(images[start : start + chunk])
+    moments.add(images, chunk)
     return moments.result()
 
 
@@ -136,7 +140,9 @@ class EpisodicImages:
 
     ``splits`` maps ``train``/``val``/``test`` to their ``ImageSplit``; ``mean``/``std`` are
     per-channel on the [0, 1] scale (None: the training split's own statistics); ``info`` is
-    merged into ``describe()`` (the dataset's format, files, ...).
+    merged into ``describe()`` (the dataset's format, files, ...). ``augment`` gives every
+    training image a random crop after ``crop_padding`` pixels of zero padding and a
+    horizontal flip with probability 1/2 (``augment_pixels``); val and test never are.
     """
 
     kind = "classification"
@@ -153,10 +159,14 @@ class EpisodicImages:
         std: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
         info: Mapping | None = None,
+        augment: bool = False,
+        crop_padding: int = 8,
     ) -> None:
         self.name = name
         _check_settings(name, splits, ways, shots, query, storage)
+        _check_augmentation(name, augment, crop_padding, splits["train"].images.shape[1:3])
         self.ways, self.shots, self.query, self.storage = ways, shots, query, storage
+        self.augment, self.crop_padding = augment, crop_padding
         self.device = torch.device(device)
         height, width, channels = splits["train"].images.shape[1:]
         self.input_shape = (channels, height, width)
@@ -186,7 +196,9 @@ class EpisodicImages:
 
         Support and query are ordered by class slot; the slots' labels are a random
         permutation per task, so the order carries no information. Images beyond a smaller
-        class's count get a key no draw can beat, so they are never chosen.
+        class's count get a key no draw can beat, so they are never chosen. Augmentation
+        (training split only) draws its numbers after all of these, so turning it off leaves
+        the stream, and every run made without it, exactly as it was.
         """
         check_split(split)
         if num_tasks < 1:
@@ -203,7 +215,10 @@ class EpisodicImages:
         beyond = torch.arange(stored.most, device=self.device) >= stored.counts[classes, None]
         picks = noise.masked_fill(beyond, 2.0).argsort(dim=-1, stable=True)[..., :kq]
         labels = ranks(num_tasks, n)  # [B, N]: the label of each class slot
-        x = self._to_input(self._gather(stored.images, stored.offsets[classes, None] + picks))
+        pixels = self._gather(stored.images, stored.offsets[classes, None] + picks)
+        if self.augment and split == "train":
+            pixels = augment_pixels(pixels, self.crop_padding, generator)
+        x = self._to_input(pixels)
         y = labels.unsqueeze(-1).expand(-1, -1, kq)
         return TaskBatch(
             x[:, :, :k].reshape(num_tasks, n * k, *self.input_shape),
@@ -240,6 +255,8 @@ class EpisodicImages:
             "images": {s: sum(c) for s, c in self.counts.items()},
             "mean": self.mean,
             "std": self.std,
+            "augment": self.augment,
+            "crop_padding": self.crop_padding,
             **self.info,
         }
 
@@ -290,6 +307,45 @@ def _check_settings(
             f"{name}: shots+query K+Q={shots + query} exceeds the {fewest} images of class "
             f"{smallest} in the {split!r} split; lower dataset.shots or dataset.query"
         )
+
+
+def _check_augmentation(name: str, augment: bool, crop_padding: int, size: Sequence[int]) -> None:
+    """The padding must leave some of the image in every crop; it is held against the image
+    size only when it will be used (an Omniglot of 8×8 pixels need not know about it)."""
+    if not isinstance(augment, bool):
+        raise MamlrunError(f"{name}: augment must be true or false, got {augment!r}")
+    if not isinstance(crop_padding, int) or isinstance(crop_padding, bool) or crop_padding < 0:
+        raise MamlrunError(
+            f"{name}: crop_padding must be a non-negative integer, got {crop_padding!r}"
+        )
+    if augment and crop_padding >= min(size):
+        raise MamlrunError(
+            f"{name}: crop_padding={crop_padding} must be smaller than the {size[0]}×{size[1]} "
+            "images, or a crop could be all padding"
+        )
+
+
+def augment_pixels(pixels: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Each uint8 ``[..., H, W, C]`` image cropped at random from itself padded by ``padding``
+    black pixels on each side, then mirrored left to right with probability 1/2: torchvision's
+    ``RandomCrop(size, padding)`` followed by ``RandomHorizontalFlip()``, as MetaOptNet trains.
+
+    Done on the raw pixels, before normalisation, so the padding is black as in torchvision,
+    and for the whole meta-batch at once on its device: one gather whose row and column
+    indices carry each image's offset, and whose column index runs backwards for a flipped
+    image. Draws the offsets (rows, then columns) and then the flips from ``generator``.
+    """
+    height, width, channels = pixels.shape[-3:]
+    images = pixels.reshape(-1, height, width, channels)
+    count, device = images.shape[0], images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, count, 1), generator=generator, device=device)
+    flips = torch.rand(count, 1, generator=generator, device=device) < 0.5
+    padded = torch.nn.functional.pad(images, (0, 0, padding, padding, padding, padding))
+    rows = offsets[0] + torch.arange(height, device=device)  # [count, H]
+    columns = torch.arange(width, device=device).expand(count, width)
+    columns = offsets[1] + torch.where(flips, width - 1 - columns, columns)  # [count, W]
+    which = torch.arange(count, device=device)[:, None, None]
+    return padded[which, rows[:, :, None], columns[:, None, :]].view(pixels.shape)
 
 
 def _check_normalisation(
@@ -402,18 +458,6 @@ def save_atomic(path: Path, blob: dict) -> bool:
         return False
 
 
-def load_mapped(path: Path) -> dict | None:
-    """A cache written by ``save_atomic``, its tensors memory-mapped (read on demand, shared
-    between processes through the page cache); None if it is missing or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # whatever is wrong with a cache, rebuilding it fixes it
-        log.warning("ignoring unreadable cache %s (%s)", path, one_line(e))
-        return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Encoded images (PNG/JPEG bytes from a pickle or an archive) decoded in order, in bounded memory
 
@@ -489,8 +533,8 @@ def _fork_pool(workers: int) -> ProcessPoolExecutor:
 # ---------------------------------------------------------------------------------------------
 # A cache of uint8 images written piece by piece and read memory-mapped
 #
-# Layout: the images, uint8 [count, H, W, C], from byte 0 (so torch.from_file maps them without
-# an offset), then a JSON header, then its length (8 bytes, little-endian) and a magic number.
+# Layout: the images, uint8 [count, H, W, C], from byte 0 (so they are mapped without an
+# offset), then a JSON header, then its length (8 bytes, little-endian) and a magic number.
 # The header holds the key (what the cache was built from), the shape and the dataset's own
 # fields (classes and counts per split, statistics). Written under a temporary name and renamed
 # once complete, so a reader sees a whole cache or none; an interrupted build leaves nothing.
@@ -507,8 +551,9 @@ class MappedCache:
 
 class ImageCacheWriter:
     """Fills a cache of ``count`` images of ``shape`` (H, W, C) at any positions, in any order,
-    without holding them: each ``write`` goes straight to the file. ``commit(header)`` makes it
-    appear under ``path``; leaving the ``with`` block without committing removes it."""
+    without holding them: each ``write`` goes straight to the file; ``append`` adds images
+    after the last one, for a source whose size is known only as it is read. ``commit(header)``
+    makes it appear under ``path``; leaving the ``with`` block without committing removes it."""
 
     def __init__(self, path: Path, count: int, shape: Sequence[int]) -> None:
         self.path, self.count, self.shape = Path(path), count, tuple(shape)
@@ -530,11 +575,24 @@ class ImageCacheWriter:
         view = memoryview(pixels.contiguous().numpy()).cast("B")
         self._guard(_pwrite_all, self._file.fileno(), view, index * self._bytes)
 
+    def append(self, pixels: torch.Tensor) -> int:
+        """Images after the last one, the cache growing by ``len(pixels)`` (miniImageNet's
+        pickles reveal a split's size only once read); returns the index of the first."""
+        start = self.count
+        self.count += pixels.shape[0]
+        try:
+            self.write(start, pixels)
+        except (ValueError, MamlrunError):
+            self.count = start
+            raise
+        return start
+
     def commit(self, header: Mapping) -> None:
         document = {**header, "count": self.count, "shape": list(self.shape)}
         blob = json.dumps(document).encode()
         tail = blob + len(blob).to_bytes(8, "little") + _MAGIC
         self._guard(_pwrite_all, self._file.fileno(), tail, self.count * self._bytes)
+        self._guard(_flush_and_forget, self._file.fileno())
         self._file.close()
         self._tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
         self._guard(os.replace, self._tmp, self.path)
@@ -568,6 +626,21 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _flush_and_forget(fd: int) -> None:
+    """A finished cache goes to the disk, then out of the page cache, before it is renamed.
+
+    On the disk first, so that after a crash the cache is whole or absent, never a header over
+    images that never reached the disk. Out of the page cache because the kernel keeps a file
+    it has just written in large folios (2 MB here, Linux 6.18) and maps a whole folio into a
+    process that touches one image of it: ten meta-batches from a freshly built miniImageNet
+    cache made 720 MiB of it resident. Dropped, it is read back page by page as the
+    random-access advice of ``map_for_sampling`` asks, and only the drawn images are.
+    """
+    getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache stays as the kernel keeps it
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def read_image_cache(path: Path, key: Mapping) -> MappedCache | None:
     """The cache at ``path`` memory-mapped, if it is complete and was built with ``key`` (a
     JSON-able dict); None otherwise, which means: build it again."""
@@ -587,12 +660,32 @@ def read_image_cache(path: Path, key: Mapping) -> MappedCache | None:
         data = header["count"] * math.prod(shape)
         if data + length + _TRAILER != size:
             return None
-        flat = torch.from_file(str(path), shared=False, size=data, dtype=torch.uint8)
-        return MappedCache(flat.view(header["count"], *shape), header)
+        return MappedCache(map_for_sampling(path, data).view(header["count"], *shape), header)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         if path.exists():
             log.warning("ignoring unreadable cache %s (%s)", path, one_line(e))
         return None
+
+
+def map_for_sampling(path: Path, size: int) -> torch.Tensor:
+    """The first ``size`` bytes of ``path`` as a uint8 tensor, memory-mapped, advised as random
+    access.
+
+    Without the advice the kernel reads ahead around every page a draw touches, so sampled
+    images page in their neighbours as well (docs/PERFORMANCE.md, tieredImageNet-sized
+    storage, 200 meta-batches: 4 GB of file pages without it, 1.5 GB with it, the drawn
+    images' own pages). The mapping is
+    private (copy on write, like ``torch.from_file(shared=False)``): a write to the tensor
+    never reaches the file. The tensor holds the mapping: it is unmapped when the tensor and
+    every view of it are gone.
+    """
+    if size == 0:  # mmap cannot map nothing
+        return torch.empty(0, dtype=torch.uint8)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    if hasattr(mmap, "MADV_RANDOM"):  # POSIX; elsewhere the mapping works without advice
+        mapping.madvise(mmap.MADV_RANDOM)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def cache_locations(directory: Path, dataset: str, name: str) -> tuple[Path, Path]:
@@ -602,18 +695,27 @@ def cache_locations(directory: Path, dataset: str, name: str) -> tuple[Path, Pat
     return directory / name, user_cache_dir() / dataset / f"{stem}-{tag}{dot}{suffix}"
 
 
+@dataclass(frozen=True)
+class CachedSplits:
+    """What ``cached_splits`` found or built: the splits (views of the mapped cache), the
+    cache's header (the dataset's own fields: statistics, files, ...) and where it is."""
+
+    splits: dict[str, ImageSplit]
+    header: dict
+    path: Path
+
+
 def cached_splits(
     directory: Path, dataset: str, name: str, key: Mapping, build: Callable[[Path], None]
-) -> tuple[dict[str, ImageSplit], dict]:
+) -> CachedSplits:
     """The splits from the cache ``name`` that matches ``key``, beside the raw files or in the
     user cache; when there is none, ``build(path)`` writes one (``write_splits`` or an
-    ``ImageCacheWriter``, header from ``splits_header``) where it may. Returns the splits and
-    the cache's header."""
+    ``ImageCacheWriter``, header from ``splits_header``) where it may."""
     primary, fallback = cache_locations(directory, dataset, name)
     for candidate in (primary, fallback):
         cache = read_image_cache(candidate, key)
         if cache is not None:
-            return splits_of(cache, candidate), cache.header
+            return CachedSplits(splits_of(cache, candidate), cache.header, candidate)
     target = primary if is_writable_dir(directory) else fallback
     log.info("building the %s cache %s (once)", dataset, target)
     start = time.perf_counter()
@@ -622,7 +724,7 @@ def cached_splits(
     cache = read_image_cache(target, key)
     if cache is None:
         raise MamlrunError(f"{target}: the cache just written cannot be read back; delete it")
-    return splits_of(cache, target), cache.header
+    return CachedSplits(splits_of(cache, target), cache.header, target)
 
 
 def splits_header(key: Mapping, splits: Mapping[str, ImageSplit | tuple], **fields) -> dict:

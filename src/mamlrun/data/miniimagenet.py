@@ -7,14 +7,19 @@ There is no stable official download, so mamlrun reads the two layouts users hol
 * **pickles** (Ren et al. 2018, as learn2learn and others fetch them):
   ``mini-imagenet-cache-{train,val,test}.pkl`` (``...-validation.pkl`` also accepted), each a
   dict with ``image_data`` (uint8 N×84×84×3) and ``class_dict`` (class → indices). They are
-  already 84×84 and are read as they are, with an unpickler that only builds numpy arrays (a
-  pickle can run any code it names, and these files come from file-sharing links).
+  already 84×84 and are read with an unpickler that only builds numpy arrays (a pickle can run
+  any code it names, and these files come from file-sharing links).
 * **the Ravi layout**: ``images/*.jpg`` and ``train.csv``, ``val.csv``, ``test.csv``
-  (``filename,label``). The images are resized once to 84×84 with Lanczos (Pillow), as the MAML
-  code's preprocessing script did, into ``cache_84.pt`` beside them (or, where that folder is
-  read-only, ``~/.cache/mamlrun/miniimagenet/cache_84-<hash of the folder>.pt``), which later
-  runs memory-map. Its key is the size and mtime of every listed file and of the CSVs, so
-  replacing or touching one rebuilds it.
+  (``filename,label``). The images are resized to 84×84 with Lanczos (Pillow), as the MAML
+  code's preprocessing script did.
+
+Either layout is written once into ``cache_84.u8`` beside the files (or, where that folder is
+read-only, ``~/.cache/mamlrun/miniimagenet/cache_84-<hash of the folder>.u8``), with the
+training split's channel statistics in its header; later runs memory-map it, so a run holds in
+memory only the images it samples, not the 1.27 GB of the three splits (unpickling them every
+run held 2.44 GB at its peak). The build holds one split at a time. The cache's key is the
+size and mtime of the pickles (or of the CSVs and every listed image) and the class lists:
+replacing or touching a file rebuilds it.
 
 Either way the classes found must be exactly the split's published ones (``SPLIT_CLASSES``),
 which makes a wrong or mixed-up copy an error instead of a silently different benchmark. Class
@@ -25,34 +30,30 @@ published order, so the two layouts give the same tasks for the same seed.
 from __future__ import annotations
 
 import csv
-import hashlib
-import logging
 import os
-import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mamlrun.data.download import is_writable_dir, resolve_root, user_cache_dir
+from mamlrun.data.download import resolve_root
 from mamlrun.data.images import (
+    ChannelMoments,
     EpisodicImages,
+    ImageCacheWriter,
     ImageSplit,
-    channel_stats,
+    cached_splits,
     fingerprint,
-    load_mapped,
     one_line,
     resize_files,
-    save_atomic,
+    splits_header,
 )
 from mamlrun.data.images import check_classes as check_class_set
 from mamlrun.data.pickles import read_pickle
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
-
-log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 84
 
@@ -102,18 +103,24 @@ LAYOUTS = (
     "images/*.jpg with train.csv, val.csv and test.csv (Ravi & Larochelle)"
 )
 
-_CACHE_FORMAT = 1
+CACHE = f"cache_{IMAGE_SIZE}.u8"
+_CACHE_FORMAT = 2  # 1: the Ravi layout alone, in a torch.save file (cache_84.pt)
+_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
+#: Ravi-layout images decoded per batch: a multiple of ``ChannelMoments``' chunk, so that the
+#: statistics are summed in the same chunks as ``channel_stats`` of the whole split.
+_RESIZE_BATCH = 4096
 
 
 @dataclass(frozen=True)
 class MiniImageNetData:
-    """The three splits as loaded, the layout they came from, and (Ravi layout) the training
-    split's channel statistics, cached with the images so they are computed once."""
+    """The three splits (views of the memory-mapped cache), the layout they came from, the
+    training split's channel statistics (taken once, as the cache was written) and the cache."""
 
     splits: dict[str, ImageSplit]
     layout: str  # "pickle" | "ravi"
     files: list[str]
     stats: tuple[list[float], list[float]] | None = field(default=None)
+    cache: Path | None = None
 
 
 def miniimagenet_tasks(
@@ -125,6 +132,8 @@ def miniimagenet_tasks(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
+    crop_padding: int = 8,
 ) -> EpisodicImages:
     """The task source ``conf/dataset/miniimagenet.yaml`` builds: the data as loaded, served
     by the dataset-independent episodic sampler."""
@@ -133,18 +142,21 @@ def miniimagenet_tasks(
         mean = data.stats[0] if mean is None else mean
         std = data.stats[1] if std is None else std
     info = {"layout": data.layout, "files": data.files, "split": "ravi_larochelle"}
+    if data.cache is not None:
+        info["cache"] = str(data.cache)
     return EpisodicImages(
-        "miniimagenet", data.splits, ways, shots, query, storage, mean, std, device, info
-    )
+        "miniimagenet", data.splits, ways, shots, query, storage, mean, std, device, info,
+        augment=augment, crop_padding=crop_padding,
+    )  # fmt: skip
 
 
 def load_miniimagenet(
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
 ) -> MiniImageNetData:
-    """Find the layout in ``<root>/miniimagenet/`` and load it (pickles win when both are there:
-    they need no decoding). ``split_classes`` defaults to ``SPLIT_CLASSES``; tests pass small
-    lists so their fixtures stay small."""
+    """Find the layout in ``<root>/miniimagenet/`` (pickles win when both are there: they need
+    no decoding) and map its cache, writing it first where the files changed. ``split_classes``
+    defaults to ``SPLIT_CLASSES``; tests pass small lists so their fixtures stay small."""
     directory = resolve_root(root) / "miniimagenet"
     expected = {s: tuple((split_classes or SPLIT_CLASSES)[s]) for s in SPLITS}
     pickles = {s: _first_existing(directory, PICKLES[s]) for s in SPLITS}
@@ -188,16 +200,64 @@ def check_classes(where: str, split: str, found: Sequence[str], expected: Sequen
 
 
 def _load_pickles(paths: dict[str, Path], expected: dict[str, tuple[str, ...]]) -> MiniImageNetData:
-    start = time.perf_counter()
-    splits = {s: _split_from_pickle(paths[s], s, expected[s]) for s in SPLITS}
-    log.info("read the miniImageNet pickles in %.1f s", time.perf_counter() - start)
-    return MiniImageNetData(splits, "pickle", [paths[s].name for s in SPLITS])
+    key = _key("pickle", expected, [paths[s] for s in SPLITS])
+
+    def build(target: Path) -> None:
+        build_from_pickles(target, key, paths, expected)
+
+    return _cached(paths["train"].parent, key, build)
 
 
-def _split_from_pickle(path: Path, split: str, expected: tuple[str, ...]) -> ImageSplit:
-    """One pickle as an ``ImageSplit`` in the published class order; the array is used in place
-    (no copy) when the classes' indices already run in that order, as they do in the
-    published files."""
+def build_from_pickles(
+    target: Path, key: Mapping, paths: Mapping[str, Path], expected: Mapping[str, tuple[str, ...]]
+) -> None:
+    """Write the pickles' images into the cache at ``target``, split after split: each pickle
+    is read, checked, written class by class and dropped before the next is read (its locals
+    die with ``_append_pickle``), so the build holds one split at most, the training split's
+    813 MB (a protocol-2 pickle briefly two or three copies of it, which unpickling makes)."""
+    moments = ChannelMoments(3)
+    with ImageCacheWriter(target, 0, _SHAPE) as writer:
+        parts = {
+            s: _append_pickle(writer, paths[s], s, expected[s], moments if s == "train" else None)
+            for s in SPLITS
+        }
+        files = [paths[s].name for s in SPLITS]
+        stats = list(moments.result())
+        writer.commit(splits_header(key, parts, layout="pickle", files=files, stats=stats))
+
+
+def _append_pickle(
+    writer: ImageCacheWriter,
+    path: Path,
+    split: str,
+    expected: tuple[str, ...],
+    moments: ChannelMoments | None,
+) -> tuple[list[str], list[int]]:
+    """One pickle's images appended class by class in the published class order (the
+    training split's also added to ``moments``); returns the classes and their counts."""
+    images, members = read_pickle_split(path, split, expected)
+    for indices in members:
+        pixels = _class_images(images, indices)
+        writer.append(pixels)
+        if moments is not None:
+            moments.add(pixels)
+    return list(expected), [len(m) for m in members]
+
+
+def _class_images(images: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """One class's images: a view where its indices run consecutively, as they do in the
+    published files; otherwise gathered, which copies this class alone."""
+    first = indices[0]
+    if indices == list(range(first, first + len(indices))):
+        return images[first : first + len(indices)]
+    return images[torch.tensor(indices, dtype=torch.long)]
+
+
+def read_pickle_split(
+    path: Path, split: str, expected: tuple[str, ...]
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """One pickle, checked: its images as they are stored (the array itself, not a copy) and
+    the indices of each of ``expected``'s classes, in the published class order."""
     import numpy as np  # only this layout needs numpy (a dependency of tensorboard)
 
     blob = read_pickle(path)
@@ -211,7 +271,7 @@ def _split_from_pickle(path: Path, split: str, expected: tuple[str, ...]) -> Ima
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 4:
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
         raise MamlrunError(f"{path}: image_data is {got}, expected {shape}")
-    if data.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    if data.shape[1:] != _SHAPE:
         raise MamlrunError(f"{path}: image_data is {data.shape}, expected {shape}")
     if not isinstance(class_dict, dict):
         raise MamlrunError(f"{path}: class_dict is a {type(class_dict).__name__}, not a dict")
@@ -220,15 +280,13 @@ def _split_from_pickle(path: Path, split: str, expected: tuple[str, ...]) -> Ima
         members = [[int(i) for i in class_dict[c]] for c in expected]
     except (TypeError, ValueError) as e:
         raise MamlrunError(f"{path}: class_dict holds something other than indices") from e
-    order = torch.tensor([i for indices in members for i in indices], dtype=torch.long)
-    if len(order) and (order.min() < 0 or order.max() >= len(data)):
+    if empty := next((c for c, m in zip(expected, members, strict=True) if not m), None):
+        raise MamlrunError(f"{path}: class_dict lists no images for {empty}")
+    if min(min(m) for m in members) < 0 or max(max(m) for m in members) >= len(data):
         raise MamlrunError(f"{path}: class_dict indexes beyond the {len(data)} images")
     with warnings.catch_warnings():  # read-only arrays (protocol 5) are fine: never written
         warnings.filterwarnings("ignore", ".*not writable.*", UserWarning)
-        images = torch.from_numpy(data)
-    if not torch.equal(order, torch.arange(len(data))):
-        images = images[order]
-    return ImageSplit(images, [len(m) for m in members], list(expected))
+        return torch.from_numpy(data), members
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,81 +328,67 @@ def _ravi_files(
     return files, counts
 
 
-def cache_paths(directory: Path) -> tuple[Path, Path]:
-    """Beside the raw files, or in the user cache (tagged by folder) if that is read-only."""
-    name = f"cache_{IMAGE_SIZE}"
-    tag = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
-    return directory / f"{name}.pt", user_cache_dir() / "miniimagenet" / f"{name}-{tag}.pt"
-
-
 def _load_ravi(directory: Path, expected: dict[str, tuple[str, ...]]) -> MiniImageNetData:
     files, counts = _ravi_files(directory, expected)
     listed = [directory / CSVS[s] for s in SPLITS] + [p for s in SPLITS for p in files[s]]
     try:
-        key = {
-            "format": _CACHE_FORMAT,
-            "image_size": IMAGE_SIZE,
-            "classes": {s: list(expected[s]) for s in SPLITS},
-            "files": fingerprint(listed),
-        }
+        key = _key("ravi", expected, listed)
     except FileNotFoundError as e:
         raise MamlrunError(
             f"{e.filename} is listed in a CSV but missing; the Ravi layout needs every image "
             f"of train.csv, val.csv and test.csv in {directory / IMAGES}"
         ) from e
-    primary, fallback = cache_paths(directory)
-    for candidate in (primary, fallback):
-        data = _from_cache(load_mapped(candidate), key, counts)
-        if data is not None:
-            return data
-    log.info("building the miniImageNet cache from %s (once; takes minutes)", directory)
-    start = time.perf_counter()
-    data = build_ravi(files, counts, expected)
-    log.info("built in %.1f s", time.perf_counter() - start)
-    blob = {"key": key, "stats": list(data.stats), **_blob(data)}
-    targets = (primary, fallback) if is_writable_dir(directory) else (fallback,)
-    if not any(save_atomic(target, blob) for target in targets):
-        log.warning("no cache written; the next run will resize the images again")
-    return data
+
+    def build(target: Path) -> None:
+        build_ravi(target, key, files, counts, expected)
+
+    return _cached(directory, key, build)
 
 
 def build_ravi(
-    files: dict[str, list[Path]], counts: dict[str, list[int]], expected: dict[str, tuple]
-) -> MiniImageNetData:
-    """Decode and resize every listed image (the slow path the cache avoids)."""
-    splits = {
-        s: ImageSplit(resize_files(files[s], IMAGE_SIZE), counts[s], list(expected[s]))
-        for s in SPLITS
-    }
-    stats = channel_stats(splits["train"].images)
-    return MiniImageNetData(splits, "ravi", [CSVS[s] for s in SPLITS] + [IMAGES], stats)
-
-
-def _blob(data: MiniImageNetData) -> dict:
-    return {
-        "splits": {
-            s: {"images": d.images, "counts": d.counts, "classes": d.classes}
-            for s, d in data.splits.items()
-        },
-        "layout": data.layout,
-        "files": data.files,
-    }
-
-
-def _from_cache(
-    blob: dict | None, key: dict, counts: dict[str, list[int]]
-) -> MiniImageNetData | None:
-    """The cached data if its key matches and its content has the expected shapes."""
-    if blob is None or blob.get("key") != key:
-        return None
-    try:
-        splits = {s: ImageSplit(**blob["splits"][s]) for s in SPLITS}
+    target: Path,
+    key: Mapping,
+    files: Mapping[str, list[Path]],
+    counts: Mapping[str, list[int]],
+    expected: Mapping[str, tuple[str, ...]],
+) -> None:
+    """Decode and resize every listed image into the cache at ``target`` (the slow path the
+    cache avoids), a batch of images at a time."""
+    moments = ChannelMoments(3)
+    with ImageCacheWriter(target, 0, _SHAPE) as writer:
         for s in SPLITS:
-            splits[s].check(f"cache {s}")
-            if splits[s].counts != counts[s]:
-                raise MamlrunError("counts differ from the CSVs")
-        mean, std = blob["stats"]
-        return MiniImageNetData(splits, blob["layout"], list(blob["files"]), (mean, std))
-    except (KeyError, TypeError, ValueError, MamlrunError) as e:
-        log.warning("ignoring a malformed miniImageNet cache (%s)", one_line(e))
-        return None
+            for start in range(0, len(files[s]), _RESIZE_BATCH):
+                pixels = resize_files(files[s][start : start + _RESIZE_BATCH], IMAGE_SIZE)
+                writer.append(pixels)
+                if s == "train":
+                    moments.add(pixels)
+        parts = {s: (expected[s], counts[s]) for s in SPLITS}
+        listed = [CSVS[s] for s in SPLITS] + [IMAGES]
+        stats = list(moments.result())
+        writer.commit(splits_header(key, parts, layout="ravi", files=listed, stats=stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache both layouts are written into
+
+
+def _key(layout: str, expected: Mapping[str, tuple[str, ...]], files: list[Path]) -> dict:
+    """What a cache was built from: the layout, the class lists and every raw file's name,
+    size and mtime (``FileNotFoundError`` where one is missing)."""
+    return {
+        "format": _CACHE_FORMAT,
+        "layout": layout,
+        "image_size": IMAGE_SIZE,
+        "classes": {s: list(expected[s]) for s in SPLITS},
+        "files": fingerprint(files),
+    }
+
+
+def _cached(directory: Path, key: dict, build: Callable[[Path], None]) -> MiniImageNetData:
+    """The splits from the cache matching ``key`` (``build`` writes it where there is none)."""
+    cached = cached_splits(directory, "miniimagenet", CACHE, key, build)
+    header = cached.header
+    stats = (list(header["stats"][0]), list(header["stats"][1]))
+    return MiniImageNetData(
+        cached.splits, header["layout"], list(header["files"]), stats, cached.path
+    )

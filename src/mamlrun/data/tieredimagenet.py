@@ -87,6 +87,7 @@ class TieredData:
     splits: dict[str, ImageSplit]
     files: list[str]
     stats: tuple[list[float], list[float]] | None
+    cache: Path | None = None
 
 
 def tieredimagenet_tasks(
@@ -98,16 +99,24 @@ def tieredimagenet_tasks(
     mean: list[float] | None = None,
     std: list[float] | None = None,
     device: str | torch.device = "cpu",
+    augment: bool = False,
+    crop_padding: int = 8,
 ) -> EpisodicImages:
     """The task source ``conf/dataset/tieredimagenet.yaml`` builds."""
     data = load_tieredimagenet(root)
     if data.stats is not None:
         mean = data.stats[0] if mean is None else mean
         std = data.stats[1] if std is None else std
-    info = {"layout": "png_pickles", "files": data.files, "split": "ren2018"}
+    info = {
+        "layout": "png_pickles",
+        "files": data.files,
+        "split": "ren2018",
+        "cache": str(data.cache),
+    }
     return EpisodicImages(
-        "tieredimagenet", data.splits, ways, shots, query, storage, mean, std, device, info
-    )
+        "tieredimagenet", data.splits, ways, shots, query, storage, mean, std, device, info,
+        augment=augment, crop_padding=crop_padding,
+    )  # fmt: skip
 
 
 def find_files(root: str | os.PathLike[str] | None) -> dict[str, tuple[Path, Path]]:
@@ -145,9 +154,9 @@ def load_tieredimagenet(
         build_cache(target, key, files, sizes)
 
     name = f"cache_{IMAGE_SIZE}.u8"
-    splits, header = cached_splits(directory, "tieredimagenet", name, key, build)
-    stats = tuple(header["stats"]) if "stats" in header else None
-    return TieredData(splits, [p.name for p in listed], stats)
+    cached = cached_splits(directory, "tieredimagenet", name, key, build)
+    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
+    return TieredData(cached.splits, [p.name for p in listed], stats, cached.path)
 
 
 def build_cache(
