@@ -30,7 +30,7 @@ def test_prepare_builds_omniglot_as_train_does_and_says_what_each_split_holds(tm
     assert "verified: " in out.stdout
 
 
-def test_prepare_reads_miniimagenet_pickles_and_checks_the_published_classes(tmp_path):
+def test_prepare_reads_miniimagenet_pickles_checks_the_classes_and_shows_the_cache(tmp_path):
     write_pickles(tmp_path / "data", classes=SPLIT_CLASSES, per_class=2)
     out = run_cli(
         "data",
@@ -47,6 +47,8 @@ def test_prepare_reads_miniimagenet_pickles_and_checks_the_published_classes(tmp
         "test": ["20", "40", "3×84×84"],
     }
     assert "layout pickle" in out.stdout and "ravi_larochelle split" in out.stdout
+    cache = tmp_path / "data" / "miniimagenet" / "cache_84.u8"
+    assert f"  cache: {cache} (4.2 MB)" in out.stdout.splitlines()  # 200 images of 84×84×3
 
 
 def test_check_verifies_what_is_there_and_never_downloads(tmp_path):
@@ -66,6 +68,7 @@ def test_check_verifies_what_is_there_and_never_downloads(tmp_path):
     )  # fixtures: 3 images per class; fmt: skip
     assert out.returncode == 0, out.stderr
     assert [row[0] for row in table(out.stdout).values()] == ["64", "16", "20"]
+    assert f"cache: {tmp_path / 'data' / 'cifar100' / 'cache_cifarfs_32.u8'} (" in out.stdout
 
 
 def test_a_generated_dataset_has_nothing_to_prepare(tmp_path):

@@ -92,6 +92,64 @@ def test_a_cache_written_out_of_order_reads_back_memory_mapped_with_its_header(t
     assert str(path) in Path("/proc/self/maps").read_text()
 
 
+def test_a_cache_grows_by_appending_when_its_size_is_known_only_as_it_is_read(tmp_path):
+    path = tmp_path / "cache.u8"
+    with ImageCacheWriter(path, 0, (2, 3, 3)) as writer:
+        assert (writer.append(pixels(3)), writer.append(pixels(4, 3))) == (0, 3)
+        with pytest.raises(ValueError):
+            writer.append(torch.zeros(1, 2, 3, 1, dtype=torch.uint8))
+        writer.commit({"key": {"v": 1}})
+    cache = read_image_cache(path, {"v": 1})
+
+    assert cache.header["count"] == 7
+    assert cache.images[:, 1, 2, 0].tolist() == list(range(7))
+
+
+def smaps(path: Path, field: str) -> list[str]:
+    """Linux: ``field`` (``Rss``, ``VmFlags``, ...) of each mapping of ``path`` in this process."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.endswith(str(path))]
+    found = [next(x for x in lines[i:] if x.startswith(f"{field}:")) for i in starts]
+    return [line.split(":", 1)[1].strip() for line in found]
+
+
+def smaps_flags(path: Path) -> list[list[str]]:
+    return [flags.split() for flags in smaps(path, "VmFlags")]
+
+
+def test_a_cache_is_mapped_for_random_access_privately_and_lives_as_long_as_its_tensor(tmp_path):
+    path = tmp_path / "cache.u8"
+    with ImageCacheWriter(path, 10, (2, 3, 3)) as writer:
+        writer.write(0, pixels(10))
+        writer.commit({"key": {"v": 1}})
+    view = read_image_cache(path, {"v": 1}).images[4:6]  # nothing else keeps the mapping
+    gc.collect()
+
+    assert view[:, 0, 0, 0].tolist() == [4, 5]
+    assert [flags for flags in smaps_flags(path) if "rr" in flags]  # MADV_RANDOM: no read-ahead
+    view[0] = 99  # copy on write: the file keeps its images
+    reopened = read_image_cache(path, {"v": 1}).images
+    assert reopened[:, 1, 2, 2].tolist() == list(range(10))
+    del view, reopened
+    gc.collect()
+    assert smaps_flags(path) == []  # unmapped with the last tensor that used it
+
+
+def test_drawing_one_image_of_a_fresh_cache_makes_that_image_resident_not_the_file(tmp_path):
+    """The finished cache is flushed and dropped from the page cache: otherwise the kernel
+    keeps it in large folios (2 MB) and maps a whole one for each image drawn."""
+    path = tmp_path / "cache.u8"
+    with ImageCacheWriter(path, 800, (84, 84, 3)) as writer:  # 17 MB
+        for start in range(0, 800, 100):
+            writer.write(start, torch.full((100, 84, 84, 3), start // 100, dtype=torch.uint8))
+        writer.commit({"key": {}})
+    images = read_image_cache(path, {}).images
+
+    assert images[450].flatten().unique().tolist() == [4]
+    resident_kib = [int(rss.split()[0]) for rss in smaps(path, "Rss")]
+    assert sum(resident_kib) <= 128  # the image's 21 KB, and the neighbours mapped around it
+
+
 def test_a_cache_is_not_used_when_its_key_differs_or_it_is_incomplete(tmp_path):
     path = tmp_path / "cache.u8"
     with ImageCacheWriter(path, 3, (2, 3, 3)) as writer:

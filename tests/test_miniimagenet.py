@@ -192,56 +192,150 @@ def test_ravi_layout_is_resized_to_84x84_with_the_same_classes_as_the_pickles(tm
 
 
 # ---------------------------------------------------------------------------------------------
-# The cache of the Ravi layout
+# The cache both layouts are written into
 
 
 @pytest.fixture
-def count_builds(monkeypatch) -> list[int]:
-    """Each call of the expensive build (which still runs)."""
+def pickle_builds(monkeypatch) -> list[int]:
+    """Each build of the cache from the pickles (which still runs)."""
+    return count_calls(monkeypatch, miniimagenet, "build_from_pickles")
+
+
+@pytest.fixture
+def ravi_builds(monkeypatch) -> list[int]:
+    """Each build of the cache from the Ravi layout, decoding every image (which still runs)."""
     return count_calls(monkeypatch, miniimagenet, "build_ravi")
 
 
-def test_ravi_cache_is_written_beside_the_raw_files_and_reused_memory_mapped(
-    tmp_path, count_builds
+def mapped_files() -> str:
+    """Linux: the files this process has memory-mapped ('' elsewhere)."""
+    maps = Path("/proc/self/maps")
+    return maps.read_text() if maps.exists() else ""
+
+
+def pickled_content(directory: Path, split: str) -> tuple[list[str], np.ndarray]:
+    """What a pickle holds: its classes and their images, class after class."""
+    blob = pickle.loads(next(directory.glob(f"mini-imagenet-cache-{split}*.pkl")).read_bytes())
+    classes = list(blob["class_dict"])
+    images = [blob["image_data"][blob["class_dict"][c]] for c in classes]
+    return classes, np.concatenate(images)
+
+
+def touch_later(path: Path) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_pickles_are_written_once_into_a_cache_beside_them_and_reused_memory_mapped(
+    tmp_path, pickle_builds
 ):
+    directory = write_pickles(tmp_path)
+    first = load_miniimagenet(tmp_path, split_classes=SMALL)
+    second = load_miniimagenet(tmp_path, split_classes=SMALL)
+
+    assert pickle_builds == [1]
+    assert first.cache == second.cache == directory / "cache_84.u8"
+    assert second.layout == "pickle"
+    assert second.files == [f"mini-imagenet-cache-{s}.pkl" for s in SPLITS]
+    for split in SPLITS:
+        assert torch.equal(first.splits[split].images, second.splits[split].images)
+    assert first.stats == second.stats
+    if mapped_files():
+        assert str(directory / "cache_84.u8") in mapped_files()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_the_cache_holds_what_the_pickles_hold_in_the_published_class_order(tmp_path, protocol):
+    shuffled = {s: tuple(reversed(SMALL[s])) for s in SPLITS}  # class_dict in another order
+    directory = write_pickles(tmp_path, shuffled, per_class=lambda c: 3 + c, protocol=protocol,
+                              shuffle=True)  # fmt: skip
+    data = load_miniimagenet(tmp_path, split_classes=SMALL)
+
+    for split in SPLITS:
+        classes, images = pickled_content(directory, split)
+        order = [classes.index(c) for c in SMALL[split]]
+        counts = [3 + c for c in range(len(classes))]
+        starts = np.cumsum([0, *counts])
+        expected = np.concatenate([images[starts[i] : starts[i + 1]] for i in order])
+        assert data.splits[split].classes == list(SMALL[split])
+        assert data.splits[split].counts == [counts[i] for i in order]
+        assert torch.equal(data.splits[split].images, torch.from_numpy(expected))
+    mean, std = channel_stats(data.splits["train"].images)  # taken while the cache was written
+    assert [*data.stats[0], *data.stats[1]] == pytest.approx([*mean, *std], abs=1e-12)
+
+
+def test_the_cache_is_rebuilt_when_a_pickle_changes(tmp_path, pickle_builds):
+    directory = write_pickles(tmp_path)
+    load_miniimagenet(tmp_path, split_classes=SMALL)
+    write_pickles(tmp_path / "other", per_class=5)  # the same classes, five images each
+    replacement = directory / "mini-imagenet-cache-val.pkl"
+    replacement.write_bytes((tmp_path / "other" / "miniimagenet" / replacement.name).read_bytes())
+    touch_later(replacement)
+    data = load_miniimagenet(tmp_path, split_classes=SMALL)
+
+    assert pickle_builds == [1, 1]
+    assert data.splits["val"].counts == [5, 5, 5] and data.splits["train"].counts == [4] * 4
+
+
+def test_a_failed_build_leaves_no_cache_and_no_partial_file(tmp_path, pickle_builds):
+    directory = write_pickles(tmp_path)
+    val = directory / "mini-imagenet-cache-val.pkl"
+    whole = val.read_bytes()
+    val.write_bytes(whole[: len(whole) // 2])  # the training split is written before val fails
+    message = one_line_error(load_miniimagenet, tmp_path, split_classes=SMALL)
+
+    assert f"{val} is truncated or corrupt" in message
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        f"mini-imagenet-cache-{s}.pkl" for s in SPLITS
+    )
+    assert not (tmp_path / "xdg").exists()
+    val.write_bytes(whole)
+    assert load_miniimagenet(tmp_path, split_classes=SMALL).splits["val"].counts == [4, 4, 4]
+    assert pickle_builds == [1, 1]
+
+
+def test_ravi_cache_is_written_beside_the_raw_files_and_reused_memory_mapped(tmp_path, ravi_builds):
     directory = write_ravi(tmp_path)
     first = load_miniimagenet(tmp_path, split_classes=SMALL)
     second = load_miniimagenet(tmp_path, split_classes=SMALL)
 
-    assert count_builds == [1]
-    assert (directory / "cache_84.pt").is_file()
+    assert ravi_builds == [1]
+    assert first.cache == second.cache == directory / "cache_84.u8"
+    assert (second.layout, second.files) == ("ravi", ["train.csv", "val.csv", "test.csv", "images"])
     for split in SPLITS:
         assert torch.equal(first.splits[split].images, second.splits[split].images)
-    assert first.stats == second.stats
-    maps = Path("/proc/self/maps")  # Linux: the files this process has memory-mapped
-    if maps.exists():
-        assert str(directory / "cache_84.pt") in maps.read_text()
+    assert first.stats == second.stats == channel_stats(first.splits["train"].images)
+    if mapped_files():
+        assert str(directory / "cache_84.u8") in mapped_files()
 
 
-def test_ravi_cache_is_rebuilt_when_a_raw_file_changes(tmp_path, count_builds):
+def test_ravi_cache_is_rebuilt_when_a_raw_file_changes(tmp_path, ravi_builds):
     directory = write_ravi(tmp_path)
     load_miniimagenet(tmp_path, split_classes=SMALL)
     image = directory / "images" / f"{SMALL['val'][1]}00000002.jpg"
     Image.new("RGB", (30, 30), (0, 0, 0)).save(image, "JPEG")
-    stat = image.stat()
-    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touch_later(image)
     data = load_miniimagenet(tmp_path, split_classes=SMALL)
 
-    assert count_builds == [1, 1]
+    assert ravi_builds == [1, 1]
     assert data.splits["val"].images[4 + 1].max() <= 3  # the new, black image
 
 
-def test_read_only_data_folder_gets_its_cache_in_the_user_cache(tmp_path, count_builds):
-    directory = write_ravi(tmp_path)
+@pytest.mark.parametrize("write", [write_pickles, write_ravi])
+def test_read_only_data_folder_gets_its_cache_in_the_user_cache(
+    tmp_path, write, pickle_builds, ravi_builds
+):
+    directory = write(tmp_path)
     directory.chmod(0o555)
     try:
         load_miniimagenet(tmp_path, split_classes=SMALL)
-        load_miniimagenet(tmp_path, split_classes=SMALL)
+        data = load_miniimagenet(tmp_path, split_classes=SMALL)
     finally:
         directory.chmod(0o755)
-    assert not (directory / "cache_84.pt").exists()
-    assert list((tmp_path / "xdg" / "mamlrun" / "miniimagenet").glob("cache_84-*.pt"))
-    assert count_builds == [1]
+    assert not (directory / "cache_84.u8").exists()
+    assert data.cache.parent == tmp_path / "xdg" / "mamlrun" / "miniimagenet"
+    assert data.cache.name.startswith("cache_84-") and data.cache.suffix == ".u8"
+    assert pickle_builds + ravi_builds == [1]
 
 
 # ---------------------------------------------------------------------------------------------

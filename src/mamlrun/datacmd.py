@@ -3,11 +3,13 @@
 ``prepare`` builds the dataset exactly as ``train`` does (the same code: find the files,
 download what has an official URL, verify, decode into the cache) and prints what it holds;
 ``check`` does the same without downloading anything, so it says whether the files that are
-there are the right ones. Either ends with a table: split, classes, images, image size.
+there are the right ones. Either ends with a table: split, classes, images, image size, then
+where the data came from and, for an image dataset, its memory-mapped cache and its size.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from mamlrun import config, messages
@@ -89,7 +91,20 @@ def render(described: dict[str, Any], action: str) -> str:
     lines = [f"{name}: {'ready' if action == 'prepare' else 'checked'}"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("  " + _provenance(described))
+    if "cache" in described:
+        lines.append("  " + _cache(Path(described["cache"])))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _cache(path: Path) -> str:
+    """Where the images are cached and how much disk they take: what to delete, or to move
+    with ``$XDG_CACHE_HOME``, when the disk fills."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return f"cache: {path}"
+    amount = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    return f"cache: {path} ({amount})"
 
 
 def _provenance(described: dict[str, Any]) -> str:
