@@ -1,10 +1,14 @@
 """Specification of what the image datasets share below their loaders: a pickled list read in
 batches without keeping its items, a cache of uint8 images written piece by piece and read
-memory-mapped, and encoded images decoded in order (in forked workers for large datasets)."""
+memory-mapped, tasks sampled from such a cache by reading the drawn images from the file (not
+through the mapping), and encoded images decoded in order (in forked workers for large
+datasets)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import os
 import pickle
 import weakref
 from pathlib import Path
@@ -16,7 +20,16 @@ from image_fixtures import encoded, py2_pickle
 from test_miniimagenet import colour, one_line_error
 
 from mamlrun.data import images
-from mamlrun.data.images import DecodePool, ImageCacheWriter, read_image_cache
+from mamlrun.data.images import (
+    DecodePool,
+    EpisodicImages,
+    ImageCacheWriter,
+    ImageSplit,
+    read_image_cache,
+    read_split,
+    splits_of,
+    write_splits,
+)
 from mamlrun.data.pickles import stream_list
 from mamlrun.errors import MamlrunError
 
@@ -172,6 +185,180 @@ def test_a_cache_that_cannot_be_written_says_where_and_how_much_room_it_needs(tm
     path = tmp_path / "not_a_folder" / "c.u8"
     message = one_line_error(ImageCacheWriter, path, 1000, (84, 84, 3))
     assert f"cannot write the cache {path}" in message and "0.02 GB" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling from a cache file
+
+
+def cached(tmp_path: Path, size: int = 12) -> dict[str, ImageSplit]:
+    """Three splits of random images, classes of different sizes, written to a cache and cut
+    from it as the datasets' loaders do (``splits_of``): each split knows its place in the file."""
+    g = torch.Generator().manual_seed(0)
+    counts = {"train": [5, 7, 6, 9], "val": [5, 6, 5], "test": [8, 5, 5]}
+    splits = {
+        s: ImageSplit(
+            torch.randint(0, 256, (sum(c), size, size, 3), generator=g, dtype=torch.uint8),
+            c,
+            [f"{s}{i}" for i in range(len(c))],
+        )
+        for s, c in counts.items()
+    }
+    path = tmp_path / "cache.u8"
+    write_splits(path, {"v": 1}, splits)
+    return splits_of(read_image_cache(path, {"v": 1}), path)
+
+
+def source_of(splits: dict[str, ImageSplit], **settings) -> EpisodicImages:
+    settings = {"ways": 3, "shots": 2, "query": 2, "mean": [0.5] * 3, "std": [0.25] * 3,
+                "crop_padding": 2, **settings}  # fmt: skip
+    return EpisodicImages("x", splits, **settings)
+
+
+def in_memory(splits: dict[str, ImageSplit]) -> dict[str, ImageSplit]:
+    """The same splits without their file: sampled by indexing the mapping, as before."""
+    return {s: dataclasses.replace(split, file=None) for s, split in splits.items()}
+
+
+def resident_kib(path: Path) -> int:
+    """Linux: how much of ``path`` this process's mappings hold resident."""
+    return sum(int(rss.split()[0]) for rss in smaps(path, "Rss"))
+
+
+def descriptors_of(path: Path) -> int:
+    """Linux: how many of this process's open descriptors are ``path``."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        except OSError:  # the descriptor listdir itself used, closed by now
+            pass
+    return found
+
+
+def test_splits_cut_from_a_cache_know_where_their_images_lie_in_the_file(tmp_path):
+    splits = cached(tmp_path)
+    image = 12 * 12 * 3
+
+    assert [splits[s].file.offset for s in ("train", "val", "test")] == [0, 27 * image, 43 * image]
+    assert {splits[s].file.path for s in splits} == {tmp_path / "cache.u8"}
+    assert {splits[s].file.image_bytes for s in splits} == {image}
+
+
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("storage", ["device", "cpu"])
+def test_tasks_read_from_the_cache_file_are_bitwise_those_indexing_its_mapping_gives(
+    tmp_path, storage, augment
+):
+    splits = cached(tmp_path)
+    read = source_of(splits, storage=storage, augment=augment)
+    indexed = source_of(in_memory(splits), storage=storage, augment=augment)
+    assert all(stored.reader is not None for stored in read._splits.values())
+    assert all(stored.reader is None for stored in indexed._splits.values())
+
+    g, h = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for split in ("train", "val", "test", "train"):
+        a, b = read.sample(split, 5, g), indexed.sample(split, 5, h)
+        assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert read.describe() == indexed.describe()
+
+
+@pytest.mark.parametrize("storage", ["device", "cpu"])
+def test_any_images_in_any_order_and_repeated_are_read_as_indexing_would_give_them(
+    tmp_path, storage
+):
+    splits = cached(tmp_path)
+    source = source_of(splits, storage=storage)
+    index = torch.tensor([[[26, 0, 26], [3, 3, 3]], [[13, 1, 0], [25, 7, 14]]])
+
+    for split in ("train", "val", "test"):
+        within = index % splits[split].images.shape[0]
+        gathered = source._gather(source._splits[split], within)
+        assert gathered.shape == (2, 2, 3, 12, 12, 3)
+        assert torch.equal(gathered, splits[split].images[within])
+
+
+def test_a_meta_batch_read_from_the_cache_leaves_none_of_it_resident_in_the_process(tmp_path):
+    """The drawn images pass through the kernel's page cache, not through this process's
+    mapping of the cache; indexing that mapping would keep them (which is checked too, so the
+    measure is known to see them)."""
+    splits = cached(tmp_path, size=84)  # 21 KB per image
+    path = tmp_path / "cache.u8"
+    if not Path("/proc/self/smaps").exists():
+        pytest.skip("needs Linux's /proc/self/smaps")
+    source = source_of(splits)
+    before = resident_kib(path)
+    batch = source.sample("train", 4, torch.Generator().manual_seed(1))
+
+    assert resident_kib(path) == before
+    reference = source_of(in_memory(splits)).sample("train", 4, torch.Generator().manual_seed(1))
+    assert all(torch.equal(u, v) for u, v in zip(batch, reference, strict=True))
+    assert resident_kib(path) >= before + 21 * 4  # the mapping indexed: the images are resident
+
+
+def test_a_cache_cut_short_while_in_use_is_a_one_line_error_saying_to_rebuild_it(tmp_path):
+    splits = cached(tmp_path)
+    path = tmp_path / "cache.u8"
+    source = source_of(splits, storage="cpu")
+    os.truncate(path, 100)  # inside the first training image: no draw can be read whole
+    message = one_line_error(source.sample, "train", 1, torch.Generator().manual_seed(0))
+
+    assert f"cannot read images from the cache {path}" in message
+    assert "delete it, or run `mamlrun data prepare" in message
+
+
+def test_each_split_opens_the_cache_once_and_closes_it_with_the_source(tmp_path):
+    splits = cached(tmp_path)
+    path = tmp_path / "cache.u8"
+    if not Path("/proc/self/fd").exists():
+        pytest.skip("needs Linux's /proc/self/fd")
+    mapped = descriptors_of(path)  # the mapping keeps one of its own
+    source = source_of(splits)
+    for _ in range(3):
+        source.sample("val", 2, torch.Generator().manual_seed(0))
+    assert descriptors_of(path) == mapped + 3
+
+    del source
+    gc.collect()
+    assert descriptors_of(path) == mapped
+
+
+def test_a_forked_process_reads_through_its_own_descriptor_and_draws_the_same(tmp_path):
+    source = source_of(cached(tmp_path))
+    expected = source.sample("train", 3, torch.Generator().manual_seed(5))
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports, then leaves without running pytest's teardown
+        try:
+            batch = source.sample("train", 3, torch.Generator().manual_seed(5))
+            same = all(torch.equal(u, v) for u, v in zip(batch, expected, strict=True))
+            own = source._splits["train"].reader._pid == os.getpid()  # opened here, again
+            os.write(write_end, f"same={same} own={own}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as report:
+        answer = report.read()
+    os.waitpid(pid, 0)
+    assert answer == "same=True own=True"
+
+
+def test_a_split_for_an_accelerator_is_read_in_order_chunk_by_chunk_and_whole(
+    tmp_path, monkeypatch
+):
+    """What ``storage=device`` does on CUDA, here onto the CPU: sequential reads of a few
+    images at a time, never through the mapping (whose random-access advice would make a cold
+    copy read page by page)."""
+    splits = cached(tmp_path)
+    monkeypatch.setattr(images, "_READ_CHUNK", 4 * 12 * 12 * 3 + 1)  # 4 images per read
+    path = tmp_path / "cache.u8"
+    before = resident_kib(path)
+    read = {
+        s: read_split(split.file, split.images.shape, torch.device("cpu"))
+        for s, split in splits.items()
+    }
+    assert resident_kib(path) == before
+    assert all(torch.equal(read[s], splits[s].images) for s in splits)
 
 
 # ---------------------------------------------------------------------------------------------
