@@ -25,6 +25,8 @@ ordinary convolution per chunk) at a size the kernels handle well, and bound the
 from __future__ import annotations
 
 import copy
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,33 +81,39 @@ def map_tasks(
         parts = [batched(shared, *part) for part in chunks(batch, chunk)]
         return parts[0] if len(parts) == 1 else _tree(torch.cat, parts)
     if kind == "threads":
-        return _tree(torch.stack, in_threads(make_fn, model, shared, batch))
+        return _tree(torch.stack, list(in_threads(make_fn, model, shared, batch)))
     fn = make_fn(model)
     return _tree(torch.stack, [fn(shared, *task) for task in zip(*batch, strict=True)])
 
 
 def in_threads(
     make_fn: Callable[[nn.Module], TaskFn], model: nn.Module, shared: Any, batch: TaskBatch
-) -> list[Any]:
-    """Every task's outputs, in task order, computed on ``torch.get_num_threads()`` worker
-    threads with one intra-op thread each (see the module docstring).
+) -> Iterator[Any]:
+    """Every task's outputs, yielded in task order as they are ready, computed on
+    ``torch.get_num_threads()`` worker threads with one intra-op thread each (see the module
+    docstring). A caller that reduces them as they come (the meta-gradient's sum) holds only
+    the few that finished ahead of their turn.
 
-    The workers inherit the caller's grad mode (it is per thread in torch); task ``i`` runs
-    on worker ``i mod workers``.
+    The workers inherit the caller's grad mode (it is per thread in torch).
     """
     workers = max(1, min(torch.get_num_threads(), batch.num_tasks))
-    fns = [make_fn(copy.deepcopy(model)) for _ in range(workers)]
+    fns: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(workers):
+        fns.put(make_fn(copy.deepcopy(model)))
     tasks = list(zip(*batch, strict=True))
-    grad_enabled = torch.is_grad_enabled()
+    grad_enabled, local = torch.is_grad_enabled(), threading.local()
 
-    def work(w: int) -> list[Any]:
+    def start() -> None:  # once per worker thread: its own module copy, one intra-op thread
         torch.set_num_threads(1)  # this thread's OpenMP team too, before its first operation
-        with torch.set_grad_enabled(grad_enabled), task_thread():
-            return [fns[w](shared, *tasks[i]) for i in range(w, len(tasks), workers)]
+        local.fn = fns.get()
 
-    with _one_intra_op_thread(), ThreadPoolExecutor(workers) as pool:
-        done = list(pool.map(work, range(workers)))
-    return [done[i % workers][i // workers] for i in range(len(tasks))]
+    def run(i: int) -> Any:
+        with torch.set_grad_enabled(grad_enabled), task_thread():
+            return local.fn(shared, *tasks[i])
+
+    with _one_intra_op_thread(), ThreadPoolExecutor(workers, initializer=start) as pool:
+        for future in [pool.submit(run, i) for i in range(len(tasks))]:
+            yield future.result()
 
 
 @contextmanager
@@ -132,13 +140,13 @@ def _tree(combine: Callable, outputs: Sequence[Any]) -> Any:
 
 def candidates(modes: Sequence[str], meta_batch: int, device: torch.device) -> list[str]:
     """What ``auto`` measures: the supported modes, ``threads`` only on a CPU with more than
-    one thread to run on, and ``vmap`` also in chunks of a quarter and an eighth of the
-    meta-batch (at least 2 tasks), the range where its kernels ran best on CPU
+    one thread to run on, and ``vmap`` also in chunks of half and a quarter of the meta-batch
+    (at least 2 tasks), where the best chunk lay for every Omniglot preset on a 2-core CPU
     (docs/PERFORMANCE.md, issue 15)."""
     parallel = device.type == "cpu" and torch.get_num_threads() > 1
     out = [m for m in modes if m != "threads" or parallel]
     if "vmap" in modes:
-        sizes = sorted({meta_batch // 4, meta_batch // 8} - {0, 1}, reverse=True)
+        sizes = sorted({meta_batch // 2, meta_batch // 4} - {0, 1}, reverse=True)
         out += [f"vmap:{c}" for c in sizes if c < meta_batch]
     return out
 

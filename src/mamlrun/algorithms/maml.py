@@ -18,7 +18,7 @@ from torch import nn
 
 from mamlrun.algorithms import schedules
 from mamlrun.algorithms.base import Part
-from mamlrun.algorithms.batching import chunks, map_tasks, parse
+from mamlrun.algorithms.batching import chunks, in_threads, map_tasks, parse
 from mamlrun.algorithms.inner import autograd_grad, functional_grad
 from mamlrun.algorithms.inner_loop import InnerLoop, scored
 from mamlrun.data.tasks import TaskBatch
@@ -124,8 +124,9 @@ class MAML(InnerLoop):
 
     def _threaded(self, model, batch, kind, first_order, scored_steps) -> Part:
         """Tasks on worker threads, each returning its meta-gradient (``autograd.grad``: no
-        shared ``.grad`` is touched from two threads); summed in task order, they come back as
-        one part whose objective ``Σ θ·g`` (g held constant) has exactly that gradient."""
+        shared ``.grad`` is touched from two threads); summed in task order as they come (the
+        loop's order of accumulation, so one intra-op thread gives the loop's bits), they come
+        back as one part whose objective ``Σ θ·g`` (g held constant) has exactly that gradient."""
         meta, n = self.meta_tensors(model), batch.num_tasks
         leaves = [t for group in meta.values() for t in group.values()]
 
@@ -144,6 +145,11 @@ class MAML(InnerLoop):
 
             return gradient
 
-        grads, losses, metrics = map_tasks(task, model, meta, batch, "threads")
-        objective = sum((t * g.sum(0)).sum() for t, g in zip(leaves, grads, strict=True))
-        return Part(objective, losses.mean(), metrics.mean(), n)
+        total, losses, metrics = None, [], []
+        for grads, loss, metric in in_threads(task, model, meta, batch):
+            total = (
+                grads if total is None else [t.add_(g) for t, g in zip(total, grads, strict=True)]
+            )
+            losses.append(loss), metrics.append(metric)
+        objective = sum((t * g).sum() for t, g in zip(leaves, total, strict=True))
+        return Part(objective, torch.stack(losses).mean(), torch.stack(metrics).mean(), n)
