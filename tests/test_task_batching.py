@@ -115,10 +115,11 @@ def test_evaluation_in_threads_builds_no_graph_and_leaves_grad_untouched():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_a_run_resumed_with_threads_matches_an_unbroken_one_bit_for_bit(tmp_path, threads):
+@pytest.mark.parametrize("mode", ["threads", "vmap:2"])
+def test_a_run_resumed_in_a_new_mode_matches_an_unbroken_one_bit_for_bit(tmp_path, threads, mode):
     threads(2)
     common = [
-        "dataset=sinusoid", "meta_optimizer.task_batching=threads", "device=cpu",
+        "dataset=sinusoid", f"meta_optimizer.task_batching={mode}", "device=cpu",
         "meta_batch_size=3", "val_every=3", "val_tasks=2", "eval_batch_size=2",
         "checkpoint_every=3", "seed=5",
     ]  # fmt: skip
