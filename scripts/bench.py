@@ -66,6 +66,12 @@ class Setting:
     #: float64 equality check on one task with this many query images per class (None: the
     #: timed batch itself)
     check_query: int | None = None
+    #: A preset's own workload: its query images per class (None: ``--query``), meta-optimizer
+    #: (maml, mamlpp, reptile), loss normalisation and order (None: ``--orders``).
+    query: int | None = None
+    algorithm: str = "maml"
+    normalization: str = "tf_maml"
+    order: str | None = None
 
 
 MINI = (3, 84, 84)
@@ -76,6 +82,25 @@ SETTINGS = {
     "mini-conv4": Setting("mini-conv4", 5, 1, 4, 5, 0.01, "conv4-32", MINI, check_query=2),
     "mini-resnet12": Setting("mini-resnet12", 5, 1, 4, 5, 0.01, "resnet12", MINI, check_query=2),
 }
+#: Every Omniglot preset's own workload (conf/experiment/omniglot_*.yaml): its meta-batch,
+#: query images, inner steps and rate, network and algorithm, in the order it trains with.
+#: MAML++ is timed with the settings of the end of its training (second order, the last
+#: step's loss); Reptile (first order by definition) against learn2learn's way of writing it.
+PRESETS = {
+    "omniglot_5w1s": Setting("omniglot_5w1s", 5, 1, 32, 1, 0.4, query=1, order="second"),
+    "omniglot_5w5s": Setting("omniglot_5w5s", 5, 5, 32, 1, 0.4, query=5, order="second"),
+    "omniglot_20w1s": Setting("omniglot_20w1s", 20, 1, 16, 5, 0.1, query=1, order="second"),
+    "omniglot_20w5s": Setting("omniglot_20w5s", 20, 5, 16, 5, 0.1, query=5, order="second"),
+    "omniglot_5w1s_mamlpp": Setting(
+        "omniglot_5w1s_mamlpp", 5, 1, 8, 5, 0.1, "conv4-64-maxpool", query=1,
+        algorithm="mamlpp", normalization="mean", order="second",
+    ),
+    "omniglot_5w1s_reptile": Setting(
+        "omniglot_5w1s_reptile", 5, 1, 10, 3, 0.001, "conv4-64-flatten", query=14,
+        algorithm="reptile", normalization="mean", order="first",
+    ),
+}  # fmt: skip
+SETTINGS.update(PRESETS)
 #: The settings ``python scripts/bench.py`` runs without ``--configs`` (the issue-4 targets).
 DEFAULT_CONFIGS = ["5w1s", "5w5s", "20w1s"]
 
@@ -84,6 +109,10 @@ DEFAULT_CONFIGS = ["5w1s", "5w5s", "20w1s"]
 #: ResNet-12 of half TADAM's widths for quick checks on a CPU.
 MODELS = {
     "conv4-64": lambda shape, ways: conv4(shape, ways),
+    "conv4-64-maxpool": lambda shape, ways: conv4(
+        shape, ways, downsample="max_pool", head="flatten"
+    ),
+    "conv4-64-flatten": lambda shape, ways: conv4(shape, ways, head="flatten"),
     "conv4-32": lambda shape, ways: conv4(
         shape, ways, filters=32, downsample="max_pool", head="flatten"
     ),
@@ -113,16 +142,39 @@ def make_batch(s: Setting, query: int, device: torch.device, seed: int = 0) -> T
 
 def reference_meta_gradient(model: nn.Module, batch: TaskBatch, s: Setting, first_order: bool):
     """learn2learn-style: clone the module per task, adapt it, backward the task's query loss."""
+    if s.algorithm == "reptile":
+        return reference_reptile(model, batch, s)
     loss_fn = nn.functional.cross_entropy
     n = batch.num_tasks
+    scale = s.ways if s.normalization == "tf_maml" else 1  # the original code's normalisation
     for xs, ys, xq, yq in zip(*batch, strict=True):
         learner = _clone(model)
         for _ in range(s.inner_steps):
             params = [p for _, p in _named_tensors(learner)]
-            loss = loss_fn(learner(xs), ys) * s.ways  # the original code's normalisation
+            loss = loss_fn(learner(xs), ys) * scale
             grads = torch.autograd.grad(loss, params, create_graph=not first_order)
             _update(learner, [p - s.inner_lr * g for p, g in zip(params, grads, strict=True)])
-        (loss_fn(learner(xq), yq) * s.ways / n).backward()
+        (loss_fn(learner(xq), yq) * scale / n).backward()
+
+
+def reference_reptile(model: nn.Module, batch: TaskBatch, s: Setting) -> None:
+    """Reptile as learn2learn's example writes it: per task, a copy of the model trained by
+    a fresh ``torch.optim.Adam`` (β1 = 0, as Nichol et al.) on the task's examples, support
+    and query together (transduction, as the preset); ``.grad`` = θ − mean φ."""
+    n = batch.num_tasks
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for xs, ys, xq, yq in zip(*batch, strict=True):
+        learner = copy.deepcopy(model)
+        adam = torch.optim.Adam(learner.parameters(), lr=s.inner_lr, betas=(0.0, 0.999))
+        x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
+        for _ in range(s.inner_steps):
+            adam.zero_grad()
+            nn.functional.cross_entropy(learner(x), y).backward()
+            adam.step()
+        for t, p, q in zip(total, model.parameters(), learner.parameters(), strict=True):
+            t += (p.detach() - q.detach()) / n
+    for p, t in zip(model.parameters(), total, strict=True):
+        p.grad = t if p.grad is None else p.grad + t
 
 
 def _clone(model: nn.Module) -> nn.Module:
@@ -157,34 +209,42 @@ def _update(module: nn.Module, new: list[torch.Tensor]) -> None:
 
 
 def mamlrun_step(algo: MAML, mode: str):
+    """One meta-gradient into ``model``'s ``.grad``; for MAML++ through the meta-model that
+    adds its learned rates and per-step batch-norm weights (made per call: their cost counts)."""
+
     def step(model: nn.Module, batch: TaskBatch, s: Setting, first_order: bool) -> None:
-        backward(algo.meta_objective(model, batch, "classification", mode))
+        backward(algo.meta_objective(algo.meta_model(model), batch, "classification", mode))
 
     return step
 
 
 def make_algo(s: Setting, first_order: bool, checkpoint_inner: bool = False) -> MAML:
+    if s.algorithm == "reptile":  # first order by definition, loss normalisation its own
+        return config.algorithm("reptile", inner_lr=s.inner_lr, inner_steps=s.inner_steps)
     return config.algorithm(
-        "maml",
+        s.algorithm,
         inner_lr=s.inner_lr,
         inner_steps=s.inner_steps,
         first_order=first_order,
-        loss_normalization="tf_maml",
+        loss_normalization=s.normalization,
         checkpoint_inner=checkpoint_inner,
     )
 
 
 #: mamlrun's engines besides the reference: name -> (batching, checkpoint_inner); "chosen"
-#: is what the batching probe picks. The checkpointed loop only matters for second order.
-def mamlrun_engines(first_order: bool) -> dict[str, tuple[str, bool]]:
+#: is what the batching probe picks. The checkpointed loop only matters for second order, and
+#: is not timed for the presets (none of them turns it on).
+def mamlrun_engines(s: Setting, first_order: bool) -> dict[str, tuple[str, bool]]:
     engines = {"mamlrun": ("chosen", False)}
-    if not first_order:
+    if not first_order and s.name not in PRESETS:
         engines["mamlrun+ckpt"] = ("loop", True)
     return engines
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    """Every parameter's gradient in one vector (zeros where it has none)."""
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+    return torch.cat([g.flatten() for g in grads])
 
 
 def sync(device: torch.device) -> None:
@@ -213,7 +273,10 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_setting(s, first_order, query, device, repeats):
+def bench_setting(s, first_order, query, device, repeats, all_modes=False):
+    """Time the reference and mamlrun (the mode ``auto`` picks, as a training run would, and
+    with ``all_modes`` every other mode ``auto`` considered), interleaved, after checking in
+    float64 that they all compute the same meta-gradient."""
     torch.manual_seed(0)
     model = build_model(s, device)
     batch = make_batch(s, query, device)
@@ -221,14 +284,19 @@ def bench_setting(s, first_order, query, device, repeats):
 
     def one_step(mode: str) -> None:
         model.zero_grad(set_to_none=True)
-        backward(algo.meta_objective(model, batch, "classification", mode))
+        mamlrun_step(algo, mode)(model, batch, s, first_order)
 
-    chosen, probe_seconds = task_batching.choose(algo.batching_modes, one_step, device, repeats=1)
+    modes = task_batching.candidates(algo.batching_modes, s.meta_batch, device)
+    chosen, probe_seconds = task_batching.choose(modes, one_step, device, repeats=2)
     engines = {"reference": reference_meta_gradient}
     batching = {"reference": "loop"}
-    for name, (mode, checkpoint) in mamlrun_engines(first_order).items():
+    for name, (mode, checkpoint) in mamlrun_engines(s, first_order).items():
         batching[name] = chosen if mode == "chosen" else mode
         engines[name] = mamlrun_step(make_algo(s, first_order, checkpoint), batching[name])
+    for mode in modes if all_modes else []:
+        if mode != chosen:
+            batching[f"mamlrun[{mode}]"] = mode
+            engines[f"mamlrun[{mode}]"] = mamlrun_step(algo, mode)
 
     rel = same_meta_gradient(engines, model, batch, s, first_order)
 
@@ -271,6 +339,12 @@ def same_meta_gradient(engines, model, batch, s: Setting, first_order: bool) -> 
         fn(model64, batch64, s, first_order)
         grads[name] = flat_grad(model64)
     ref = grads.pop("reference")
+    if s.algorithm == "mamlpp":
+        # learn2learn has no MAML++: the reference is MAML on the same network and tasks, which
+        # adapts the batch-norm weights that MAML++ meta-learns per step instead, so the two
+        # differ by design. mamlrun's modes must still agree with each other.
+        first = grads.pop(next(iter(grads)))
+        grads, ref = grads or {"one mode": first}, first
     rel = max(float((g - ref).norm() / ref.norm()) for g in grads.values())
     if rel > 1e-8:
         raise SystemExit(f"{s.name}: meta-gradients differ (relative {rel:.2e}); not timing")
@@ -448,22 +522,25 @@ class PeakMemory:
 def setting_rows(name: str, order: str, args, device: torch.device, peak: float) -> list[dict]:
     """Time (and measure) every engine on one setting and order; print a line for each."""
     s, first_order, out = SETTINGS[name], order == "first", []
-    rows, rel, batching, probe = bench_setting(s, first_order, args.query, device, args.repeats)
-    sample_s = sampling_seconds(s, args.query, device, args.repeats)
+    query = s.query or args.query
+    rows, rel, batching, probe = bench_setting(
+        s, first_order, query, device, args.repeats, args.all_modes
+    )
+    sample_s = sampling_seconds(s, query, device, args.repeats)
     mem = {}
-    if not args.no_memory:
-        for engine in rows:
-            how = "reference" if engine == "reference" else batching[engine]
-            how += "+ckpt" if engine.endswith("+ckpt") else ""
-            mem[engine] = peak_memory(how, name, first_order, args.query, args.device)
+    for engine in [] if args.no_memory else rows:
+        how = "reference" if engine == "reference" else batching[engine]
+        how += "+ckpt" if engine.endswith("+ckpt") else ""
+        mem[engine] = peak_memory(how, name, first_order, query, args.device)
     ref = rows["reference"]
     for engine, row in rows.items():
         ratio = row["tasks_per_s"] / ref["tasks_per_s"]
         rss, heap = mem.get(engine, (float("nan"), float("nan")))
         heap_ratio = heap / mem["reference"][1] if mem else float("nan")
+        engine_name = f"{engine}*" if engine == "mamlrun" else engine  # * what auto picked
         sampling = 100 * sample_s / (row["seconds"] + sample_s)
         print(
-            f"{name:<14}{order:<8}{engine:<14}{batching[engine]:<9}"
+            f"{name:<22}{order:<8}{engine_name:<18}{batching[engine]:<9}"
             f"{row['tasks_per_s']:>9.2f}{ratio:>7.2f}{row['gflops']:>9.1f}"
             f"{100 * row['gflops'] / peak:>6.0f}%"
             f"{heap:>9.0f}{heap_ratio:>7.2f}{rss:>8.0f}{sampling:>8.2f}%",
@@ -500,6 +577,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the results here too")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument(
+        "--presets",
+        action="store_true",
+        help="every Omniglot preset's own workload, in its own order (sets --configs, --orders)",
+    )
+    parser.add_argument(
+        "--all-modes", action="store_true",
+        help="also time every task batching auto considered, not only the one it picked",
+    )  # fmt: skip
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--first-order-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -513,7 +599,7 @@ def main() -> None:
         f"{torch.__version__}, threads {torch.get_num_threads()}; 2048² matmul {peak:.0f} GFLOP/s"
     )
     header = (
-        f"{'config':<14}{'order':<8}{'engine':<14}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
+        f"{'config':<22}{'order':<8}{'engine':<18}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
         f"{'GFLOP/s':>9}{'%peak':>7}{'heap MiB':>9}{'ratio':>7}{'RSS MiB':>8}{'sample':>9}"
     )
     print(header)
@@ -524,8 +610,9 @@ def main() -> None:
         "query": args.query,
         "rows": [],
     }
-    for name in args.configs:
-        for order in args.orders:
+    configs = list(PRESETS) if args.presets else args.configs
+    for name in configs:
+        for order in [SETTINGS[name].order] if SETTINGS[name].order else args.orders:
             results["rows"] += setting_rows(name, order, args, device, peak)
     if args.json:
         with open(args.json, "w") as f:

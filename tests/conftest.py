@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 def data_root() -> Path:
     """Tests read real data from ``../shared/data`` (or ``$MAMLRUN_DATA``), never from src."""
     return Path(os.environ.get("MAMLRUN_DATA", REPO.parent / "shared" / "data"))
+
+
+def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") -> dict:
+    """``mamlrun adapt`` on the training run ``cwd/run`` (its best.pt), on two tasks for two
+    steps: the third command of a dataset's smoke cycle (train with final test, then adapt).
+    Returns its results.json, checked to hold the curve after 0, 1 and 2 inner steps."""
+    out = run_cli(
+        "adapt", f"checkpoint={run}", "test_tasks=2", "eval_batch_size=2", "inner_steps=2",
+        "baseline.steps=1", "hydra.run.dir=adapted", cwd=cwd, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads((cwd / "adapted" / "results.json").read_text())
+    assert result["steps"] == [0, 1, 2] and len(result["mean"]) == 3
+    assert all(0 <= m <= 1 for m in result["mean"])
+    return result
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):

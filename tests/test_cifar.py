@@ -17,7 +17,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import count_calls, run_cli
+from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import SPLITS, py2_pickle, write_cifar_archive, write_cifar_pickles
 from test_miniimagenet import colour, one_line_error
 
@@ -295,6 +295,7 @@ def test_training_the_cifar_fs_preset_from_the_archive_writes_results(tmp_path):
     assert results["preset"] == "cifarfs_5w1s" and results["reference"]["value"] == 0.589
     test = json.loads((tmp_path / "run" / "test" / "results.json").read_text())
     assert (test["test_tasks"], test["inner_steps"]) == (2, 10)
+    adapts_after_training(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "xdg")})
 
 
 @pytest.mark.slow
@@ -304,3 +305,4 @@ def test_training_the_fc100_preset_from_the_pickles_writes_results(tmp_path):
     assert out.returncode == 0, out.stderr
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert splits["classes"] == {s: list(FC100_SPLITS[s]) for s in SPLITS}
+    adapts_after_training(tmp_path)

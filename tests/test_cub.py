@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from conftest import count_calls, run_cli
+from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import SPLITS, write_cub_archive, write_cub_folder
 from test_miniimagenet import colour, one_line_error
 
@@ -272,3 +272,4 @@ def test_training_the_1_shot_preset_from_the_archive_writes_results(tmp_path):
         "val": 50,
         "test": 50,
     }
+    adapts_after_training(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "xdg")})

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_train, count_calls, run_cli
+from conftest import adapts_after_training, compose_train, count_calls, run_cli
 from PIL import Image
 
 from mamlrun.data import miniimagenet
@@ -565,3 +565,4 @@ def test_training_the_1_shot_preset_on_a_fixture_root_writes_results(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
     test = json.loads((tmp_path / "run" / "test" / "results.json").read_text())
     assert (test["test_tasks"], test["inner_steps"]) == (2, 10)
+    adapts_after_training(tmp_path)

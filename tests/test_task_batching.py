@@ -5,6 +5,8 @@ here: what makes each mode safe to use in a run."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import compose_train, image_batch, maml, meta_gradient
@@ -142,3 +144,18 @@ def test_a_chunked_vmap_run_is_configured_from_the_command_line(tmp_path):
     run.train(cfg, run_dir=tmp_path)
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["task_batching"] == "vmap:2"
+
+
+def test_auto_times_the_modes_in_rounds_and_picks_the_fastest():
+    calls, cost = [], {"loop": 0.003, "threads": 0.001, "vmap": None}
+
+    def step(mode: str) -> None:
+        calls.append(mode)
+        if cost[mode] is None:
+            raise RuntimeError("no batching rule")  # a mode that cannot run: never retried
+        time.sleep(cost[mode])
+
+    chosen, seconds = batching.choose(list(cost), step, torch.device("cpu"), repeats=2)
+    assert calls == ["loop", "threads", "vmap"] + ["loop", "threads"] * 2
+    assert chosen == "threads" and seconds["vmap"] == float("inf")
+    assert seconds["threads"] < seconds["loop"]

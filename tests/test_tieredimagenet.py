@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import count_calls, run_cli
+from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import (
     SPLITS,
     TIERED_SMALL,
@@ -264,3 +264,4 @@ def test_training_the_1_shot_preset_on_a_full_size_fixture_writes_results(tmp_pa
         "test": 160,
     }
     assert (tmp_path / "data" / "tieredimagenet" / "cache_84.u8").is_file()
+    adapts_after_training(tmp_path, {"XDG_CACHE_HOME": str(tmp_path / "xdg")})

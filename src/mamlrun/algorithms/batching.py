@@ -157,24 +157,31 @@ def choose(
     device: torch.device,
     repeats: int = 2,
 ) -> tuple[str, dict[str, float]]:
-    """Time ``step(mode)`` (one meta-gradient) for each mode after a warm-up; the fastest.
+    """Time ``step(mode)`` (one meta-gradient) for each mode; the fastest.
 
-    A mode that fails (an operation without a batching rule, say) counts as infinitely slow.
-    With a single mode there is nothing to measure: it is returned with no timings.
+    Every mode is warmed up once, then timed ``repeats`` times in rounds (A B C A B C), each
+    keeping its best time: interleaving makes a slow spell of the machine hit all modes alike
+    rather than whichever was being timed. A mode that fails (an operation without a batching
+    rule, say) counts as infinitely slow. With a single mode there is nothing to measure: it
+    is returned with no timings.
     """
     if len(modes) == 1:
         return modes[0], {}
-    seconds: dict[str, float] = {}
-    for mode in modes:
-        try:
-            times = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                step(mode)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            seconds[mode] = min(times[1:])
-        except RuntimeError:
-            seconds[mode] = float("inf")
+    seconds = {mode: float("inf") for mode in modes}
+    usable = [mode for mode in modes if _timed(step, mode, device) is not None]  # warm-up
+    for _ in range(repeats):
+        for mode in usable:
+            seconds[mode] = min(seconds[mode], _timed(step, mode, device) or float("inf"))
     return min(seconds, key=seconds.__getitem__), seconds
+
+
+def _timed(step: Callable[[str], None], mode: str, device: torch.device) -> float | None:
+    """Seconds ``step(mode)`` took, None if it failed."""
+    try:
+        start = time.perf_counter()
+        step(mode)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+    except RuntimeError:
+        return None
