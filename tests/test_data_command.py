@@ -28,6 +28,8 @@ def test_prepare_builds_omniglot_as_train_does_and_says_what_each_split_holds(tm
         "test": ["1,692", "33,840", "1×28×28"],
     }
     assert "verified: " in out.stdout
+    cache = next(line for line in out.stdout.splitlines() if line.strip().startswith("cache: "))
+    assert "cache_28" in cache and " MB)" in cache  # where it is and what it takes on disk
 
 
 def test_prepare_reads_miniimagenet_pickles_checks_the_classes_and_shows_the_cache(tmp_path):

@@ -28,6 +28,7 @@ checks, so one code path serves both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -89,6 +90,7 @@ class OmniglotData:
     names: list[str]  # "Alphabet/characterNN"
     sources: list[str]  # the zip (an entry of SETS) each character came from
     md5: dict[str, str]  # of the zips the cache was built from, for the results record
+    cache: str | None = None  # the cache file it was read from or written to, if any
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,15 +306,16 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 
     for candidate in (primary, fallback):
         data = _read_cache(candidate, key)
         if data is not None:
-            return data
+            return dataclasses.replace(data, cache=str(candidate))
     log.info("building the Omniglot cache from %s (once; takes a few seconds)", directory)
     start = time.perf_counter()
     data = build_omniglot(paths, image_size)
     log.info("built in %.1f s", time.perf_counter() - start)
     targets = (primary, fallback) if is_writable_dir(directory) else (fallback,)
-    if not any(_write_cache(target, key, data) for target in targets):
+    written = next((target for target in targets if _write_cache(target, key, data)), None)
+    if written is None:
         log.warning("no cache written; the next run will preprocess Omniglot again")
-    return data
+    return dataclasses.replace(data, cache=str(written) if written else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,7 +469,7 @@ class OmniglotTasks:
             s: [f"{name}/rot{90 * k}" for name in self.characters[s] for k in turns] for s in SPLITS
         }
         _check_ways(ways, self.classes)
-        self.md5 = data.md5
+        self.md5, self.cache = data.md5, data.cache
         #: each split's images on the host, uint8 ``[classes * 20, s, s, 1]`` in class order;
         #: with storage=device the sampler holds its own copy on the device
         self.splits = {
@@ -506,6 +509,7 @@ class OmniglotTasks:
             "input_shape": list(self.input_shape),
             "zip_md5": dict(self.md5),
             "official_zips": self.md5 == OFFICIAL_MD5,
+            **({"cache": self.cache} if self.cache else {}),
         }
 
     def save_splits(self, directory: Path) -> None:
