@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MAMLRUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-fast smoke lint format tb bench
+.PHONY: help install test test-fast smoke lint format tb bench bench-presets
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -49,3 +49,6 @@ tb:  ## open TensorBoard on the runs under outputs/ and multirun/
 
 bench:  ## meta-training throughput and memory vs a learn2learn-style reference (writes bench.json)
 	$(BIN)/python scripts/bench.py --json bench.json
+
+bench-presets:  ## every Omniglot preset's own workload in every task batching (~25 min on 2 cores)
+	$(BIN)/python scripts/bench.py --presets --all-modes --repeats 3 --json bench-presets.json
