@@ -13,9 +13,10 @@ Why the images are stored the way they are:
   813 MB as uint8 and would be 3.3 GB as float32). Conversion to float, the channel
   permutation and the per-channel normalisation happen per meta-batch, on its few images.
 * **one tensor per split, classes one after another** (offsets and counts beside it): a
-  meta-batch is then drawn by indexing alone, as ``OmniglotTasks.sample`` does, with every
-  random number from the seeded ``torch.Generator`` on the device, which is what keeps a resumed
-  run bitwise equal to an uninterrupted one. Classes may hold different numbers of images.
+  meta-batch is then drawn by indexing alone (Omniglot's own sampler did it this way first,
+  and Omniglot now samples through this class with the same draws), with every random number
+  from the seeded ``torch.Generator`` on the device, which is what keeps a resumed run bitwise
+  equal to an uninterrupted one. Classes may hold different numbers of images.
 * ``storage="device"`` keeps the split on the training device (fastest: no host transfer);
   ``storage="cpu"`` keeps it in host memory and copies each meta-batch's images to the device,
   through pinned memory where the device is CUDA so the copy is asynchronous. Pinning the whole
