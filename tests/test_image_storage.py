@@ -148,21 +148,6 @@ def test_a_cache_is_mapped_for_random_access_privately_and_lives_as_long_as_its_
     assert smaps_flags(path) == []  # unmapped with the last tensor that used it
 
 
-def test_drawing_one_image_of_a_fresh_cache_makes_that_image_resident_not_the_file(tmp_path):
-    """The finished cache is flushed and dropped from the page cache: otherwise the kernel
-    keeps it in large folios (2 MB) and maps a whole one for each image drawn."""
-    path = tmp_path / "cache.u8"
-    with ImageCacheWriter(path, 800, (84, 84, 3)) as writer:  # 17 MB
-        for start in range(0, 800, 100):
-            writer.write(start, torch.full((100, 84, 84, 3), start // 100, dtype=torch.uint8))
-        writer.commit({"key": {}})
-    images = read_image_cache(path, {}).images
-
-    assert images[450].flatten().unique().tolist() == [4]
-    resident_kib = [int(rss.split()[0]) for rss in smaps(path, "Rss")]
-    assert sum(resident_kib) <= 128  # the image's 21 KB, and the neighbours mapped around it
-
-
 def test_a_cache_is_not_used_when_its_key_differs_or_it_is_incomplete(tmp_path):
     path = tmp_path / "cache.u8"
     with ImageCacheWriter(path, 3, (2, 3, 3)) as writer:

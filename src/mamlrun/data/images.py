@@ -144,6 +144,18 @@ class ChannelMoments:
         return [float(m) / 255 for m in mean], [max(float(s), 1.0) / 255 for s in std]
 
 
+def normalisation(
+    stats: tuple[list[float], list[float]] | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    """The configured per-channel mean and std, each that is not set taken from ``stats`` (the
+    training split's, cached with the images so they are computed once)."""
+    if stats is None:
+        return mean, std
+    return (stats[0] if mean is None else mean), (stats[1] if std is None else std)
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 256) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 ``[n, H, W, C]`` images, on the [0, 1]
     scale, accumulated in float64 over chunks so a split is never converted whole."""
@@ -644,7 +656,7 @@ class ImageCacheWriter:
         blob = json.dumps(document).encode()
         tail = blob + len(blob).to_bytes(8, "little") + _MAGIC
         self._guard(_pwrite_all, self._file.fileno(), tail, self.count * self._bytes)
-        self._guard(_flush_and_forget, self._file.fileno())
+        self._guard(_flush, self._file.fileno())
         self._file.close()
         self._tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared cache from other users
         self._guard(os.replace, self._tmp, self.path)
@@ -678,19 +690,13 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _flush_and_forget(fd: int) -> None:
-    """A finished cache goes to the disk, then out of the page cache, before it is renamed.
-
-    On the disk first, so that after a crash the cache is whole or absent, never a header over
-    images that never reached the disk. Out of the page cache because the kernel keeps a file
-    it has just written in large folios (2 MB here, Linux 6.18) and maps a whole folio into a
-    process that touches one image of it: ten meta-batches from a freshly built miniImageNet
-    cache made 720 MiB of it resident. Dropped, it is read back page by page as the
-    random-access advice of ``map_for_sampling`` asks, and only the drawn images are.
-    """
+def _flush(fd: int) -> None:
+    """A finished cache goes to the disk before it is renamed, so that after a crash the cache
+    is whole or absent, never a header over images that never reached the disk. It stays in the
+    page cache: sampling reads the drawn images with ``pread`` (``_ImageReader``), which keeps
+    them there and not in the process, so the first meta-batches of the run that built it read
+    from memory."""
     getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
-    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the cache stays as the kernel keeps it
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def read_image_cache(path: Path, key: Mapping) -> MappedCache | None:
