@@ -49,6 +49,7 @@ from mamlrun.data.images import (
     channel_stats,
     check_classes,
     fingerprint,
+    normalisation,
     write_splits,
 )
 from mamlrun.data.pickles import read_pickle, unpickle
@@ -231,8 +232,7 @@ def _tasks(
     """``augmentation``: ``EpisodicImages``'s ``augment`` and ``crop_padding``."""
     data = load_cifar(name, root)
     stats = data.stats or channel_stats(data.splits["train"].images)
-    mean = stats[0] if mean is None else mean
-    std = stats[1] if std is None else std
+    mean, std = normalisation(stats, mean, std)
     info = {"layout": data.layout, "files": data.files, "split": name}
     if data.cache is not None:
         info["cache"] = str(data.cache)

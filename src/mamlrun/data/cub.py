@@ -50,6 +50,7 @@ from mamlrun.data.images import (
     channel_stats,
     check_classes,
     fingerprint,
+    normalisation,
     one_line,
     resize_files,
     write_splits,
@@ -312,9 +313,7 @@ def cub_tasks(
 ) -> EpisodicImages:
     """The task source ``conf/dataset/cub.yaml`` builds."""
     data = load_cub(root)
-    if data.stats is not None:
-        mean = data.stats[0] if mean is None else mean
-        std = data.stats[1] if std is None else std
+    mean, std = normalisation(data.stats, mean, std)
     info = {
         "layout": data.layout,
         "files": data.files,

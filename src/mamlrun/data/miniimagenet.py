@@ -46,6 +46,7 @@ from mamlrun.data.images import (
     ImageSplit,
     cached_splits,
     fingerprint,
+    normalisation,
     one_line,
     resize_files,
     splits_header,
@@ -138,9 +139,7 @@ def miniimagenet_tasks(
     """The task source ``conf/dataset/miniimagenet.yaml`` builds: the data as loaded, served
     by the dataset-independent episodic sampler."""
     data = load_miniimagenet(root)
-    if data.stats is not None:
-        mean = data.stats[0] if mean is None else mean
-        std = data.stats[1] if std is None else std
+    mean, std = normalisation(data.stats, mean, std)
     info = {"layout": data.layout, "files": data.files, "split": "ravi_larochelle"}
     if data.cache is not None:
         info["cache"] = str(data.cache)

@@ -48,6 +48,7 @@ from mamlrun.data.images import (
     ImageSplit,
     cached_splits,
     fingerprint,
+    normalisation,
     splits_header,
 )
 from mamlrun.data.pickles import read_pickle, stream_list
@@ -104,9 +105,7 @@ def tieredimagenet_tasks(
 ) -> EpisodicImages:
     """The task source ``conf/dataset/tieredimagenet.yaml`` builds."""
     data = load_tieredimagenet(root)
-    if data.stats is not None:
-        mean = data.stats[0] if mean is None else mean
-        std = data.stats[1] if std is None else std
+    mean, std = normalisation(data.stats, mean, std)
     info = {
         "layout": "png_pickles",
         "files": data.files,
