@@ -48,9 +48,9 @@ from mamlrun import config
 from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.maml import MAML
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.loop import backward
 from mamlrun.models.conv4 import conv4
 from mamlrun.models.resnet12 import resnet12
+from mamlrun.training.episodes import backward
 
 
 @dataclass(frozen=True)

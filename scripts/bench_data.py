@@ -96,8 +96,8 @@ def time_miniimagenet(root: Path, iterations: int) -> dict:
     from hydra import compose, initialize_config_dir
 
     from mamlrun import config
-    from mamlrun.components import build
-    from mamlrun.loop import backward
+    from mamlrun.training.components import build
+    from mamlrun.training.episodes import backward
 
     peaks = watch_rss()
     config.register_schemas()
@@ -121,7 +121,7 @@ def time_miniimagenet(root: Path, iterations: int) -> dict:
     for step in range(iterations):
         batch = source.sample("train", cfg.meta_batch_size, generator)
         optimizer.zero_grad()
-        backward(algo.meta_objective(model, batch, source.kind, "loop", step))
+        backward(algo.meta_objective(model, batch, source.task_type, "loop", step))
         optimizer.step()
     iteration_s = (time.perf_counter() - start) / iterations
     return {"load_s": load_s, "sample_s": sample_s, "iteration_s": iteration_s,

@@ -22,8 +22,8 @@ from dataclasses import replace
 import torch
 from bench import MINI, SETTINGS, Setting, build_model, make_algo, make_batch, sync
 
-from mamlrun.loop import backward
-from mamlrun.precision import choose
+from mamlrun.models.precision import choose
+from mamlrun.training.episodes import backward
 
 #: name -> (setting, query images per class): conv4 on the Omniglot 5-way 1-shot setting of
 #: ``bench.py`` (one inner step of 0.4) with a meta-batch of 8, and ResNet-12s on one

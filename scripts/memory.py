@@ -36,7 +36,7 @@ MODELS = {"conv4-32": "mini-conv4", "resnet12": "mini-resnet12"}
 
 def probe(model_name: str, checkpoint: bool, query: int, device: str, precision: str) -> dict:
     """One cold second-order meta-gradient of one task in this process: peak MiB and seconds."""
-    from mamlrun.precision import choose
+    from mamlrun.models.precision import choose
 
     device = torch.device(device)
     s = replace(SETTINGS[MODELS[model_name]], meta_batch=1)

@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mamlrun import checkpoint, reference, report
-from mamlrun.metrics import format_ci
+from mamlrun.results import checkpoint, reference, report
+from mamlrun.results.stats import format_ci
 
 
 def curves(run_dir: Path) -> dict[int, list[report.Test]]:

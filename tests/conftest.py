@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.loop import backward
+from mamlrun.training.episodes import backward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,10 +96,10 @@ def reptile(**settings):
     return config.algorithm("reptile", **settings)
 
 
-def meta_gradient(algo, model, batch, kind: str, batching: str, step: int | None = None):
+def meta_gradient(algo, model, batch, task_type: str, batching: str, step: int | None = None):
     """Accumulate the meta-gradient into ``.grad`` as the training loop does; returns the
     logged (mean loss, mean metric)."""
-    return backward(algo.meta_objective(model, batch, kind, batching, step))
+    return backward(algo.meta_objective(model, batch, task_type, batching, step))
 
 
 def finite_difference_error(meta_loss, params: list, exact: torch.Tensor, every: int) -> float:

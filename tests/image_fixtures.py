@@ -52,9 +52,9 @@ def py2_pickle(obj: object) -> bytes:
     return out.getvalue().replace(b"numpy._core", b"numpy.core")
 
 
-def encoded(colour_: tuple[int, int, int], size: tuple[int, int], kind: str) -> bytes:
+def encoded(colour_: tuple[int, int, int], size: tuple[int, int], task_type: str) -> bytes:
     out = io.BytesIO()
-    Image.new("RGB", size, colour_).save(out, kind)
+    Image.new("RGB", size, colour_).save(out, task_type)
     return out.getvalue()
 
 

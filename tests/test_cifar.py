@@ -261,7 +261,7 @@ def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
 def test_each_dataset_alone_picks_its_maml_preset():
     from conftest import compose_train
 
-    from mamlrun.overrides import CommandLine, with_dataset_preset
+    from mamlrun.cli.overrides import CommandLine, with_dataset_preset
 
     for name in ("cifarfs", "fc100"):
         line = with_dataset_preset(CommandLine([], [f"dataset={name}"]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import finite_difference_error, image_batch, maml, meta_gradient
 
-from mamlrun.metrics import loss_fn
+from mamlrun.algorithms.losses import loss_fn
 from mamlrun.models.conv4 import conv4
 
 

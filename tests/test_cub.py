@@ -241,7 +241,7 @@ def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
 def test_dataset_cub_alone_trains_chen_et_als_maml_setup():
     from conftest import compose_train
 
-    from mamlrun.overrides import CommandLine, with_dataset_preset
+    from mamlrun.cli.overrides import CommandLine, with_dataset_preset
 
     line = with_dataset_preset(CommandLine([], ["dataset=cub"]))
     assert line.overrides[0] == "experiment=cub_5w1s"

@@ -40,9 +40,10 @@ def test_cuda_meta_gradient_equals_the_cpu_one(batching):
 def test_training_runs_on_cuda(tmp_path):
     from conftest import compose_train
 
-    from mamlrun import checkpoint, run
+    from mamlrun.results import checkpoint
+    from mamlrun.training import commands
 
     cfg = compose_train("debug=smoke", "device=cuda", "final_adapt=false")
-    run.train(cfg, run_dir=tmp_path)
+    commands.train(cfg, run_dir=tmp_path)
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert state["progress"]["step"] == 20

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlrun.distributed import Context
+from mamlrun.training.distributed import Context
 
 RUN = ("debug=smoke", "final_test=false", "final_adapt=false", "meta_optimizer.task_batching=loop")
 

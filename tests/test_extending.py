@@ -24,7 +24,7 @@ from mamlrun.data.tasks import TaskBatch
 class LineTasks:
     """y = a * x with a per-task slope: regression tasks that any learner can fit."""
 
-    kind, input_shape, output_size = "regression", (1,), 1
+    task_type, input_shape, output_size = "regression", (1,), 1
 
     def __init__(self, shots: int, device=None):
         self.shots, self.device = shots, torch.device(device or "cpu")
@@ -58,11 +58,11 @@ class NoAdaptation:
     def meta_model(self, backbone):
         return backbone
 
-    def meta_objective(self, model, batch, kind, batching, step):
+    def meta_objective(self, model, batch, task_type, batching, step):
         loss = nn.functional.mse_loss(model(batch.x_query), batch.y_query)
         yield Part(loss, loss.detach(), loss.detach(), batch.x_query.shape[0])
 
-    def evaluate(self, model, batch, kind, steps, batching):
+    def evaluate(self, model, batch, task_type, steps, batching):
         with torch.no_grad():
             mse = ((model(batch.x_query) - batch.y_query) ** 2).mean(dim=(1, 2))
         curve = mse[:, None].expand(-1, steps + 1)

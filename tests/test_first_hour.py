@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import compose_train, run_cli
 
-from mamlrun.metrics import format_ci
-from mamlrun.progress import Progress
+from mamlrun.results.stats import format_ci
+from mamlrun.training.progress import Progress
 
 
 # --------------------------------------------------------------- 1. choosing a dataset
@@ -204,8 +204,8 @@ def test_the_logged_loss_is_the_mean_cross_entropy_whatever_the_inner_normalisat
 
 
 def test_hparams_show_booleans_as_text_and_no_target_columns():
-    from mamlrun.components import component_config
-    from mamlrun.logging import hparams_of
+    from mamlrun.results.tensorboard import hparams_of
+    from mamlrun.training.components import component_config
 
     hparams = hparams_of(component_config(compose_train("experiment=omniglot_5w1s")))
     assert hparams["meta_optimizer.first_order"] == "false"

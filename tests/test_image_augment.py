@@ -21,9 +21,9 @@ from image_fixtures import write_cifar_archive
 from omegaconf import OmegaConf
 from test_miniimagenet import one_line_error
 
-from mamlrun import resume
 from mamlrun.data.images import EpisodicImages, ImageSplit
 from mamlrun.errors import MamlrunError
+from mamlrun.training import resume
 
 SIZE, PADDING = 12, 3
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]

@@ -8,11 +8,12 @@ import torch
 from conftest import compose_train
 from test_miniimagenet import write_pickles
 
-from mamlrun import checkpoint, run
 from mamlrun.data.miniimagenet import SPLIT_CLASSES
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.trainer import Launch
-from mamlrun.visualize import task_grid
+from mamlrun.results import checkpoint
+from mamlrun.results.pictures import task_grid
+from mamlrun.training import commands
+from mamlrun.training.trainer import Launch
 
 
 def fixture_config(root, iterations: int, resume: bool = False):
@@ -28,10 +29,10 @@ def fixture_config(root, iterations: int, resume: bool = False):
 def test_a_resumed_miniimagenet_run_matches_an_unbroken_one_bit_for_bit(tmp_path):
     root = tmp_path / "data"
     write_pickles(root, classes=SPLIT_CLASSES, per_class=2)
-    run.train(fixture_config(root, 6), run_dir=tmp_path / "unbroken")
-    run.train(fixture_config(root, 4), run_dir=tmp_path / "broken")
+    commands.train(fixture_config(root, 6), run_dir=tmp_path / "unbroken")
+    commands.train(fixture_config(root, 4), run_dir=tmp_path / "broken")
     extend = Launch(changed=frozenset({"iterations", "resume"}))
-    run.train(fixture_config(root, 6, resume=True), tmp_path / "broken", extend)
+    commands.train(fixture_config(root, 6, resume=True), tmp_path / "broken", extend)
     a, b = (
         checkpoint.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("unbroken", "broken")
     )

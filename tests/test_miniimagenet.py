@@ -21,11 +21,11 @@ import torch
 from conftest import adapts_after_training, compose_train, count_calls, run_cli
 from PIL import Image
 
+from mamlrun.cli.overrides import CommandLine, with_dataset_preset
 from mamlrun.data import miniimagenet
 from mamlrun.data.images import EpisodicImages, channel_stats
 from mamlrun.data.miniimagenet import SPLIT_CLASSES, load_miniimagenet
 from mamlrun.errors import MamlrunError
-from mamlrun.overrides import CommandLine, with_dataset_preset
 
 SMALL = {
     "train": ("n01532829", "n01558993", "n01704323", "n01749939"),

@@ -340,7 +340,7 @@ def use_fake(monkeypatch, fake):
 
 
 def test_interface_attributes(tasks):
-    assert tasks.kind == "classification"
+    assert tasks.task_type == "classification"
     assert tasks.input_shape == (1, 28, 28)
     assert tasks.output_size == 5
     assert tasks.device == torch.device("cpu")

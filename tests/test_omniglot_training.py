@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import compose_train, data_root
 
-from mamlrun import run
+from mamlrun.training import commands
 
 pytestmark = pytest.mark.skipif(
     not (data_root() / "omniglot" / "images_background.zip").is_file(),
@@ -30,7 +30,7 @@ def test_short_5way_1shot_run_beats_chance_by_a_wide_margin(tmp_path, monkeypatc
         "test_tasks=60",
         "device=cpu",
     )
-    best_val = run.train(cfg, run_dir=tmp_path)
+    best_val = commands.train(cfg, run_dir=tmp_path)
     test = json.loads((tmp_path / "test" / "results.json").read_text())
     assert test["metric"] == "accuracy" and test["test_tasks"] == 60
     # Chance is 0.2; after 50 meta-steps MAML is well above 0.5 on held-out characters.
@@ -56,7 +56,7 @@ def test_task_grid_image_is_logged_for_classification(tmp_path, monkeypatch):
         "meta_optimizer.task_batching=loop",
         "meta_optimizer.inner_steps_test=1",
     )
-    run.train(cfg, run_dir=tmp_path)
+    commands.train(cfg, run_dir=tmp_path)
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 1})
     events.Reload()
     assert any(tag.startswith("data/train_task") for tag in events.Tags()["images"])

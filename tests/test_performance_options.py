@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import finite_difference_error, image_batch, maml, meta_gradient
 
-from mamlrun.algorithms import inner
+from mamlrun.algorithms import functional
 from mamlrun.algorithms.maml import MAML
 from mamlrun.errors import MamlrunError
 from mamlrun.models.conv4 import conv4
@@ -66,13 +66,13 @@ def test_checkpointed_meta_gradient_matches_finite_differences():
 def test_checkpointing_recomputes_every_step_in_the_outer_backward(monkeypatch):
     """The option must really take the recomputing path, not fall back to the plain one."""
     calls = []
-    original = inner._RecomputedStep.backward
+    original = functional._RecomputedStep.backward
 
     def counted(ctx, *grads):
         calls.append(ctx.s)
         return original(ctx, *grads)
 
-    monkeypatch.setattr(inner._RecomputedStep, "backward", staticmethod(counted))
+    monkeypatch.setattr(functional._RecomputedStep, "backward", staticmethod(counted))
     flat_meta_gradient(*build(3, True), image_batch(tasks=2))
     assert sorted(calls) == [0, 0, 1, 1, 2, 2]
 
@@ -86,8 +86,8 @@ def saved_bytes(algo: MAML, model: torch.nn.Module, batch) -> int:
         saved.append(weakref.ref(t))
         return t
 
-    grad = inner.autograd_grad(create_graph=True)
-    run = algo.inner_loop(model, "classification", algo.inner_steps, grad, algo.checkpoint_inner)
+    grad = functional.autograd_grad(create_graph=True)
+    run = algo.adaptation(model, "classification", algo.inner_steps, grad, algo.checkpoint_inner)
     xs, ys = batch.x_support[0], batch.y_support[0]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         trajectory, _ = run(algo.meta_tensors(model), xs, ys)

@@ -14,14 +14,16 @@ from conftest import compose_train, maml, meta_gradient
 from omegaconf import OmegaConf
 from torch import nn
 
-from mamlrun import components, config, precision, resume, run
-from mamlrun.algorithms.inner import autograd_grad
+from mamlrun import config
+from mamlrun.algorithms.functional import autograd_grad
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
-from mamlrun.loop import OuterStep
+from mamlrun.models import precision
 from mamlrun.models.conv4 import conv4
 from mamlrun.models.layers import DropBlock
-from mamlrun.precision import Precision
+from mamlrun.models.precision import Precision
+from mamlrun.training import commands, components, resume
+from mamlrun.training.episodes import OuterStep
 
 BF16 = Precision("bf16", "cpu")
 cpu_bf16 = pytest.mark.skipif(
@@ -110,7 +112,7 @@ def test_parameters_gradients_inner_updates_and_losses_stay_float32():
     conv_outputs = []
     model[0].register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
 
-    inner = algo.inner_loop(model, "classification", 2, autograd_grad(create_graph=True))
+    inner = algo.adaptation(model, "classification", 2, autograd_grad(create_graph=True))
     trajectory, forwards = inner(algo.meta_tensors(model), batch.x_support[0], batch.y_support[0])
     assert {t.dtype for params in trajectory for t in params.values()} == {torch.float32}
     assert forwards[-1](trajectory[-1], batch.x_query[0]).dtype == torch.float32
@@ -215,7 +217,7 @@ def test_bf16_is_refused_in_one_line_for_an_algorithm_that_cannot_run_it():
 def test_a_bf16_run_records_its_precision_and_tests_in_fp32(tmp_path):
     """The checkpoint's config holds the training precision; ``test`` runs in its own
     (fp32 unless told) and writes both, so results from bf16 and fp32 runs compare."""
-    run.train(compose_train("debug=smoke", "precision=bf16", "final_adapt=false"), tmp_path)
+    commands.train(compose_train("debug=smoke", "precision=bf16", "final_adapt=false"), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["precision"] == "bf16"
     assert (results["test"]["precision"], results["test"]["trained_precision"]) == ("fp32", "bf16")

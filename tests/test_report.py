@@ -10,7 +10,7 @@ import pytest
 from conftest import compose_train, run_cli
 from omegaconf import OmegaConf
 
-from mamlrun import reference, report
+from mamlrun.results import reference, report
 
 QUICK = ["iterations=10", "val_every=10", "val_tasks=4", "checkpoint_every=10",
          "final_test=true", "test_tasks=8", "device=cpu"]  # fmt: skip
@@ -216,7 +216,7 @@ def plot_script():
 
 
 def test_the_curve_table_and_png_come_from_the_runs_files(tmp_path, capsys):
-    from mamlrun import checkpoint
+    from mamlrun.results import checkpoint
 
     run = fake_run(tmp_path / "long", "omniglot_5w1s", tests=[
         ("periodic_test/5000", 0.97, 0.0066, 10, None),
@@ -251,7 +251,7 @@ def test_a_run_made_before_presets_had_references_is_compared_with_its_presets(t
 
 
 def test_a_training_sweep_ends_with_the_report_grouped_over_seeds(tmp_path, capsys):
-    from mamlrun import sweep
+    from mamlrun.results import sweep
 
     for seed, mean in [(0, 0.985), (1, 0.989)]:
         fake_run(tmp_path / str(seed), "omniglot_5w1s", f"seed={seed}",

@@ -8,14 +8,16 @@ import torch
 from conftest import compose_train, data_root, finite_difference_error, maml, meta_gradient
 from torch import nn
 
-from mamlrun import checkpoint, config, run
+from mamlrun import config
 from mamlrun.algorithms import batching
-from mamlrun.algorithms.inner import autograd_grad
+from mamlrun.algorithms.functional import autograd_grad
 from mamlrun.algorithms.meta_parameters import per_name, split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import DropBlock, batch_norm_layers
 from mamlrun.models.resnet12 import resnet12
+from mamlrun.results import checkpoint
+from mamlrun.training import commands
 
 TINY = [2, 3, 4, 5]
 HAS_OMNIGLOT = (data_root() / "omniglot" / "images_background.zip").is_file()
@@ -122,7 +124,7 @@ def test_loop_and_vmap_batching_give_the_same_meta_gradient():
     ids=["maml", "lslr_bnwb"],
 )
 def test_checkpoint_inner_gives_the_same_meta_gradient(settings):
-    """Inner-loop checkpointing is what lets second-order ResNet-12 fit in memory
+    """Adaptation-loop checkpointing is what lets second-order ResNet-12 fit in memory
     (docs/PERFORMANCE.md, scripts/memory.py); it must not change what is computed."""
     model, batch = tiny(), tasks()
     grads = {}
@@ -136,7 +138,7 @@ def test_checkpoint_inner_gives_the_same_meta_gradient(settings):
 def test_anil_adapts_only_the_head_and_meta_learns_the_body():
     algo = maml(inner_lr=0.3, inner_steps=2, adapt_params="head")
     model, batch = tiny(), tasks()
-    inner = algo.inner_loop(model, "classification", 2, autograd_grad(create_graph=False))
+    inner = algo.adaptation(model, "classification", 2, autograd_grad(create_graph=False))
     trajectory, _ = inner(algo.meta_tensors(model), batch.x_support[0], batch.y_support[0])
     assert [set(p) for p in trajectory] == [{"head.weight", "head.bias"}] * 3
     assert not torch.equal(trajectory[2]["head.weight"], model.head.weight)
@@ -295,7 +297,7 @@ def omniglot_run(*extra: str):
 @pytest.mark.skipif(not HAS_OMNIGLOT, reason=f"Omniglot zips not found under {data_root()}")
 def test_a_tiny_resnet12_trains_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
-    best = run.train(omniglot_run("iterations=2"), run_dir=tmp_path)
+    best = commands.train(omniglot_run("iterations=2"), run_dir=tmp_path)
     assert 0 <= best <= 1
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["progress"]["step"] == 2 and "head.weight" in saved["model"]
@@ -306,9 +308,11 @@ def test_a_tiny_resnet12_trains_end_to_end(tmp_path, monkeypatch):
 def test_a_resumed_drop_block_run_matches_an_unbroken_one_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
     common = ["backbone.drop_block=true", "backbone.drop_block_ramp=3", "backbone.keep_prob=0.8"]
-    run.train(omniglot_run(*common, "iterations=4"), run_dir=tmp_path / "unbroken")
-    run.train(omniglot_run(*common, "iterations=2"), run_dir=tmp_path / "broken")
-    run.train(omniglot_run(*common, "iterations=4", "resume=true"), run_dir=tmp_path / "broken")
+    commands.train(omniglot_run(*common, "iterations=4"), run_dir=tmp_path / "unbroken")
+    commands.train(omniglot_run(*common, "iterations=2"), run_dir=tmp_path / "broken")
+    commands.train(
+        omniglot_run(*common, "iterations=4", "resume=true"), run_dir=tmp_path / "broken"
+    )
     a, b = (
         checkpoint.load(tmp_path / d / "checkpoints" / "last.pt") for d in ("unbroken", "broken")
     )

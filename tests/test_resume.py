@@ -15,8 +15,9 @@ import torch
 from conftest import compose_train as compose
 from conftest import run_cli
 
-from mamlrun import checkpoint, run
 from mamlrun.errors import MamlrunError
+from mamlrun.results import checkpoint
+from mamlrun.training import commands
 
 OVERRIDES = [
     "iterations=600",
@@ -55,7 +56,7 @@ def final_state(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("unbroken")
-    run.train(compose_train(), run_dir=run_dir)
+    commands.train(compose_train(), run_dir=run_dir)
     return run_dir
 
 
@@ -104,35 +105,37 @@ def test_interrupted_and_resumed_run_matches_an_unbroken_run_bit_for_bit(
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(MamlrunError, match="holds no checkpoints/last.pt"):
-        run.train(compose_train("resume=true"), run_dir=tmp_path)
+        commands.train(compose_train("resume=true"), run_dir=tmp_path)
 
 
 def test_a_finished_run_directory_is_not_overwritten(tmp_path):
-    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
     with pytest.raises(MamlrunError, match="already holds a run"):
-        run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+        commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
 
 
 def test_resume_refuses_a_change_to_what_the_run_computes_and_lists_each_key(tmp_path):
-    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
     changed = compose_train("iterations=6", "resume=true", "seed=4", "meta_optimizer.inner_lr=0.5")
     with pytest.raises(MamlrunError) as error:
-        run.train(changed, run_dir=tmp_path)
+        commands.train(changed, run_dir=tmp_path)
     assert "meta_optimizer.inner_lr: 0.01 → 0.5" in str(error.value)
     assert "seed: 3 → 4" in str(error.value)
     assert "iterations" not in str(error.value).split("may only")[0], "extending is allowed"
 
 
 def test_resume_can_extend_a_finished_run(tmp_path):
-    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
-    run.train(compose_train("iterations=6", "val_every=3", "resume=true"), run_dir=tmp_path)
+    commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    commands.train(compose_train("iterations=6", "val_every=3", "resume=true"), run_dir=tmp_path)
     assert final_state(tmp_path)["progress"]["step"] == 6
 
 
 def test_resuming_a_finished_run_without_more_iterations_says_how_to_extend_it(tmp_path):
-    run.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
+    commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
     with pytest.raises(MamlrunError, match="already finished at step 3 of iterations=3"):
-        run.train(compose_train("iterations=3", "val_every=3", "resume=true"), run_dir=tmp_path)
+        commands.train(
+            compose_train("iterations=3", "val_every=3", "resume=true"), run_dir=tmp_path
+        )
 
 
 # ---------------------------------------------------------------- resume from the command line
@@ -215,7 +218,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 
 
 def test_a_time_budget_stops_training_early_but_validates_saves_and_reports(tmp_path):
-    run.train(compose_train("max_minutes=0.0001", "iterations=100000"), run_dir=tmp_path)
+    commands.train(compose_train("max_minutes=0.0001", "iterations=100000"), run_dir=tmp_path)
     state = final_state(tmp_path)
     assert 1 <= state["progress"]["step"] < 100000
     assert state["progress"]["history"][-1][0] == state["progress"]["step"], "validated at the end"

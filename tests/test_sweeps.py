@@ -12,8 +12,8 @@ import pytest
 from conftest import data_root, run_cli
 from omegaconf import OmegaConf
 
-from mamlrun import sweep
-from mamlrun.metrics import mean_ci95_t, t_quantile_975
+from mamlrun.results import sweep
+from mamlrun.results.stats import mean_ci95_t, t_quantile_975
 
 pytestmark = pytest.mark.slow  # every test here runs sweeps of real jobs
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 from conftest import compose_train, image_batch, maml, meta_gradient
 
-from mamlrun import checkpoint, run
 from mamlrun.algorithms import batching
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.models.conv4 import conv4
+from mamlrun.results import checkpoint
+from mamlrun.training import commands
 
 
 def conv_problem(tasks: int = 5):
@@ -125,9 +126,11 @@ def test_a_run_resumed_in_a_new_mode_matches_an_unbroken_one_bit_for_bit(tmp_pat
         "meta_batch_size=3", "val_every=3", "val_tasks=2", "eval_batch_size=2",
         "checkpoint_every=3", "seed=5",
     ]  # fmt: skip
-    run.train(compose_train(*common, "iterations=6"), run_dir=tmp_path / "unbroken")
-    run.train(compose_train(*common, "iterations=3"), run_dir=tmp_path / "broken")
-    run.train(compose_train(*common, "iterations=6", "resume=true"), run_dir=tmp_path / "broken")
+    commands.train(compose_train(*common, "iterations=6"), run_dir=tmp_path / "unbroken")
+    commands.train(compose_train(*common, "iterations=3"), run_dir=tmp_path / "broken")
+    commands.train(
+        compose_train(*common, "iterations=6", "resume=true"), run_dir=tmp_path / "broken"
+    )
     a = checkpoint.load(tmp_path / "unbroken" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")
     assert a["progress"]["step"] == b["progress"]["step"] == 6
@@ -141,7 +144,7 @@ def test_a_chunked_vmap_run_is_configured_from_the_command_line(tmp_path):
         "meta_batch_size=3", "val_every=2", "val_tasks=2",
     )  # fmt: skip
     assert cfg.meta_optimizer.task_batching == "vmap:2"
-    run.train(cfg, run_dir=tmp_path)
+    commands.train(cfg, run_dir=tmp_path)
     saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
     assert saved["task_batching"] == "vmap:2"
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from conftest import compose_train, data_root, image_batch, maml, meta_gradient, reptile
 from torch.func import functional_call
 
-from mamlrun import checkpoint, config, run
+from mamlrun import config
 from mamlrun.algorithms.batching import choose
-from mamlrun.algorithms.inner import autograd_grad
+from mamlrun.algorithms.functional import autograd_grad
 from mamlrun.algorithms.meta_parameters import split
 from mamlrun.algorithms.schedules import msl_weights
 from mamlrun.data.sinusoid import SinusoidTasks
@@ -26,6 +26,8 @@ from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.models.conv4 import conv4
 from mamlrun.models.mlp import mlp
+from mamlrun.results import checkpoint
+from mamlrun.training import commands
 
 ALPHA = 0.05
 
@@ -55,9 +57,9 @@ def randomize(module: torch.nn.Module, low: float, high: float) -> None:
             p.uniform_(low, high)
 
 
-def engine_gradient(algo, model, batch, kind, batching, step=None) -> torch.Tensor:
+def engine_gradient(algo, model, batch, task_type, batching, step=None) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    meta_gradient(algo, model, batch, kind, batching, step=step)
+    meta_gradient(algo, model, batch, task_type, batching, step=step)
     # First order leaves no gradient on what only the support gradient depends on (the
     # backbone's batch-norm weights when per-step ones take over after step 0).
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
@@ -117,7 +119,7 @@ def by_hand(backbone, theta, batch, *, steps, lr, adapted, weights) -> float:
 def test_anil_adapts_only_the_head_in_the_inner_loop():
     algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model = tiny_mlp(algo)
-    inner = algo.inner_loop(model, "regression", 2, autograd_grad(create_graph=False))
+    inner = algo.adaptation(model, "regression", 2, autograd_grad(create_graph=False))
     meta = algo.meta_tensors(model)
     batch = sinusoid_batch()
     trajectory, _ = inner(meta, batch.x_support[0], batch.y_support[0])
@@ -294,7 +296,7 @@ def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
 
     batch = image_batch()
     meta = algo.meta_tensors(model)
-    inner = algo.inner_loop(model, "classification", 2, autograd_grad(create_graph=False))
+    inner = algo.adaptation(model, "classification", 2, autograd_grad(create_graph=False))
     trajectory, forwards = inner(meta, batch.x_support[0], batch.y_support[0])
     assert not any(k in bn for k in trajectory[-1]), "batch-norm weights are not adapted"
     theta = dict(backbone.named_parameters())
@@ -361,7 +363,7 @@ def test_evaluation_with_running_statistics_is_not_transductive(bn_mode):
     if bn_mode == "per_step":
         meta_gradient(algo, model, batch, "classification", "loop")  # collect some statistics
     meta = algo.meta_tensors(model)
-    inner = algo.inner_loop(model, "classification", 1, autograd_grad(create_graph=False))
+    inner = algo.adaptation(model, "classification", 1, autograd_grad(create_graph=False))
     model.eval()
     trajectory, forwards = inner(meta, batch.x_support[0], batch.y_support[0])
     x = batch.x_query[0]
@@ -477,7 +479,7 @@ META_OPTIMIZERS = sorted(p.stem for p in (config.config_dir() / "meta_optimizer"
 @pytest.mark.parametrize("meta_optimizer", META_OPTIMIZERS)
 def test_every_meta_optimizer_trains_tests_and_adapts(tmp_path, meta_optimizer):
     cfg = compose_train("debug=smoke", f"meta_optimizer={meta_optimizer}", "baseline.steps=2")
-    run.train(cfg, run_dir=tmp_path)
+    commands.train(cfg, run_dir=tmp_path)
     mode = cfg.meta_optimizer.bn_mode
     assert json.loads((tmp_path / "results.json").read_text())["bn_mode"] == mode
     assert json.loads((tmp_path / "test" / "results.json").read_text())["bn_mode"] == mode
@@ -527,9 +529,11 @@ def test_resumed_maml_plus_plus_run_matches_an_unbroken_one_bit_for_bit(
         "seed=5",
         "meta_optimizer.scheduler.T_max=6",  # the same schedule whatever `iterations` says
     ]
-    run.train(compose_train(*common, "iterations=6"), run_dir=tmp_path / "unbroken")
-    run.train(compose_train(*common, "iterations=3"), run_dir=tmp_path / "broken")
-    run.train(compose_train(*common, "iterations=6", "resume=true"), run_dir=tmp_path / "broken")
+    commands.train(compose_train(*common, "iterations=6"), run_dir=tmp_path / "unbroken")
+    commands.train(compose_train(*common, "iterations=3"), run_dir=tmp_path / "broken")
+    commands.train(
+        compose_train(*common, "iterations=6", "resume=true"), run_dir=tmp_path / "broken"
+    )
 
     a = checkpoint.load(tmp_path / "unbroken" / "checkpoints" / "last.pt")
     b = checkpoint.load(tmp_path / "broken" / "checkpoints" / "last.pt")

@@ -23,8 +23,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from mamlrun import precision
 from mamlrun.errors import MamlrunError
+from mamlrun.models import precision
 
 #: Parts of ``meta_optimizer`` that configure the outer loop, not the algorithm.
 OUTER_PARTS = ("optimizer", "scheduler")
@@ -226,7 +226,10 @@ def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> N
                 f"{path}.{key}={py_value!r} has the wrong type: expected {_type_name(expected)}"
             )
     for name, p in params.items():
-        is_required = p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        is_required = p.default is p.empty and p.kind in (
+            p.POSITIONAL_OR_KEYWORD,
+            p.KEYWORD_ONLY,
+        )
         if is_required and name not in node and name not in injected and name != "self":
             if not node.get("_partial_", False):
                 raise MamlrunError(f"missing key {path}.{name} (required by {node._target_})")

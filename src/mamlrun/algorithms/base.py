@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.precision import Precision
+from mamlrun.models.precision import Precision
 
 
 class Part(NamedTuple):
@@ -55,7 +55,7 @@ MEMBERS = (
 class Algorithm(Protocol):
     #: ``auto``, or one of ``batching_modes``: how the tasks of a meta-batch run.
     task_batching: str
-    #: Inner steps at validation and test time when the command does not say.
+    #: Adaptation steps at validation and test time when the command does not say.
     inner_steps_test: int
 
     @property
@@ -69,13 +69,13 @@ class Algorithm(Protocol):
         ...
 
     def meta_objective(
-        self, model: nn.Module, batch: TaskBatch, kind: str, batching: str, step: int | None
+        self, model: nn.Module, batch: TaskBatch, task_type: str, batching: str, step: int | None
     ) -> Iterator[Part]:
         """The outer objective of one meta-batch at training iteration ``step``, in parts."""
         ...
 
     def evaluate(
-        self, model: nn.Module, batch: TaskBatch, kind: str, steps: int, batching: str
+        self, model: nn.Module, batch: TaskBatch, task_type: str, steps: int, batching: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and metric of every task after 0…``steps`` inner steps, as two
         ``[tasks, steps + 1]`` tensors; the meta-parameters are not changed."""

@@ -47,13 +47,13 @@ TaskFn = Callable[..., Any]
 
 def parse(mode: str) -> tuple[str, int | None]:
     """``("vmap", 8)`` for ``vmap:8``, ``(mode, None)`` otherwise; ValueError if unknown."""
-    kind, _, chunk = mode.partition(":")
-    if kind not in MODES or (chunk and (kind != "vmap" or not chunk.isdigit() or int(chunk) < 1)):
+    name, _, chunk = mode.partition(":")
+    if name not in MODES or (chunk and (name != "vmap" or not chunk.isdigit() or int(chunk) < 1)):
         raise ValueError(
             f"unknown task batching {mode!r} (one of {', '.join(MODES)}, or vmap:C for chunks "
             "of C tasks)"
         )
-    return kind, int(chunk) if chunk else None
+    return name, int(chunk) if chunk else None
 
 
 def chunks(batch: TaskBatch, size: int | None) -> list[TaskBatch]:
@@ -75,12 +75,12 @@ def map_tasks(
     ``make_fn`` rather than ``fn``, because ``threads`` needs one per worker, each from its own
     copy of ``model``.
     """
-    kind, chunk = parse(mode)
-    if kind == "vmap":
+    name, chunk = parse(mode)
+    if name == "vmap":
         batched = torch.func.vmap(make_fn(model), in_dims=(None, 0, 0, 0, 0))
         parts = [batched(shared, *part) for part in chunks(batch, chunk)]
         return parts[0] if len(parts) == 1 else _tree(torch.cat, parts)
-    if kind == "threads":
+    if name == "threads":
         return _tree(torch.stack, list(in_threads(make_fn, model, shared, batch)))
     fn = make_fn(model)
     return _tree(torch.stack, [fn(shared, *task) for task in zip(*batch, strict=True)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mamlrun.algorithms.inner import Params
+from mamlrun.algorithms.functional import Params
 from mamlrun.algorithms.meta_parameters import key
 
 #: ``none``: the fixed ``inner_lr``. Others are learned, starting at ``inner_lr``.

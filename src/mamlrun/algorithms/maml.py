@@ -1,6 +1,6 @@
 """MAML (Finn et al. 2017): the outer objective is the query loss after adaptation.
 
-The inner loop and evaluation are ``InnerLoop``'s; MAML adds the outer objective: adapt on
+The inner loop and evaluation are ``GradientLearner``'s; MAML adds the outer objective: adapt on
 each task's support set, take the loss on its query set, average over tasks. Its family is
 flags: first order (``first_order``), ANIL (``adapt_params=head``), Meta-SGD and MAML++'s
 rates (``learned_inner_lr``), MAML++'s per-step batch norm, and the two MAML++ settings that
@@ -19,16 +19,16 @@ from torch import nn
 from mamlrun.algorithms import schedules
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import chunks, in_threads, map_tasks, parse
-from mamlrun.algorithms.inner import autograd_grad, functional_grad
-from mamlrun.algorithms.inner_loop import InnerLoop, scored
+from mamlrun.algorithms.functional import autograd_grad, functional_grad
+from mamlrun.algorithms.learner import GradientLearner, scored
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import tell_training_step
 
 
 @dataclass
-class MAML(InnerLoop):
-    """``InnerLoop``'s settings plus MAML++'s training schedules.
+class MAML(GradientLearner):
+    """``GradientLearner``'s settings plus MAML++'s training schedules.
 
     Attributes:
         multi_step_loss: MAML++'s MSL: outer loss over the query losses after every inner
@@ -51,7 +51,7 @@ class MAML(InnerLoop):
         self,
         model: nn.Module,
         batch: TaskBatch,
-        kind: str,
+        task_type: str,
         batching: str,
         step: int | None = None,
     ) -> Iterator[Part]:
@@ -74,20 +74,20 @@ class MAML(InnerLoop):
         scored_steps = [(s + 1, w) for s, w in enumerate(weights) if w != 0]
         how, chunk = parse(batching)
         if how == "vmap":
-            yield from self._batched(model, batch, kind, first_order, scored_steps, chunk)
+            yield from self._batched(model, batch, task_type, first_order, scored_steps, chunk)
         elif how == "threads":
-            yield self._threaded(model, batch, kind, first_order, scored_steps)
+            yield self._threaded(model, batch, task_type, first_order, scored_steps)
         else:
-            yield from self._looped(model, batch, kind, first_order, scored_steps)
+            yield from self._looped(model, batch, task_type, first_order, scored_steps)
 
-    def _batched(self, model, batch, kind, first_order, scored_steps, chunk) -> Iterator[Part]:
+    def _batched(self, model, batch, task_type, first_order, scored_steps, chunk) -> Iterator[Part]:
         """Under ``vmap``, one part per chunk of tasks (the whole meta-batch without one)."""
         meta, n = self.meta_tensors(model), batch.num_tasks
         steps = [s for s, _ in scored_steps]
 
         def task(m: nn.Module):
-            inner = self.inner_loop(m, kind, self.inner_steps, functional_grad(first_order))
-            return scored(inner, kind, self.loss_normalization, steps)
+            inner = self.adaptation(m, task_type, self.inner_steps, functional_grad(first_order))
+            return scored(inner, task_type, self.loss_normalization, steps)
 
         for part in chunks(batch, chunk):
             objectives, losses, metrics = map_tasks(task, model, meta, part, "vmap")
@@ -98,14 +98,14 @@ class MAML(InnerLoop):
                 part.num_tasks,
             )  # fmt: skip
 
-    def _task(self, model, kind, first_order, scored_steps):
+    def _task(self, model, task_type, first_order, scored_steps):
         """One task's weighted objective, its last query loss and metric (per-task paths)."""
         checkpoint = self.checkpoint_inner and not first_order
-        inner = self.inner_loop(
-            model, kind, self.inner_steps, autograd_grad(not first_order), checkpoint
+        inner = self.adaptation(
+            model, task_type, self.inner_steps, autograd_grad(not first_order), checkpoint
         )
         steps = [s for s, _ in scored_steps]
-        task = scored(inner, kind, self.loss_normalization, steps, fused_query=True)
+        task = scored(inner, task_type, self.loss_normalization, steps, fused_query=True)
 
         def weighted(meta, xs, ys, xq, yq):
             objectives, losses, metrics = task(meta, xs, ys, xq, yq)
@@ -114,15 +114,15 @@ class MAML(InnerLoop):
 
         return weighted
 
-    def _looped(self, model, batch, kind, first_order, scored_steps) -> Iterator[Part]:
+    def _looped(self, model, batch, task_type, first_order, scored_steps) -> Iterator[Part]:
         """One part per task, so the loop can free a task's graph before the next is built."""
         meta, n = self.meta_tensors(model), batch.num_tasks
-        task = self._task(model, kind, first_order, scored_steps)
+        task = self._task(model, task_type, first_order, scored_steps)
         for xs, ys, xq, yq in zip(*batch, strict=True):
             objective, loss, metric = task(meta, xs, ys, xq, yq)
             yield Part(objective / n, loss, metric, 1)
 
-    def _threaded(self, model, batch, kind, first_order, scored_steps) -> Part:
+    def _threaded(self, model, batch, task_type, first_order, scored_steps) -> Part:
         """Tasks on worker threads, each returning its meta-gradient (``autograd.grad``: no
         shared ``.grad`` is touched from two threads); summed in task order as they come (the
         loop's order of accumulation, so one intra-op thread gives the loop's bits), they come
@@ -131,7 +131,7 @@ class MAML(InnerLoop):
         leaves = [t for group in meta.values() for t in group.values()]
 
         def task(m: nn.Module):
-            weighted = self._task(m, kind, first_order, scored_steps)
+            weighted = self._task(m, task_type, first_order, scored_steps)
 
             def gradient(meta, xs, ys, xq, yq):
                 objective, loss, metric = weighted(meta, xs, ys, xq, yq)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mamlrun.algorithms.inner import Params
+from mamlrun.algorithms.functional import Params
 from mamlrun.algorithms.meta_parameters import key
 from mamlrun.models.layers import TaskBatchNorm2d
 

@@ -6,7 +6,7 @@ meta-gradient is ``θ − mean_i φ_i``, so an outer SGD step with learning rate
 update ``θ ← θ + ε (mean_i φ_i − θ)``; the paper's linearly annealed ε is an outer-SGD
 schedule in the config. It needs no second derivatives and no meta-graph.
 
-Reptile is the shared inner loop (``InnerLoop``, always first order) with another outer
+Reptile is the shared inner loop (``GradientLearner``, always first order) with another outer
 update, so evaluation, the batching choice and batch-norm handling are the same as MAML's.
 """
 
@@ -20,20 +20,20 @@ from torch import nn
 
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import map_tasks, parse
-from mamlrun.algorithms.inner import autograd_grad, functional_grad
-from mamlrun.algorithms.inner_loop import InnerLoop
+from mamlrun.algorithms.functional import autograd_grad, functional_grad
+from mamlrun.algorithms.learner import GradientLearner
+from mamlrun.algorithms.losses import loss_fn, loss_scale, metric_fn
 from mamlrun.algorithms.meta_parameters import split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
-from mamlrun.metrics import loss_fn, loss_scale, metric_fn
 from mamlrun.models.layers import tell_training_step
 
 
 @dataclass
-class Reptile(InnerLoop):
-    """``InnerLoop``'s settings, used first order; Reptile's outer update.
+class Reptile(GradientLearner):
+    """``GradientLearner``'s settings, used first order; Reptile's outer update.
 
-    Inner Adam (``inner_optimizer=adam``, the paper's, with β1 = 0) starts afresh for every
+    Adaptation Adam (``inner_optimizer=adam``, the paper's, with β1 = 0) starts afresh for every
     task (the original code carries its state over from task to task). Each inner step uses
     all the task's examples (the paper draws mini-batches).
     """
@@ -57,7 +57,7 @@ class Reptile(InnerLoop):
         self,
         model: nn.Module,
         batch: TaskBatch,
-        kind: str,
+        task_type: str,
         batching: str,
         step: int | None = None,
     ) -> Iterator[Part]:
@@ -76,16 +76,16 @@ class Reptile(InnerLoop):
         grad = autograd_grad(False) if per_task else functional_grad(True)
         tasks = TaskBatch(x, y, batch.x_query, batch.y_query)
         phis, losses, metrics = map_tasks(
-            lambda m: self._task(m, kind, grad, per_task), model, meta, tasks, batching
+            lambda m: self._task(m, task_type, grad, per_task), model, meta, tasks, batching
         )
         with torch.no_grad():
             directions = {k: p.detach() - phis[k].mean(0) for k, p in theta.items()}
         objective = sum((p * directions[k]).sum() for k, p in theta.items())
         yield Part(objective, losses.mean(), metrics.mean(), batch.num_tasks)
 
-    def _task(self, model: nn.Module, kind: str, grad, per_task: bool):
-        inner = self.inner_loop(model, kind, self.inner_steps, grad)
-        loss, metric = loss_fn(kind, self.loss_normalization), metric_fn(kind)
+    def _task(self, model: nn.Module, task_type: str, grad, per_task: bool):
+        inner = self.adaptation(model, task_type, self.inner_steps, grad)
+        loss, metric = loss_fn(task_type, self.loss_normalization), metric_fn(task_type)
 
         def task(meta, x, y, xq, yq):
             if per_task:  # fresh leaves: autograd's inner gradients need θ to require grad
@@ -94,7 +94,7 @@ class Reptile(InnerLoop):
             with torch.no_grad():
                 phi = {k: t.detach() for k, t in trajectory[-1].items()}
                 out = forwards[-1](phi, xq)
-                scale = loss_scale(kind, self.loss_normalization, out.shape[-1])
+                scale = loss_scale(task_type, self.loss_normalization, out.shape[-1])
                 return phi, loss(out, yq) / scale, metric(out, yq)
 
         return task

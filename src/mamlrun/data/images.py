@@ -187,7 +187,7 @@ class EpisodicImages:
     horizontal flip with probability 1/2 (``augment_pixels``); val and test never are.
     """
 
-    kind = "classification"
+    task_type = "classification"
 
     def __init__(
         self,
@@ -578,9 +578,9 @@ class DecodePool:
     def __enter__(self) -> DecodePool:
         return self
 
-    def __exit__(self, kind, error, trace) -> None:
+    def __exit__(self, exc_type, error, trace) -> None:
         try:
-            while self._pending and kind is None:
+            while self._pending and exc_type is None:
                 self._next()
         finally:
             if self._pool is not None:
@@ -677,7 +677,7 @@ class ImageCacheWriter:
     def __enter__(self) -> ImageCacheWriter:
         return self
 
-    def __exit__(self, kind, error, trace) -> None:
+    def __exit__(self, exc_type, error, trace) -> None:
         if not self._file.closed:
             self._file.close()
         self._tmp.unlink(missing_ok=True)

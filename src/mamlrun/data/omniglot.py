@@ -437,7 +437,7 @@ class OmniglotTasks:
     ``storage="cpu"`` keeps the splits in host memory on a GPU run (``EpisodicImages``).
     """
 
-    kind = "classification"
+    task_type = "classification"
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ class SinusoidTasks:
     the generator that draws them, which the episode loop fixes for validation and test.
     """
 
-    kind = "regression"
+    task_type = "regression"
     input_shape = (1,)
     output_size = 1
 

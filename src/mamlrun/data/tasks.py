@@ -35,12 +35,12 @@ class TaskBatch(NamedTuple):
 class TaskSource(Protocol):
     """A task distribution with train / val / test splits.
 
-    ``kind`` picks loss and metric (``"regression"`` → MSE, ``"classification"`` →
+    ``task_type`` picks loss and metric (``"regression"`` → MSE, ``"classification"`` →
     cross-entropy and accuracy). ``input_shape`` and ``output_size`` are what a backbone
     builder needs to size its first and last layers.
     """
 
-    kind: str
+    task_type: str
     input_shape: tuple[int, ...]
     output_size: int
     device: torch.device

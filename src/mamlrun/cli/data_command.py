@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mamlrun import config, messages
+from mamlrun import config
+from mamlrun.cli import messages
 from mamlrun.data.download import offline
 from mamlrun.errors import MamlrunError
 

@@ -19,22 +19,24 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from mamlrun import checkpoint, config
-from mamlrun.baseline import pretrain_jointly
-from mamlrun.components import Components, build, resolve_device
+from mamlrun import config
+from mamlrun.algorithms.losses import METRIC
 from mamlrun.errors import MamlrunError
-from mamlrun.files import write_json
-from mamlrun.logging import TensorBoardLogger
-from mamlrun.loop import evaluate
-from mamlrun.metrics import METRIC, format_ci, mean_ci95
-from mamlrun.progress import Progress
+from mamlrun.results import checkpoint
+from mamlrun.results.files import write_json
+from mamlrun.results.stats import format_ci, mean_ci95
+from mamlrun.results.tensorboard import TensorBoardLogger
+from mamlrun.training.baseline import pretrain_jointly
+from mamlrun.training.components import Components, build, resolve_device
+from mamlrun.training.episodes import evaluate
+from mamlrun.training.progress import Progress
 
 log = logging.getLogger("mamlrun")
 
 
 @dataclass
 class Restored:
-    parts: Components
+    built: Components
     saved: dict[str, Any]
     components: Any  # the checkpoint's component config, to rebuild the baseline from
     path: Path
@@ -46,7 +48,7 @@ class Restored:
 
     @property
     def metric_name(self) -> str:
-        return METRIC[self.parts.source.kind][0]
+        return METRIC[self.components.source.task_type][0]
 
     @property
     def trained_precision(self) -> str:
@@ -77,30 +79,30 @@ def restore(settings: config.TestConfig) -> Restored:
     if settings.data_root is not None and "root" in components.dataset:
         components.dataset.root = settings.data_root
     components = config.validate(components, config.ComponentsOnly)
-    parts = build(components, device, seed=0, precision_name=settings.precision)
+    built = build(components, device, seed=0, precision_name=settings.precision)
     try:
-        parts.model.load_state_dict(saved["model"])
+        built.model.load_state_dict(saved["model"])
     except RuntimeError as ex:
         raise MamlrunError(
             f"{path}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
         ) from None
-    return Restored(parts, saved, components, path)
+    return Restored(built, saved, components, path)
 
 
 def _steps(settings: config.TestConfig, restored: Restored) -> int:
     steps = settings.inner_steps
-    return restored.parts.algorithm.inner_steps_test if steps is None else steps
+    return restored.built.algorithm.inner_steps_test if steps is None else steps
 
 
 def _curves(restored: Restored, settings: config.TestConfig, steps: int, what: str) -> dict:
-    parts = restored.parts
+    built = restored.built
     with Progress(
         what, settings.test_tasks, unit="tasks", every_s=settings.progress_seconds
     ) as bar:
         return evaluate(
-            parts.algorithm,
-            parts.model,
-            parts.source,
+            built.algorithm,
+            built.model,
+            built.source,
             split="test",
             seed=settings.test_seed,
             num_tasks=settings.test_tasks,
@@ -128,10 +130,10 @@ def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any
         "ci95": ci,
         "precision": settings.precision,
         "trained_precision": restored.trained_precision,
-        **restored.parts.algorithm.describe(),
+        **restored.built.algorithm.describe(),
         "checkpoint": str(restored.path),
         "trained_steps": restored.saved.get("progress", {}).get("step"),
-        "dataset": restored.parts.source.describe(),
+        "dataset": restored.built.source.describe(),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
@@ -159,7 +161,7 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
         **_per_step(_curves(restored, settings, steps, "adapt")),
         "baseline": None,
     }
-    if settings.baseline.enabled and restored.parts.source.kind == "regression":
+    if settings.baseline.enabled and restored.built.source.task_type == "regression":
         baseline = _pretrained_baseline(restored, settings)
         results["baseline"] = _per_step(_curves(baseline, settings, steps, "adapt baseline"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,19 +178,19 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
 
 def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
     b = settings.baseline
-    device = restored.parts.source.device
-    parts = build(restored.components, device, seed=b.seed, precision_name=settings.precision)
+    device = restored.built.source.device
+    built = build(restored.components, device, seed=b.seed, precision_name=settings.precision)
     with Progress("baseline", b.steps, every_s=settings.progress_seconds) as bar:
         pretrain_jointly(
-            parts.model,
-            parts.source,
+            built.model,
+            built.source,
             steps=b.steps,
             lr=b.lr,
             batch_size=b.batch_size,
             seed=b.seed,
             on_step=bar.update,
         )
-    return Restored(parts, restored.saved, restored.components, restored.path)
+    return Restored(built, restored.saved, restored.components, restored.path)
 
 
 def _per_step(curves: dict[str, torch.Tensor]) -> dict[str, list]:

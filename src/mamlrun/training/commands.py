@@ -15,14 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import config, distributed, reference
-from mamlrun.components import resolve_device
+from mamlrun import config
 from mamlrun.errors import MamlrunError
-from mamlrun.evaluation import adapt_checkpoint, test_checkpoint
-from mamlrun.files import write_json
-from mamlrun.metrics import format_ci
-from mamlrun.signals import StopFlag, catch_signals
-from mamlrun.trainer import Launch, Trainer, fit
+from mamlrun.results import reference
+from mamlrun.results.files import write_json
+from mamlrun.results.stats import format_ci
+from mamlrun.training import distributed
+from mamlrun.training.components import resolve_device
+from mamlrun.training.evaluation import adapt_checkpoint, test_checkpoint
+from mamlrun.training.signals import StopFlag, catch_signals
+from mamlrun.training.trainer import Launch, Trainer, fit
 
 log = logging.getLogger("mamlrun")
 

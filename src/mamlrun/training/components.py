@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun import config, precision
+from mamlrun import config
 from mamlrun.algorithms.base import MEMBERS, Algorithm, SupportsPrecision
 from mamlrun.data.tasks import TaskSource
 from mamlrun.errors import MamlrunError
+from mamlrun.models import precision
 
 COMPONENTS = ("dataset", "backbone", "meta_optimizer")
 

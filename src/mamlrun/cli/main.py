@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
         return _error(f"unknown command {command!r} (choose from {', '.join(COMMANDS)}; see "
                       "mamlrun --help)")  # fmt: skip
     if "--help" in rest or "-h" in rest:
-        from mamlrun import helptext
+        from mamlrun.cli import helptext
 
         print(helptext.render(command, COMMANDS[command]), end="")
         return 0
@@ -93,9 +93,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
 
 
 def _tool(command: str, args: list[str]) -> int:
-    from mamlrun import datacmd, report
+    from mamlrun.cli import data_command
+    from mamlrun.results import report
 
-    tool = {"report": report.main, "data": datacmd.main}[command]
+    tool = {"report": report.main, "data": data_command.main}[command]
     try:
         code = tool(args)
     except MamlrunError as ex:
@@ -105,7 +106,7 @@ def _tool(command: str, args: list[str]) -> int:
 
 def _prepare(command: str, args: list[str]):
     """The command line Hydra will run (see ``overrides``), checked by composing it once."""
-    from mamlrun import overrides
+    from mamlrun.cli import overrides
 
     line = overrides.CommandLine.parse(args)
     line = overrides.CommandLine(line.flags, overrides.renamed(command, line.overrides))
@@ -126,13 +127,14 @@ def _compose(command: str, args: list[str], check_required: bool = True) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from mamlrun import config, messages
+    from mamlrun import config
+    from mamlrun.cli import messages
 
     config.register_schemas()
     first = _first_job(args)
 
     def known_keys(bad: str) -> list[str]:
-        from mamlrun.overrides import key_of
+        from mamlrun.cli.overrides import key_of
 
         try:
             with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
@@ -203,8 +205,9 @@ def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mamlrun import messages, run
-    from mamlrun.signals import Interrupted
+    from mamlrun.cli import messages
+    from mamlrun.training import commands
+    from mamlrun.training.signals import Interrupted
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -212,8 +215,8 @@ def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any
         return _sweep_job(command, cfg, run_dir)
     try:
         if command == "train":
-            return run.train(cfg, run_dir, _launch(cfg, original))
-        return getattr(run, command)(cfg, run_dir)
+            return commands.train(cfg, run_dir, _launch(cfg, original))
+        return getattr(commands, command)(cfg, run_dir)
     except MamlrunError as ex:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -227,7 +230,7 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     from mamlrun import config
-    from mamlrun.run import Launch
+    from mamlrun.training.commands import Launch
 
     hydra_cfg = HydraConfig.get()
     direction = hydra_cfg.sweeper.get("direction")
@@ -264,16 +267,20 @@ def _sweep_job(command: str, cfg: Any, job_dir: Path) -> Any:
     NaN, which Optuna records as a failed trial."""
     from hydra.core.hydra_config import HydraConfig
 
-    from mamlrun import messages, run, sweep
+    from mamlrun.cli import messages
+    from mamlrun.results import sweep
+    from mamlrun.training import commands
 
     try:
         if command == "train":
             hydra_cfg = HydraConfig.get()
             direction = hydra_cfg.sweeper.get("direction")
             preset = hydra_cfg.runtime.choices.get("experiment")
-            launch = run.Launch(None, direction if isinstance(direction, str) else None, preset)
-            return run.train(cfg, job_dir, launch)
-        return getattr(run, command)(cfg, job_dir)
+            launch = commands.Launch(
+                None, direction if isinstance(direction, str) else None, preset
+            )
+            return commands.train(cfg, job_dir, launch)
+        return getattr(commands, command)(cfg, job_dir)
     except SweepConfigError as ex:
         print(f"mamlrun: error: {messages.one_line(ex)}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -305,7 +312,7 @@ def _quiet_rank(args: list[str]) -> tuple[list[str], str | None]:
 def _complete(args: list[str]) -> Any:
     """Shell completion: Hydra's script calls ``mamlrun -sc query=SHELL`` with the typed line in
     ``COMP_LINE``; pick the subcommand from that line and let Hydra complete the rest."""
-    from mamlrun import overrides
+    from mamlrun.cli import overrides
 
     line = os.environ.get("COMP_LINE", "")
     words = line.split()

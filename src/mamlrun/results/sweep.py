@@ -4,7 +4,7 @@ over seeds (mean ± 95% CI), printed and written as CSV into the sweep directory
 The summary is built from what the jobs left on disk (``.hydra/overrides.yaml``,
 ``results.json``, ``failure.json``), not from the launcher's return values, so it works the
 same for local, joblib and Slurm jobs, counts a failed or killed job instead of losing the
-others, and can be rebuilt later with ``python -m mamlrun.sweep DIR``.
+others, and can be rebuilt later with ``python -m mamlrun.results.sweep DIR``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mamlrun.metrics import mean_ci95_t
+from mamlrun.results.stats import mean_ci95_t
 
 FAILURE_FILE = "failure.json"
 GROUPED_OVER = "seed"
@@ -261,8 +261,8 @@ class SweepSummary(Callback):
 
 def _report(sweep_dir: Path) -> None:
     """The jobs against their presets' references (``mamlrun report``), grouped over seeds."""
-    from mamlrun import report
     from mamlrun.errors import MamlrunError
+    from mamlrun.results import report
 
     try:
         rows = report.rows_of([sweep_dir])
@@ -275,11 +275,11 @@ def _report(sweep_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mamlrun.sweep SWEEP_DIR``: rebuild the summary of a sweep, e.g. after some
-    of its jobs were rerun."""
+    """``python -m mamlrun.results.sweep SWEEP_DIR``: rebuild the summary of a sweep, e.g.
+    after some of its jobs were rerun."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m mamlrun.sweep SWEEP_DIR", file=sys.stderr)
+        print("usage: python -m mamlrun.results.sweep SWEEP_DIR", file=sys.stderr)
         return 2
     summary = summarise(args[0])
     write(summary)

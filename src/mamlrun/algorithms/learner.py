@@ -1,6 +1,6 @@
 """The inner loop every algorithm of the family shares: its settings, and evaluation.
 
-``InnerLoop`` holds how a task is adapted to (step size, steps, which parameters, learned
+``GradientLearner`` holds how a task is adapted to (step size, steps, which parameters, learned
 rates, batch-norm handling, the inner optimizer) and builds the per-task function that does
 it. MAML (``maml.MAML``) and Reptile (``reptile.Reptile``) are these settings plus their own
 outer update, so neither copies the other's fields, and evaluation (adapt on the support
@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from mamlrun.algorithms import learned_lr, per_step, selection
 from mamlrun.algorithms.batching import map_tasks, parse
-from mamlrun.algorithms.inner import (
+from mamlrun.algorithms.functional import (
     Forward,
     GradFn,
     Params,
@@ -35,12 +35,12 @@ from mamlrun.algorithms.inner import (
     checkpointed_adapt,
     functional_grad,
 )
+from mamlrun.algorithms.losses import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
 from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
-from mamlrun.metrics import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
 from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
-from mamlrun.precision import FP32, Precision
+from mamlrun.models.precision import FP32, Precision
 
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
 #: (the task's support or query set), as the original MAML. ``per_step``: running statistics
@@ -52,11 +52,11 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 #: algorithm's extras (``inner_lr``, ``bn_weights``), each a ``{backbone name: tensor}`` dict.
 Meta = dict[str, Params]
 #: One task's inner loop: ``(meta, x, y) -> (trajectory θ_0…θ_S, forward to use with each θ_s)``.
-Inner = Callable[[Meta, torch.Tensor, torch.Tensor], tuple[list[Params], list[Forward]]]
+Adaptation = Callable[[Meta, torch.Tensor, torch.Tensor], tuple[list[Params], list[Forward]]]
 
 
 @dataclass
-class InnerLoop:
+class GradientLearner:
     """How a task is adapted to. The values live in ``conf/meta_optimizer/*.yaml`` (build one
     from there with ``config.algorithm``); here are the types and what they mean.
 
@@ -152,7 +152,7 @@ class InnerLoop:
             "inner_steps_test": self.inner_steps_test,
         }
 
-    def with_precision(self, precision: Precision) -> InnerLoop:
+    def with_precision(self, precision: Precision) -> GradientLearner:
         """A copy whose forward passes run in ``precision`` (``base.SupportsPrecision``).
 
         Every forward pass of the family goes through ``inner_loop``'s ``forward`` (inner
@@ -182,7 +182,7 @@ class InnerLoop:
         return MetaModel(backbone, extras) if extras else backbone
 
     def evaluate(
-        self, model: nn.Module, batch: TaskBatch, kind: str, steps: int, batching: str
+        self, model: nn.Module, batch: TaskBatch, task_type: str, steps: int, batching: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and metric of every task after 0…``steps`` inner steps (``[tasks,
         steps + 1]`` each); the meta-parameters are not touched."""
@@ -194,12 +194,12 @@ class InnerLoop:
 
         def task(m: nn.Module):
             if batched:
-                adapted = self.inner_loop(m, kind, steps, functional_grad(first_order=True))
+                adapted = self.adaptation(m, task_type, steps, functional_grad(first_order=True))
             else:
                 adapted = _without_outer_graph(
-                    self.inner_loop(m, kind, steps, autograd_grad(False))
+                    self.adaptation(m, task_type, steps, autograd_grad(False))
                 )
-            return scored(adapted, kind, self.loss_normalization, range(steps + 1))
+            return scored(adapted, task_type, self.loss_normalization, range(steps + 1))
 
         with self._evaluation_mode(model), torch.no_grad():
             _, losses, metrics = map_tasks(task, model, meta, batch, batching)
@@ -231,9 +231,9 @@ class InnerLoop:
                 meta[name] = per_name(extras[name])
         return meta
 
-    def inner_loop(
-        self, model: nn.Module, kind: str, steps: int, grad: GradFn, checkpoint: bool = False
-    ) -> Inner:
+    def adaptation(
+        self, model: nn.Module, task_type: str, steps: int, grad: GradFn, checkpoint: bool = False
+    ) -> Adaptation:
         """One task's inner loop of ``steps`` steps with these settings.
 
         The returned function maps ``(meta, x, y)`` to the trajectory of the adapted
@@ -246,7 +246,7 @@ class InnerLoop:
         backbone, extras = split(model)
         adapted = self._adapted_names(backbone)
         stats = per_name(extras["bn_stats"]) if "bn_stats" in extras else {}
-        loss = loss_fn(kind, self.loss_normalization)
+        loss = loss_fn(task_type, self.loss_normalization)
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
         precision = self.precision
 
@@ -321,7 +321,7 @@ class InnerLoop:
             model.train(was_training)
 
 
-def _without_outer_graph(inner: Inner) -> Inner:
+def _without_outer_graph(inner: Adaptation) -> Adaptation:
     """Per-task evaluation: gradients for the inner steps only (from fresh leaves), none
     for the query passes or back to the meta-parameters."""
 
@@ -335,8 +335,8 @@ def _without_outer_graph(inner: Inner) -> Inner:
 
 
 def scored(
-    inner: Inner,
-    kind: str,
+    inner: Adaptation,
+    task_type: str,
     normalization: str,
     steps: Sequence[int],
     fused_query: bool = False,
@@ -349,14 +349,14 @@ def scored(
     differentiates them only once, so its untrustworthy second derivative is never used, and
     its first is leaner and faster than the plain-op one (``layers.fused_batch_norm``).
     """
-    loss, metric = loss_fn(kind, normalization), metric_fn(kind)
+    loss, metric = loss_fn(task_type, normalization), metric_fn(task_type)
 
     def task(meta: Meta, xs, ys, xq, yq):
         trajectory, forwards = inner(meta, xs, ys)
         with fused_batch_norm() if fused_query else nullcontext():
             outs = [forwards[s](trajectory[s], xq) for s in steps]
         objectives = torch.stack([loss(o, yq) for o in outs])
-        scale = loss_scale(kind, normalization, outs[0].shape[-1])
+        scale = loss_scale(task_type, normalization, outs[0].shape[-1])
         return objectives, objectives.detach() / scale, torch.stack([metric(o, yq) for o in outs])
 
     return task

@@ -19,16 +19,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mamlrun import checkpoint, config, distributed, resume
+from mamlrun import config
 from mamlrun.algorithms import batching as task_batching
-from mamlrun.components import Components, build, component_config
+from mamlrun.algorithms.losses import METRIC, better
 from mamlrun.errors import MamlrunError, SweepConfigError
-from mamlrun.logging import NullLogger, TensorBoardLogger, hparams_of
-from mamlrun.loop import OuterStep, backward, episodes, evaluate
-from mamlrun.metrics import METRIC, better, format_ci, mean_ci95
-from mamlrun.progress import Progress
-from mamlrun.signals import Interrupted, StopFlag
-from mamlrun.visualize import task_grid
+from mamlrun.results import checkpoint
+from mamlrun.results.pictures import task_grid
+from mamlrun.results.stats import format_ci, mean_ci95
+from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
+from mamlrun.training import distributed, resume
+from mamlrun.training.components import Components, build, component_config
+from mamlrun.training.episodes import OuterStep, backward, episodes, evaluate
+from mamlrun.training.progress import Progress
+from mamlrun.training.signals import Interrupted, StopFlag
 
 log = logging.getLogger("mamlrun")
 
@@ -122,15 +125,21 @@ def fit(t: Trainer, flag: StopFlag) -> str:
 class Trainer:
     """One training run: built by ``Trainer.start``, closed (logger) on leaving ``with``."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, parts: Components, state: TrainState,
+    def __init__(self, cfg: DictConfig, run_dir: Path, built: Components, state: TrainState,
                  ctx: distributed.Context) -> None:  # fmt: skip
-        self.cfg, self.run_dir, self.parts, self.state, self.ctx = cfg, run_dir, parts, state, ctx
+        self.cfg, self.run_dir, self.components, self.state, self.ctx = (
+            cfg,
+            run_dir,
+            built,
+            state,
+            ctx,
+        )
         self.main = ctx.is_main
-        self.metric_name = METRIC[parts.source.kind][0]
+        self.metric_name = METRIC[built.source.task_type][0]
         self.last_path = run_dir / "checkpoints" / "last.pt"
         self.best_path = run_dir / "checkpoints" / "best.pt"
         self.logger = TensorBoardLogger(run_dir / "tb") if self.main else NullLogger()
-        self.update = OuterStep(state.optimizer, parts.make_scheduler(state.optimizer), ctx)
+        self.update = OuterStep(state.optimizer, built.make_scheduler(state.optimizer), ctx)
         self.state.scheduler = self.update.scheduler
         self.started = time.monotonic()
         self.stream = None
@@ -150,16 +159,16 @@ class Trainer:
                 log.info(f"resume changes {line}")
         else:
             ctx.on_main(lambda: _check_fresh(run_dir))
-        parts = build(cfg, device, cfg.seed, cfg.precision)
-        _check_direction(launch.sweep_direction, parts.source.kind)
+        built = build(cfg, device, cfg.seed, cfg.precision)
+        _check_direction(launch.sweep_direction, built.source.task_type)
         state = TrainState(
-            parts.model,
-            parts.make_optimizer(parts.model.parameters()),
+            built.model,
+            built.make_optimizer(built.model.parameters()),
             None,
             torch.Generator(device=device).manual_seed(cfg.seed),
-            parts.algorithm.task_batching,
+            built.algorithm.task_batching,
         )
-        trainer = cls(cfg, run_dir, parts, state, ctx)
+        trainer = cls(cfg, run_dir, built, state, ctx)
         trainer.preset = launch.preset
         if saved is not None:
             state.load_state_dict(saved)
@@ -171,7 +180,11 @@ class Trainer:
         """``auto``: time one meta-gradient per mode on this model, device and meta-batch."""
         if self.state.batching != "auto":
             return
-        algorithm, model, source = self.parts.algorithm, self.state.model, self.parts.source
+        algorithm, model, source = (
+            self.components.algorithm,
+            self.state.model,
+            self.components.source,
+        )
         share = -(-self.cfg.meta_batch_size // self.ctx.world_size)  # each rank's workload
 
         def probe() -> tuple[str, dict[str, float]]:
@@ -180,7 +193,7 @@ class Trainer:
 
             def one_step(mode: str) -> None:
                 try:
-                    backward(algorithm.meta_objective(model, batch, source.kind, mode, None))
+                    backward(algorithm.meta_objective(model, batch, source.task_type, mode, None))
                 finally:
                     model.zero_grad(set_to_none=True)
 
@@ -200,9 +213,9 @@ class Trainer:
         if not self.main:
             return
         OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
-        self.parts.source.save_splits(self.run_dir)
-        if self.parts.source.kind == "classification" and self.state.step == 0:
-            source = self.parts.source
+        self.components.source.save_splits(self.run_dir)
+        if self.components.source.task_type == "classification" and self.state.step == 0:
+            source = self.components.source
             generator = torch.Generator(device=source.device).manual_seed(self.cfg.seed)
             example = source.sample("train", 1, generator)
             self.logger.log_image(
@@ -213,9 +226,9 @@ class Trainer:
     def step(self) -> dict[str, torch.Tensor]:
         if self.stream is None:
             self.stream = episodes(
-                self.parts.algorithm,
+                self.components.algorithm,
                 self.state.model,
-                self.parts.source,
+                self.components.source,
                 split="train",
                 generator=self.state.generator,
                 batch_size=self.cfg.meta_batch_size,
@@ -241,11 +254,11 @@ class Trainer:
         return {"loss": loss, self.metric_name: metric, "at step": step}
 
     def validate(self) -> None:
-        algorithm = self.parts.algorithm
+        algorithm = self.components.algorithm
         curves = evaluate(
             algorithm,
             self.state.model,
-            self.parts.source,
+            self.components.source,
             split="val",
             seed=self.cfg.val_seed,
             num_tasks=self.cfg.val_tasks,
@@ -263,7 +276,7 @@ class Trainer:
         log.info(
             f"step {s.step}: val {self.metric_name} {format_ci(mean, ci)}, loss {val_loss:.4g}"
         )
-        if better(self.parts.source.kind, mean, s.best):
+        if better(self.components.source.task_type, mean, s.best):
             s.best, s.best_ci95, s.best_step = mean, ci, s.step
             self.save(self.best_path)
 
@@ -274,8 +287,8 @@ class Trainer:
             "components": component_config(self.cfg),
             "run": OmegaConf.to_container(self.cfg, resolve=True),
         }
-        kind = self.parts.source.kind
-        checkpoint.save(path, {**self.state.state_dict(), "kind": kind, "config": config})
+        task_type = self.components.source.task_type
+        checkpoint.save(path, {**self.state.state_dict(), "task_type": task_type, "config": config})
 
     def stop_requests(self, flag: StopFlag) -> tuple[bool, bool]:
         """(time budget spent, signal received), agreed by every rank: rank 0's clock and
@@ -328,13 +341,13 @@ class Trainer:
             "iterations": self.cfg.iterations,
             "stopped_by": stopped_by,
             "val_tasks": self.cfg.val_tasks,
-            "val_inner_steps": self.parts.algorithm.inner_steps_test,
+            "val_inner_steps": self.components.algorithm.inner_steps_test,
             "task_batching": s.batching,
             "precision": self.cfg.precision,
-            **self.parts.algorithm.describe(),
+            **self.components.algorithm.describe(),
             "processes": self.ctx.world_size,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
-            "dataset": self.parts.source.describe(),
+            "dataset": self.components.source.describe(),
             "preset": self.preset,
             "reference": _plain(self.cfg.reference),
         }
@@ -395,11 +408,11 @@ def _check_fresh(run_dir: Path) -> None:
         )
 
 
-def _check_direction(direction: str | None, kind: str) -> None:
+def _check_direction(direction: str | None, task_type: str) -> None:
     """An Optuna sweep that maximises MSE would search for the worst settings, silently."""
     if direction not in ("maximize", "minimize"):
         return
-    metric_name, larger_is_better = METRIC[kind]
+    metric_name, larger_is_better = METRIC[task_type]
     wanted = "maximize" if larger_is_better else "minimize"
     if direction != wanted:
         raise SweepConfigError(

@@ -1,58 +1,11 @@
-"""Losses and metrics per kind of task, and the mean ± 95% CI that papers report."""
+"""The mean ± 95% CI that papers report, and how it is printed."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-#: The metric reported for each kind of task, and whether larger is better.
-METRIC = {"regression": ("mse", False), "classification": ("accuracy", True)}
-
-
-#: How a task's loss is normalised; it decides what a given inner learning rate means.
-LOSS_NORMALIZATION = ("mean", "tf_maml")
-
-
-def loss_fn(kind: str, normalization: str = "mean") -> LossFn:
-    """One task's loss: MSE for regression, cross-entropy for classification.
-
-    ``mean`` averages over the task's examples. ``tf_maml`` reproduces the original
-    TensorFlow MAML code, whose classification loss is the per-example cross-entropy divided
-    by K and then *summed* by ``tf.gradients`` over the N·K support images: N × the mean.
-    The paper's inner learning rates (0.4 for 5-way, 0.1 for 20-way Omniglot) were tuned with
-    that loss, so presets that quote them use ``tf_maml`` (0.4 on N × mean is 2.0 on the mean).
-    Its regression loss was already a mean, so both settings agree there.
-    """
-    if normalization not in LOSS_NORMALIZATION:
-        raise ValueError(f"unknown loss normalization {normalization!r}")
-    if kind == "regression":
-        return F.mse_loss
-    if kind == "classification":
-        if normalization == "tf_maml":
-            return lambda logits, y: F.cross_entropy(logits, y) * logits.shape[-1]
-        return F.cross_entropy
-    raise ValueError(f"unknown task kind {kind!r}")
-
-
-def loss_scale(kind: str, normalization: str, outputs: int) -> int:
-    """How many mean losses ``loss_fn`` returns for a model with ``outputs`` outputs: N (the
-    ways) under ``tf_maml`` classification, else 1. What is logged is always the plain mean
-    (the objective divided by this), so curves from presets and default runs compare."""
-    return outputs if kind == "classification" and normalization == "tf_maml" else 1
-
-
-def metric_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-task metric, written with tensor ops only so it also runs under ``vmap``."""
-    if kind == "regression":
-        return F.mse_loss
-    if kind == "classification":
-        return lambda logits, y: (logits.argmax(-1) == y).to(logits.dtype).mean()
-    raise ValueError(f"unknown task kind {kind!r}")
 
 
 def mean_ci95(values: Sequence[float] | torch.Tensor) -> tuple[float, float]:
@@ -101,13 +54,6 @@ def mean_ci95_t(values: Sequence[float]) -> tuple[float, float]:
         return float(t[0]), 0.0
     n = t.numel()
     return float(t.mean()), float(t_quantile_975(n - 1) * t.std(unbiased=True) / math.sqrt(n))
-
-
-def better(kind: str, new: float, best: float | None) -> bool:
-    """Whether ``new`` improves on ``best`` for this kind's metric."""
-    if best is None:
-        return True
-    return new > best if METRIC[kind][1] else new < best
 
 
 def format_ci(mean: float, ci: float, percent: bool = False) -> str:

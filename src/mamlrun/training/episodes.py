@@ -17,7 +17,7 @@ from torch import nn
 
 from mamlrun.algorithms.base import Algorithm, Part
 from mamlrun.data.tasks import TaskBatch, TaskSource
-from mamlrun.distributed import SINGLE, Context
+from mamlrun.training.distributed import SINGLE, Context
 
 
 @dataclass
@@ -29,12 +29,12 @@ class OuterStep:
     distributed: Context = SINGLE
 
     def __call__(
-        self, algorithm: Algorithm, model: nn.Module, batch: TaskBatch, kind: str, batching: str,
-        iteration: int,
+        self, algorithm: Algorithm, model: nn.Module, batch: TaskBatch, task_type: str,
+        batching: str, iteration: int,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         local = self.distributed.shard(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = algorithm.meta_objective(model, local, kind, batching, iteration)
+        parts = algorithm.meta_objective(model, local, task_type, batching, iteration)
         loss, metric = backward(parts)
         loss, metric = self.distributed.average_gradients(
             model, loss, metric, local.num_tasks, batch.num_tasks
@@ -86,10 +86,10 @@ def episodes(
         size = batch_size if remaining is None else min(batch_size, remaining)
         batch = source.sample(split, size, generator)
         if update is not None:
-            yield update(algorithm, model, batch, source.kind, batching, iteration)
+            yield update(algorithm, model, batch, source.task_type, batching, iteration)
             iteration += 1
         else:
-            loss, metric = algorithm.evaluate(model, batch, source.kind, steps, batching)
+            loss, metric = algorithm.evaluate(model, batch, source.task_type, steps, batching)
             yield {"loss": loss, "metric": metric}
         if remaining is not None:
             remaining -= size

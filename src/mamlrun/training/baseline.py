@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from mamlrun.algorithms.losses import loss_fn
 from mamlrun.data.tasks import TaskSource
-from mamlrun.metrics import loss_fn
 
 
 def pretrain_jointly(
@@ -29,7 +29,7 @@ def pretrain_jointly(
     """Fit ``model`` (in place) with Adam to the support and query points of training tasks."""
     generator = torch.Generator(device=source.device).manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss = loss_fn(source.kind)
+    loss = loss_fn(source.task_type)
     for _ in range(steps):
         batch = source.sample("train", batch_size, generator)
         x = torch.cat([batch.x_support, batch.x_query], dim=1)

@@ -25,9 +25,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mamlrun import checkpoint, config, reference
+from mamlrun import config
 from mamlrun.errors import MamlrunError
-from mamlrun.metrics import format_ci, mean_ci95_t
+from mamlrun.results import checkpoint, reference
+from mamlrun.results.stats import format_ci, mean_ci95_t
 
 USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
 

@@ -1,0 +1,5 @@
+"""``python -m mamlrun.cli`` (torchrun launches it this way)."""
+
+from mamlrun.cli.main import main
+
+main()
