@@ -48,7 +48,7 @@ class Restored:
 
     @property
     def metric_name(self) -> str:
-        return METRIC[self.components.source.task_type][0]
+        return METRIC[self.built.source.task_type][0]
 
     @property
     def trained_precision(self) -> str:
