@@ -231,6 +231,20 @@ def test_adapt_with_adam_follows_torch_optim_adam_from_a_fresh_state():
         assert_same(detached(trajectory[s]), detached(reference))
 
 
+def test_adapt_with_functional_grad_under_vmap_adapts_each_task_as_alone():
+    """The same ``adapt`` batched over tasks: ``torch.func.vmap`` of it equals a loop of it."""
+    xs = torch.stack([data(6, seed=s)[0] for s in range(3)])
+    ys = torch.stack([data(6, seed=s)[1] for s in range(3)])
+    p = theta(requires_grad=False)
+
+    def last(x, y):
+        return adapt(linear, mse, p, x, y, lr=ALPHA, steps=2, grad=functional_grad(True))[-1]
+
+    batched = torch.func.vmap(last)(xs, ys)
+    for i in range(3):
+        assert_same({k: t[i] for k, t in batched.items()}, last(xs[i], ys[i]))
+
+
 # ---------------------------------------------------------------------- the meta-gradient
 def meta_gradient(grad, steps: int) -> torch.Tensor:
     """∇θ of the query loss after ``steps`` inner steps, by autograd through ``adapt``."""
