@@ -229,15 +229,14 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from mamlrun import config
+    from mamlrun.training import resume
     from mamlrun.training.commands import Launch
 
     hydra_cfg = HydraConfig.get()
     direction = hydra_cfg.sweeper.get("direction")
     changed = None
     if original is not None:  # resume: the keys this command changes, against the run's own
-        base = config.flatten(compose("train", overrides=original))
-        changed = frozenset(k for k, v in config.flatten(cfg).items() if base.get(k, v) != v)
+        changed = resume.changed_keys(cfg, compose("train", overrides=original))
     preset = hydra_cfg.runtime.choices.get("experiment")
     return Launch(changed, direction if isinstance(direction, str) else None, preset)
 
