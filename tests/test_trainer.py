@@ -35,8 +35,9 @@ TINY = [
 ]
 
 
-def start(run_dir, *overrides: str, launch: Launch = Launch()) -> Trainer:
+def start(run_dir, *overrides: str, launch: Launch | None = None) -> Trainer:
     cfg = compose_train(*TINY, *overrides)
+    launch = launch or Launch()
     return Trainer.start(cfg, run_dir, launch, distributed.SINGLE, torch.device("cpu"))
 
 
