@@ -3,7 +3,7 @@
 Everything Hydra-specific lives here: the command line is prepared (``overrides``) and
 composed once up front so that a mistake becomes one line that keeps its detail
 (``messages``), then ``hydra.main`` runs the job and this module tells the plain functions
-of ``run`` what only Hydra knows (the run directory, the keys a resume changes, a
+of ``training.commands`` what only Hydra knows (the run directory, the keys a resume changes, a
 sweeper's direction). ``--help`` is per command (``helptext``).
 """
 

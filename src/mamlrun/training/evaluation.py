@@ -30,7 +30,7 @@ from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import TensorBoardLogger
 from mamlrun.training.baseline import pretrain_jointly
-from mamlrun.training.components import Components, build, resolve_device
+from mamlrun.training.components import Components, build, fresh_model, resolve_device
 from mamlrun.training.episodes import Evaluation, evaluate
 from mamlrun.training.progress import Progress
 
@@ -200,8 +200,7 @@ def adapt_checkpoint(
 
 def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
     b = settings.baseline
-    device = restored.built.source.device
-    built = build(restored.components, device, seed=b.seed, precision_name=settings.precision)
+    built = replace(restored.built, model=fresh_model(restored.components, restored.built, b.seed))
     with Progress("baseline", b.steps, every_s=settings.progress_seconds) as bar:
         pretrain_jointly(
             built.model,
@@ -212,7 +211,6 @@ def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Re
             seed=b.seed,
             on_step=bar.update,
         )
-    built = replace(built, algorithm=restored.built.algorithm)  # bound, in settings.precision
     return Restored(built, restored.saved, restored.components, restored.path)
 
 
