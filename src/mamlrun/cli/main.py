@@ -1,11 +1,11 @@
 """``mamlrun train|test|adapt [overrides]``: picks the command, hands Hydra the rest.
 
 Everything Hydra-specific lives here (but for ``train``'s final test, which composes
-``conf/test.yaml`` and ``conf/adapt.yaml`` in ``training.commands``): the command line is prepared (``overrides``) and
-composed once up front so that a mistake becomes one line that keeps its detail
-(``messages``), then ``hydra.main`` runs the job and this module tells the plain functions
-of ``training.commands`` what only Hydra knows (the run directory, the keys a resume changes, a
-sweeper's direction). ``--help`` is per command (``helptext``).
+``conf/test.yaml`` and ``conf/adapt.yaml`` in ``training.commands``): the command line is
+prepared (``overrides``) and composed once up front so that a mistake becomes one line that
+keeps its detail (``messages``), then ``hydra.main`` runs the job and this module tells the
+plain functions of ``training.commands`` what only Hydra knows (the run directory, the keys a
+resume changes, a sweeper's direction). ``--help`` is per command (``helptext``).
 """
 
 from __future__ import annotations
