@@ -10,7 +10,9 @@ import signal
 import pytest
 import torch
 from conftest import compose_train
+from omegaconf import OmegaConf
 
+from mamlrun import config
 from mamlrun.algorithms.maml import MAML
 from mamlrun.algorithms.reptile import Reptile
 from mamlrun.results import checkpoint
@@ -150,3 +152,18 @@ def test_a_resumed_run_goes_on_from_the_step_it_saved(tmp_path, monkeypatch):
         fit(t, StopFlag())
     assert told == [4, 5]
     assert t.state.step == 6
+
+
+def test_the_final_test_is_mamlrun_test_with_the_runs_own_values_for_the_keys_they_share(
+    tmp_path,
+):
+    cfg = compose_train(*TINY, "test_tasks=7", "test_seed=5", "baseline.steps=3", "precision=tf32")
+    yaml = OmegaConf.load(config.config_dir() / "test.yaml")
+    test = commands.final_settings("test", cfg, tmp_path / "best.pt")
+    assert (test.test_tasks, test.test_seed, test.eval_batch_size) == (7, 5, 4), "the run's"
+    assert test.precision == yaml.precision != cfg.precision, "its own arithmetic, not the run's"
+    assert test.inner_steps == yaml.inner_steps
+    assert test.data_root is None, "the data the run read: the checkpoint's dataset.root"
+    assert test.checkpoint == str(tmp_path / "best.pt")
+    adapt = commands.final_settings("adapt", cfg, tmp_path / "best.pt")
+    assert adapt.baseline.steps == 3 and adapt.test_tasks == 7
