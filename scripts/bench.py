@@ -212,8 +212,10 @@ def mamlrun_step(algo: MAML, mode: str):
     """One meta-gradient into ``model``'s ``.grad``; for MAML++ through the meta-model that
     adds its learned rates and per-step batch-norm weights (made per call: their cost counts)."""
 
+    bound = algo.bind("classification", mode)
+
     def step(model: nn.Module, batch: TaskBatch, s: Setting, first_order: bool) -> None:
-        backward(algo.meta_objective(algo.meta_model(model), batch, "classification", mode))
+        backward(bound.meta_objective(algo.meta_model(model), batch, None))
 
     return step
 

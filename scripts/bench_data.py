@@ -109,7 +109,8 @@ def time_miniimagenet(root: Path, iterations: int) -> dict:
     load_s = time.perf_counter() - start
     load_peak = peak_rss_mib()  # reading the pickles and writing the cache, when it is built
     generator = torch.Generator().manual_seed(0)
-    source, algo, model = parts.source, parts.algorithm, parts.model
+    source, model = parts.source, parts.model
+    algo = parts.algorithm.bind(source.task_type, "loop")
     optimizer = parts.make_optimizer(model.parameters())
     for _ in range(3):  # warm-up
         source.sample("train", cfg.meta_batch_size, generator)
@@ -121,7 +122,7 @@ def time_miniimagenet(root: Path, iterations: int) -> dict:
     for step in range(iterations):
         batch = source.sample("train", cfg.meta_batch_size, generator)
         optimizer.zero_grad()
-        backward(algo.meta_objective(model, batch, source.task_type, "loop", step))
+        backward(algo.meta_objective(model, batch, step))
         optimizer.step()
     iteration_s = (time.perf_counter() - start) / iterations
     return {"load_s": load_s, "sample_s": sample_s, "iteration_s": iteration_s,

@@ -37,7 +37,7 @@ WORKLOADS = {
 
 def meta_gradient(algo, model, batch) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    backward(algo.meta_objective(model, batch, "classification", "loop"))
+    backward(algo.bind("classification", "loop").meta_objective(model, batch, None))
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 

@@ -99,7 +99,7 @@ def reptile(**settings):
 def meta_gradient(algo, model, batch, task_type: str, batching: str, step: int | None = None):
     """Accumulate the meta-gradient into ``.grad`` as the training loop does; returns the
     logged (mean loss, mean metric)."""
-    return backward(algo.meta_objective(model, batch, task_type, batching, step))
+    return backward(algo.bind(task_type, batching).meta_objective(model, batch, step))
 
 
 def finite_difference_error(meta_loss, params: list, exact: torch.Tensor, every: int) -> float:

@@ -77,7 +77,7 @@ def test_conv4_second_order_gradient_matches_finite_differences(batching):
     exact = torch.cat([p.grad.flatten() for p in model.parameters()])
 
     def meta_loss() -> float:
-        loss, _ = algo.evaluate(model, batch, "classification", steps=1, batching="loop")
+        loss, _ = algo.bind("classification", "loop").evaluate(model, batch, 1)
         return float(loss[:, 1].mean())
 
     # Check a spread of coordinates across every layer rather than all ~400.

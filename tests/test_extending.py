@@ -6,6 +6,7 @@ a config group, and no edit to mamlrun: each is shown here by a toy one that liv
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -58,11 +59,14 @@ class NoAdaptation:
     def meta_model(self, backbone):
         return backbone
 
-    def meta_objective(self, model, batch, task_type, batching, step):
+    def bind(self, task_type, batching):
+        return self  # nothing of it depends on the task type or the batching
+
+    def meta_objective(self, model, batch, step):
         loss = nn.functional.mse_loss(model(batch.x_query), batch.y_query)
         yield Part(loss, loss.detach(), loss.detach(), batch.x_query.shape[0])
 
-    def evaluate(self, model, batch, task_type, steps, batching):
+    def evaluate(self, model, batch, steps):
         with torch.no_grad():
             mse = ((model(batch.x_query) - batch.y_query) ** 2).mean(dim=(1, 2))
         curve = mse[:, None].expand(-1, steps + 1)
@@ -104,6 +108,10 @@ def write_toys(tmp_path):
         path.write_text(text)
 
 
+#: The tree under test stays importable beside the toy components.
+PYTHONPATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
 def train_with(tmp_path, *choices):
     if not (tmp_path / "toy_components.py").exists():
         write_toys(tmp_path)
@@ -111,7 +119,7 @@ def train_with(tmp_path, *choices):
         "train", *choices, f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
         "iterations=60", "meta_batch_size=4", "val_every=30",
         "val_tasks=20", "final_test=true", "test_tasks=20", "device=cpu", "hydra.run.dir=run",
-        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+        cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *PYTHONPATH])},
     )  # fmt: skip
 
 

@@ -198,7 +198,7 @@ def test_the_logged_loss_is_the_mean_cross_entropy_whatever_the_inner_normalisat
         algo = maml(inner_lr=0.1, loss_normalization=normalization)
         torch.manual_seed(0)  # the same network for both
         model = algo.meta_model(conv4((1, 8, 8), 3, filters=4).double())
-        loss, _ = algo.evaluate(model, image_batch(), "classification", 0, "loop")
+        loss, _ = algo.bind("classification", "loop").evaluate(model, image_batch(), 0)
         losses.append(loss)
     assert (losses[0] - losses[1]).abs().max() < 1e-12, "step 0: same model, same loss"
 

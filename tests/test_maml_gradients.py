@@ -108,7 +108,7 @@ def test_first_order_is_the_query_gradient_at_the_adapted_parameters(problem):
 def test_evaluation_reports_the_query_loss_after_each_inner_step(problem, batching):
     model, batch = problem
     algo = maml(inner_lr=ALPHA, inner_steps=1)
-    loss, metric = algo.evaluate(model, batch, "regression", steps=3, batching=batching)
+    loss, metric = algo.bind("regression", batching).evaluate(model, batch, 3)
     assert loss.shape == metric.shape == (3, 4)
     theta = [p.detach() for p in model.parameters()]
     for steps in range(4):
@@ -121,8 +121,8 @@ def test_evaluation_reports_the_query_loss_after_each_inner_step(problem, batchi
 def test_loop_and_vmap_evaluations_agree(problem):
     model, batch = problem
     algo = maml(inner_lr=ALPHA)
-    a = algo.evaluate(model, batch, "regression", steps=5, batching="loop")
-    b = algo.evaluate(model, batch, "regression", steps=5, batching="vmap")
+    a = algo.bind("regression", "loop").evaluate(model, batch, 5)
+    b = algo.bind("regression", "vmap").evaluate(model, batch, 5)
     assert torch.allclose(a[0], b[0], atol=1e-12)
 
 
@@ -133,5 +133,5 @@ def test_inner_steps_lower_the_support_loss():
     batch = SinusoidTasks(shots=10, query=10).sample("train", 8, torch.Generator().manual_seed(0))
     batch = TaskBatch(*(t.double() for t in batch))
     on_support = TaskBatch(batch.x_support, batch.y_support, batch.x_support, batch.y_support)
-    loss, _ = maml(inner_lr=0.01).evaluate(model, on_support, "regression", 5, "loop")
+    loss, _ = maml(inner_lr=0.01).bind("regression", "loop").evaluate(model, on_support, 5)
     assert (loss[:, 1:] < loss[:, :-1]).all()

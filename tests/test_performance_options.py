@@ -57,7 +57,7 @@ def test_checkpointed_meta_gradient_matches_finite_differences():
     exact = flat_meta_gradient(algo, model, batch)
 
     def meta_loss() -> float:
-        loss, _ = algo.evaluate(model, batch, "classification", steps=2, batching="loop")
+        loss, _ = algo.bind("classification", "loop").evaluate(model, batch, 2)
         return float(loss[:, 2].mean())
 
     assert finite_difference_error(meta_loss, list(model.parameters()), exact, every=11) < 1e-5

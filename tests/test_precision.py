@@ -140,11 +140,9 @@ def training_curve(name: str, iterations: int = 20) -> list[float]:
     torch.manual_seed(0)
     algo = omniglot_maml().with_precision(Precision(name, "cpu"))
     model = algo.meta_model(conv4((1, 28, 28), 5, filters=32))
-    step = OuterStep(torch.optim.Adam(model.parameters(), lr=3e-3))
-    return [
-        float(step(algo, model, omniglot_shaped(seed=i), "classification", "loop", i)["loss"])
-        for i in range(iterations)
-    ]
+    bound = algo.bind("classification", "loop")
+    step = OuterStep(bound, torch.optim.Adam(model.parameters(), lr=3e-3))
+    return [float(step(model, omniglot_shaped(seed=i), i)["loss"]) for i in range(iterations)]
 
 
 @cpu_bf16

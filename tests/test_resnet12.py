@@ -103,7 +103,7 @@ def test_second_order_meta_gradient_matches_finite_differences():
     exact = gradient(algo, model, batch, "loop")
 
     def meta_loss() -> float:
-        loss, _ = algo.evaluate(model, batch, "classification", steps=1, batching="loop")
+        loss, _ = algo.bind("classification", "loop").evaluate(model, batch, 1)
         return float(loss[:, 1].mean())
 
     # A spread of coordinates from every tensor (about 80 of the 1,542).
@@ -195,8 +195,8 @@ def test_drop_block_changes_training_outputs_but_never_evaluation():
     plain.train(), dropping.train()
     batch, algo = tasks(size=32), maml(inner_lr=0.3, inner_steps=1)
     for mode in ("loop", "vmap"):  # the algorithm evaluates in eval mode: vmap works too
-        a = algo.evaluate(plain, batch, "classification", steps=2, batching=mode)
-        b = algo.evaluate(dropping, batch, "classification", steps=2, batching=mode)
+        a = algo.bind("classification", mode).evaluate(plain, batch, 2)
+        b = algo.bind("classification", mode).evaluate(dropping, batch, 2)
         assert torch.equal(a[0], b[0]), mode
     assert dropping.training, "evaluation leaves the model in the mode it found it"
 

@@ -113,7 +113,7 @@ def test_auto_measures_threads_only_on_a_multi_core_cpu_and_vmap_also_in_chunks(
 
 def test_evaluation_in_threads_builds_no_graph_and_leaves_grad_untouched():
     algo, model, batch = conv_problem(tasks=3)
-    loss, metric = algo.evaluate(model, batch, "classification", 2, "threads")
+    loss, metric = algo.bind("classification", "threads").evaluate(model, batch, 2)
     assert not loss.requires_grad and loss.shape == (3, 3)
     assert all(p.grad is None for p in model.parameters())
 

@@ -329,7 +329,7 @@ def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
     weights = torch.tensor(msl_weights(step, 2, 10), dtype=torch.float64)
 
     def objective() -> float:  # evaluation reports the same query losses, per step
-        losses, _ = algo.evaluate(model, batch, "classification", steps=2, batching="loop")
+        losses, _ = algo.bind("classification", "loop").evaluate(model, batch, 2)
         return float((losses[:, 1:] @ weights).mean())
 
     tensors = list(model.parameters())
@@ -425,7 +425,7 @@ def test_reptile_evaluation_adapts_on_the_support_set_and_scores_the_query_set()
     lr, steps = 0.05, 3
     algo = reptile(inner_lr=lr, inner_optimizer="sgd")
     model, batch = tiny_mlp(algo), sinusoid_batch()
-    losses, _ = algo.evaluate(model, batch, "regression", steps, "loop")
+    losses, _ = algo.bind("regression", "loop").evaluate(model, batch, steps)
     for i, (xs, ys, xq, yq) in enumerate(zip(*batch, strict=True)):
         copy = mlp((1,), 1, hidden=(4, 3)).double()
         copy.load_state_dict(model.state_dict())
@@ -466,8 +466,8 @@ def test_per_task_threaded_and_batched_paths_agree(variant, step, batching):
     loop = engine_gradient(algo, model, batch, "classification", "loop", step=step)
     other = engine_gradient(algo, model, batch, "classification", batching, step=step)
     assert (loop - other).abs().max() < 1e-10
-    curves_loop = algo.evaluate(model, batch, "classification", 3, "loop")
-    curves_other = algo.evaluate(model, batch, "classification", 3, batching)
+    curves_loop = algo.bind("classification", "loop").evaluate(model, batch, 3)
+    curves_other = algo.bind("classification", batching).evaluate(model, batch, 3)
     for a, b in zip(curves_loop, curves_other, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 

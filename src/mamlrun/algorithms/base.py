@@ -1,12 +1,17 @@
 """What the runner may ask of a meta-learning algorithm, and nothing more.
 
-An algorithm computes; the episode loop (``loop.py``) owns the optimisation step. The split
-is ``meta_objective``: the algorithm yields the outer objective of a meta-batch in parts
-(one per task when tasks run one at a time, so each task's graph is freed before the next is
-built), and the loop backpropagates each part, combines the gradients across processes and
-steps the optimizer and the scheduler. Gradient scaling would then touch the loop only.
+An algorithm computes; the outer step (``training.episodes.OuterStep``) owns the optimisation
+step. The split is ``meta_objective``: the algorithm yields the outer objective of a
+meta-batch in parts (one per task when tasks run one at a time, so each task's graph is freed
+before the next is built), and the outer step backpropagates each part, combines the
+gradients across processes and steps the optimizer and the scheduler. Gradient scaling
+would then touch the outer step only.
 Mixed precision acts on the forward passes, which only the algorithm runs, so an algorithm
 that offers it declares ``SupportsPrecision`` and the runner hands it the run's ``Precision``.
+
+What is fixed for a whole run (the task type of the data, how the tasks of a meta-batch run)
+is given once, by ``bind``, which checks it and returns the settings with it bound; the
+per-call methods then take only what changes from call to call.
 
 A new algorithm is a class with these members, named by ``_target_`` in a
 ``conf/meta_optimizer/*.yaml``; the runner never reads anything else off it.
@@ -45,6 +50,7 @@ MEMBERS = (
     "inner_steps_test",
     "batching_modes",
     "meta_model",
+    "bind",
     "meta_objective",
     "evaluate",
     "describe",
@@ -68,14 +74,21 @@ class Algorithm(Protocol):
         as learned rates); the optimizer and the checkpoints cover exactly its state."""
         ...
 
+    def bind(self, task_type: str, batching: str) -> Algorithm:
+        """These settings for a run on ``task_type`` data (``classification`` or
+        ``regression``) with its tasks run as ``batching`` (one of ``batching_modes``, never
+        ``auto``): checked here, once, and used by every later call. Returns a copy; the
+        unbound original stays usable (``auto`` binds one copy per mode it measures)."""
+        ...
+
     def meta_objective(
-        self, model: nn.Module, batch: TaskBatch, task_type: str, batching: str, step: int | None
+        self, model: nn.Module, batch: TaskBatch, step: int | None
     ) -> Iterator[Part]:
         """The outer objective of one meta-batch at training iteration ``step``, in parts."""
         ...
 
     def evaluate(
-        self, model: nn.Module, batch: TaskBatch, task_type: str, steps: int, batching: str
+        self, model: nn.Module, batch: TaskBatch, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and metric of every task after 0…``steps`` inner steps, as two
         ``[tasks, steps + 1]`` tensors; the meta-parameters are not changed."""

@@ -35,7 +35,7 @@ from mamlrun.algorithms.functional import (
     checkpointed_adapt,
     functional_grad,
 )
-from mamlrun.algorithms.losses import LOSS_NORMALIZATION, loss_fn, loss_scale, metric_fn
+from mamlrun.algorithms.losses import LOSS_NORMALIZATION, METRIC, loss_fn, loss_scale, metric_fn
 from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
@@ -88,6 +88,8 @@ class GradientLearner:
         precision: how the network's forward passes run (``precision.Precision``); not a
             setting of ``meta_optimizer`` but the run's top-level ``precision``, handed over
             by the runner through ``with_precision``.
+        task_type, batching: the run's task type and the one mode its tasks run in, fixed
+            for the whole run and set by ``bind`` (None until then).
     """
 
     inner_lr: float
@@ -104,6 +106,8 @@ class GradientLearner:
     adam_betas: tuple[float, float]
     checkpoint_inner: bool
     precision: Precision = field(default=FP32, init=False)
+    task_type: str | None = field(default=None, init=False)
+    batching: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.inner_lr <= 0:
@@ -181,12 +185,34 @@ class GradientLearner:
                 extras[name] = per_step.PerStepStatistics(layers, self.inner_steps)
         return MetaModel(backbone, extras) if extras else backbone
 
+    def bind(self, task_type: str, batching: str) -> GradientLearner:
+        """A copy for a run on ``task_type`` data with its tasks run as ``batching``
+        (``base.Algorithm.bind``); the one place the batching is checked."""
+        if task_type not in METRIC:
+            raise MamlrunError(
+                f"task type {task_type!r} is not one of {', '.join(METRIC)}: the dataset "
+                "decides it (TaskSource.task_type)"
+            )
+        self.check_batching(batching)
+        bound = copy.copy(self)
+        bound.task_type, bound.batching = task_type, batching
+        return bound
+
+    def bound(self) -> tuple[str, str]:
+        """The task type and batching ``bind`` fixed; an unbound algorithm cannot compute."""
+        if self.task_type is None or self.batching is None:
+            raise MamlrunError(
+                f"{type(self).__name__} is not bound to a run: call "
+                "bind(task_type, batching) once before meta_objective or evaluate"
+            )
+        return self.task_type, self.batching
+
     def evaluate(
-        self, model: nn.Module, batch: TaskBatch, task_type: str, steps: int, batching: str
+        self, model: nn.Module, batch: TaskBatch, steps: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Query loss and metric of every task after 0…``steps`` inner steps (``[tasks,
         steps + 1]`` each); the meta-parameters are not touched."""
-        self.check_batching(batching)
+        task_type, batching = self.bound()
         meta = {
             g: {k: t.detach() for k, t in ts.items()} for g, ts in self.meta_tensors(model).items()
         }

@@ -48,12 +48,7 @@ class MAML(GradientLearner):
             raise MamlrunError("meta_optimizer.multi_step_loss needs msl_iterations >= 1")
 
     def meta_objective(
-        self,
-        model: nn.Module,
-        batch: TaskBatch,
-        task_type: str,
-        batching: str,
-        step: int | None = None,
+        self, model: nn.Module, batch: TaskBatch, step: int | None = None
     ) -> Iterator[Part]:
         """The mean over tasks of the (weighted) query losses after adaptation.
 
@@ -63,7 +58,7 @@ class MAML(GradientLearner):
         is a part, so the loop can free a task's graph before the next one is built. The
         backbone's layers that change over training (DropBlock) are told ``step`` too.
         """
-        self.check_batching(batching)
+        task_type, batching = self.bound()
         tell_training_step(model, step)
         first_order = schedules.first_order_at(step, self.first_order, self.first_order_until)
         weights = (

@@ -54,19 +54,14 @@ class Reptile(GradientLearner):
         super().__post_init__()
 
     def meta_objective(
-        self,
-        model: nn.Module,
-        batch: TaskBatch,
-        task_type: str,
-        batching: str,
-        step: int | None = None,
+        self, model: nn.Module, batch: TaskBatch, step: int | None = None
     ) -> Iterator[Part]:
         """One part whose gradient is ``θ − mean_i φ_i``: ``Σ θ·(θ − φ̄)`` with the second
         factor held constant. Its logged loss and metric are φ_i's on task i's query
         examples, which φ_i was trained on: a measure of fit, not of generalisation.
         Reptile has no schedule of its own; ``step`` goes to the backbone's layers that
         change over training (DropBlock)."""
-        self.check_batching(batching)
+        task_type, batching = self.bound()
         tell_training_step(model, step)
         theta = dict(split(model)[0].named_parameters())
         meta = {"theta": {k: p.detach() for k, p in theta.items()}}

@@ -1,10 +1,11 @@
 """``mamlrun train|test|adapt [overrides]``: picks the command, hands Hydra the rest.
 
-Everything Hydra-specific lives here: the command line is prepared (``overrides``) and
-composed once up front so that a mistake becomes one line that keeps its detail
-(``messages``), then ``hydra.main`` runs the job and this module tells the plain functions
-of ``run`` what only Hydra knows (the run directory, the keys a resume changes, a
-sweeper's direction). ``--help`` is per command (``helptext``).
+Everything Hydra-specific lives here (but for ``train``'s final test, which composes
+``conf/test.yaml`` and ``conf/adapt.yaml`` in ``training.commands``): the command line is
+prepared (``overrides``) and composed once up front so that a mistake becomes one line that
+keeps its detail (``messages``), then ``hydra.main`` runs the job and this module tells the
+plain functions of ``training.commands`` what only Hydra knows (the run directory, the keys a
+resume changes, a sweeper's direction). ``--help`` is per command (``helptext``).
 """
 
 from __future__ import annotations
@@ -229,15 +230,14 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from mamlrun import config
+    from mamlrun.training import resume
     from mamlrun.training.commands import Launch
 
     hydra_cfg = HydraConfig.get()
     direction = hydra_cfg.sweeper.get("direction")
     changed = None
     if original is not None:  # resume: the keys this command changes, against the run's own
-        base = config.flatten(compose("train", overrides=original))
-        changed = frozenset(k for k, v in config.flatten(cfg).items() if base.get(k, v) != v)
+        changed = resume.changed_keys(cfg, compose("train", overrides=original))
     preset = hydra_cfg.runtime.choices.get("experiment")
     return Launch(changed, direction if isinstance(direction, str) else None, preset)
 

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mamlrun import config
-from mamlrun.errors import MamlrunError
+from mamlrun.training import resume
 
 #: Hydra flags that take a value as the next argument.
 _FLAGS_WITH_VALUE = {
@@ -27,7 +26,6 @@ _FLAGS_WITH_VALUE = {
 }  # fmt: skip
 #: Renamed keys of test and adapt: the names train uses for the same settings.
 RENAMED = {"n_tasks": "test_tasks", "seed": "test_seed"}
-OUTPUTS = Path("outputs")
 
 
 @dataclass
@@ -113,65 +111,26 @@ def with_dataset_preset(line: CommandLine) -> CommandLine:
 # ------------------------------------------------------------------------------------- resume
 def resumed(line: CommandLine) -> tuple[CommandLine, list[str] | None]:
     """For ``resume=true|latest``: the command line that continues the run, and the run's
-    original overrides (None when there is nothing to resume or it is a sweep)."""
-    value = (line.get("resume") or "false").lower()
-    if value in ("false", "no", "0") or line.multirun or line.only_prints:
+    original overrides (None when there is nothing to resume or it is a sweep). Which run,
+    and whether it can be continued, ``training.resume`` decides; this only writes the line.
+    """
+    if line.multirun or line.only_prints:
         return line, None
-    run_dir = line.get("hydra.run.dir")
-    if value == "latest":
-        run_dir = run_dir or str(latest_run())
-    elif value not in ("true", "yes", "1"):
-        raise MamlrunError(f"resume must be true, false or latest, got {value!r}")
-    if run_dir is None:
-        newest = latest_run(required=False)
-        hint = f" (the newest here: {newest})" if newest else ""
-        raise MamlrunError(
-            "resume=true needs the run to continue: add hydra.run.dir=DIR"
-            + hint
-            + ", or use resume=latest"
-        )
-    directory = Path(run_dir)
-    if not (directory / "checkpoints" / "last.pt").is_file():
-        raise MamlrunError(
-            f"resume=true: {directory} holds no checkpoints/last.pt, so there is nothing to "
-            "continue (check hydra.run.dir, or start the run without resume=true)"
-        )
-    original = _original_overrides(directory)
+    value = resume.wanted(line.get("resume"))
+    if value is None:
+        return line, None
+    directory = resume.run_to_continue(value, line.get("hydra.run.dir"))
+    original = resume.original_overrides(directory)
     new = [o for o in line.overrides if key_of(o) not in ("resume", "hydra.run.dir")]
     keep = ["resume=true", f"hydra.run.dir={directory}", "hydra.output_subdir=null"]
     return CommandLine(line.flags, merged(original, new) + keep), original
 
 
-def _original_overrides(directory: Path) -> list[str]:
-    """The overrides the run was started with (Hydra's record in ``.hydra/``)."""
-    path = directory / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return []
-    skip = ("resume", "hydra.run.dir", "hydra.output_subdir")
-    return [str(o) for o in OmegaConf.load(path) if key_of(str(o)) not in skip]
-
-
-def latest_run(required: bool = True) -> Path | None:
-    """The newest ``outputs/train/<date>/<time>`` that holds a ``last.pt``."""
-    runs = sorted(p.parents[1] for p in (OUTPUTS / "train").glob("*/*/checkpoints/last.pt"))
-    if runs:
-        return runs[-1]
-    if required:
-        raise MamlrunError(
-            f"resume=latest found no run under {OUTPUTS / 'train'} (with checkpoints/last.pt) "
-            "in this folder; name one with hydra.run.dir=DIR"
-        )
-    return None
-
-
 def check_fresh_dir(line: CommandLine) -> None:
-    """A new run must not take over another run's directory (Hydra would overwrite its
-    ``.hydra/`` record before the run could refuse)."""
+    """Before Hydra writes its ``.hydra/`` record into ``hydra.run.dir``: a new run must not
+    take over another run's directory (``training.resume.check_fresh``)."""
     run_dir = line.get("hydra.run.dir")
-    resume = (line.get("resume") or "false").lower()
-    if run_dir and resume in ("false", "no", "0") and not line.only_prints:
-        if (Path(run_dir) / "checkpoints" / "last.pt").is_file():
-            raise MamlrunError(
-                f"{run_dir} already holds a run; pass resume=true to continue it, "
-                "or choose another hydra.run.dir"
-            )
+    if run_dir and not line.only_prints and (line.get("resume") or "false").lower() in (
+        "false", "no", "0",
+    ):  # fmt: skip
+        resume.check_fresh(run_dir)

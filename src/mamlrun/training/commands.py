@@ -2,14 +2,17 @@
 functions that the CLI and tests call with a composed config.
 
 Each validates its config, writes ``results.json`` and TensorBoard events into the run
-directory, and returns the metric a sweep would optimise. Nothing here looks at Hydra: what
-only the CLI knows (the keys a resume changes, a sweeper's direction) comes in a ``Launch``.
+directory, and returns the metric a sweep would optimise. What only the CLI knows (the keys a
+resume changes, a sweeper's direction) comes in a ``Launch``. Hydra is used for one thing:
+``train``'s final test and adapt compose ``conf/test.yaml`` and ``conf/adapt.yaml``, so they
+run with the settings of ``mamlrun test``/``adapt``, not a second copy of them.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci
 from mamlrun.training import distributed
 from mamlrun.training.components import resolve_device
-from mamlrun.training.evaluation import adapt_checkpoint, test_checkpoint
+from mamlrun.training.evaluation import adapt_checkpoint, restore, test_checkpoint
 from mamlrun.training.signals import StopFlag, catch_signals
 from mamlrun.training.trainer import Launch, Trainer, fit
 
@@ -71,18 +74,8 @@ def _finish(trainer: Trainer, stopped_by: str, flag: StopFlag) -> float | None:
     cfg, run_dir = trainer.cfg, trainer.run_dir
     flag.doing = f"the final evaluation (training is done; its checkpoints are in {run_dir})"
     results = trainer.results(stopped_by)
-    if cfg.final_test:
-        results["test"] = test_checkpoint(
-            _final_settings(cfg, trainer, config.TestConfig), run_dir / "test"
-        )
-        steps = _reference_steps(cfg, results["test"])
-        if steps is not None:  # the paper tested with other inner steps than the preset
-            settings = _final_settings(cfg, trainer, config.TestConfig, inner_steps=steps)
-            results["reference_test"] = test_checkpoint(settings, run_dir / f"test_{steps}steps")
-    if cfg.final_adapt:
-        results["adapt"] = adapt_checkpoint(
-            _final_settings(cfg, trainer, config.AdaptConfig), run_dir / "adapt"
-        )
+    if cfg.final_test or cfg.final_adapt:
+        results |= _final_evaluation(cfg, trainer.best_path, run_dir)
     write_json(run_dir / "results.json", results)
     trainer.log_hparams(results)
     s = trainer.state
@@ -114,23 +107,54 @@ def _log_against_reference(ref: Any, test: dict[str, Any]) -> None:
     )
 
 
-def _final_settings(
-    cfg: DictConfig, trainer: Trainer, schema: type, inner_steps: int | None = None
-) -> Any:
-    settings: dict[str, Any] = {
-        "checkpoint": str(trainer.best_path),
-        "test_tasks": cfg.test_tasks,
-        "test_seed": cfg.test_seed,
-        "inner_steps": inner_steps,
-        "device": cfg.device,
-        "precision": "fp32",  # as `mamlrun test` (conf/test.yaml): the model, not the arithmetic
-        "eval_batch_size": cfg.eval_batch_size,
-        "data_root": None,
-        "progress_seconds": cfg.progress_seconds,
-    }
-    if schema is config.AdaptConfig:
-        settings["baseline"] = config.BaselineConfig(**cfg.baseline)
-    return schema(**settings)
+def _final_evaluation(cfg: DictConfig, best: Path, run_dir: Path) -> dict[str, Any]:
+    """The final test (and its second run with the paper's inner steps) and adaptation on
+    ``best.pt``, which is read back and its data built once for all of them."""
+    test_settings = final_settings("test", cfg, best)
+    restored = restore(test_settings)
+    out: dict[str, Any] = {}
+    if cfg.final_test:
+        out["test"] = test_checkpoint(test_settings, run_dir / "test", restored)
+        steps = _reference_steps(cfg, out["test"])
+        if steps is not None:  # the paper tested with other inner steps than the preset
+            again = replace(test_settings, inner_steps=steps)
+            out["reference_test"] = test_checkpoint(again, run_dir / f"test_{steps}steps", restored)
+    if cfg.final_adapt:
+        adapt_settings = final_settings("adapt", cfg, best)
+        out["adapt"] = adapt_checkpoint(adapt_settings, run_dir / "adapt", restored)
+    return out
+
+
+#: Settings of ``test``/``adapt`` that a training run does not pass on to its final test:
+#: the test measures the model in its own arithmetic (``conf/test.yaml``'s fp32), whatever
+#: the run trained with.
+_NOT_FROM_RUN = ("precision",)
+
+
+def final_settings(command: str, cfg: DictConfig, best: Path) -> Any:
+    """``command``'s (``test`` or ``adapt``) settings for ``train``'s final evaluation:
+    composed from its YAML as ``mamlrun test`` would be, with ``best`` as the checkpoint, the
+    data the run read (the checkpoint's own ``dataset.root``) and the run's values for the
+    keys both commands have (``test_tasks``, ``test_seed``, ``device``, ...)."""
+    composed = _composed(command)
+    shared = [k for k in composed if k in cfg and k not in _NOT_FROM_RUN]
+    from_run = {k: cfg[k] for k in shared}
+    merged = OmegaConf.merge(composed, from_run, {"checkpoint": str(best), "data_root": None})
+    schema = config.AdaptConfig if command == "adapt" else config.TestConfig
+    return _settings(merged, schema)
+
+
+def _composed(command: str) -> DictConfig:
+    """``conf/<command>.yaml`` composed by Hydra, inside a Hydra job (``mamlrun train``) or
+    outside one (a Python caller of ``train``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    config.register_schemas()
+    if GlobalHydra.instance().is_initialized():
+        return compose(command)
+    with initialize_config_dir(str(config.config_dir()), version_base="1.3"):
+        return compose(command)
 
 
 def test(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
@@ -152,8 +176,12 @@ def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 def _eval_settings(cfg: DictConfig, schema: type, command: str) -> Any:
     if distributed.world_size_from_env() > 1:
         raise MamlrunError(f"mamlrun {command} runs in one process: start it without torchrun")
-    checked = config.check(config.validate(cfg, schema), schema)
-    return OmegaConf.to_object(checked)
+    return _settings(cfg, schema)
+
+
+def _settings(cfg: DictConfig, schema: type) -> Any:
+    """``cfg`` validated against ``schema`` and range-checked, as the schema's dataclass."""
+    return OmegaConf.to_object(config.check(config.validate(cfg, schema), schema))
 
 
 def _made(run_dir: str | Path | None, command: str) -> Path:

@@ -43,9 +43,7 @@ def build(
     """
     torch.manual_seed(seed)
     source = config.instantiate(cfg.dataset, device=device)
-    backbone = config.instantiate(
-        cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
-    ).to(device)
+    backbone = _backbone(cfg, source, device)
     algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
     if not isinstance(algorithm, Algorithm):
         missing = [m for m in MEMBERS if not hasattr(algorithm, m)]
@@ -57,6 +55,19 @@ def build(
     model = algorithm.meta_model(backbone)
     scheduler = config.build_scheduler(cfg.meta_optimizer)
     return Components(source, model, algorithm, make_optimizer, scheduler or (lambda _: None))
+
+
+def fresh_model(cfg: DictConfig, built: Components, seed: int) -> torch.nn.Module:
+    """Another model for ``built``'s data and algorithm, initialised from ``seed`` as
+    ``build`` would (a baseline beside a restored one, without building the data again)."""
+    torch.manual_seed(seed)
+    return built.algorithm.meta_model(_backbone(cfg, built.source, built.source.device))
+
+
+def _backbone(cfg: DictConfig, source: TaskSource, device: torch.device) -> torch.nn.Module:
+    return config.instantiate(
+        cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
+    ).to(device)
 
 
 def in_precision(algorithm: Algorithm, chosen: precision.Precision) -> Algorithm:

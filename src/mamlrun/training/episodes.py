@@ -1,9 +1,14 @@
-"""The one episode loop: meta-training, validation and meta-testing all run through it.
+"""The one episode loop: meta-training, validation and meta-testing all draw their tasks from it.
 
-It is a generator that yields one result per meta-batch, so the caller (with its progress
-display, logging, checkpoints and stopping rule) stays outside and the loop stays short. In
-training it owns the whole outer step (``OuterStep``): backward of the algorithm's objective,
-the combination of gradients across processes, the optimizer and the scheduler.
+``episodes`` yields the meta-batches of a split from a generator, forever (training) or until
+a number of tasks is covered (an evaluation); what is done with each batch stays with the
+caller. Training does one ``OuterStep`` per batch: backward of the algorithm's objective, the
+combination of gradients across processes, the optimizer and the scheduler, all owned here.
+An evaluation is described once (``Evaluation``: split, seed, tasks, batch size, inner steps)
+and run by ``evaluate``, the same for validation, the final test and ``mamlrun test``/``adapt``.
+
+The algorithm comes bound (``Algorithm.bind``): the task type and the batching are fixed for
+the whole run, so nothing here passes or checks them again.
 """
 
 from __future__ import annotations
@@ -22,20 +27,22 @@ from mamlrun.training.distributed import SINGLE, Context
 
 @dataclass
 class OuterStep:
-    """Everything one outer update touches, in one place."""
+    """Everything one outer update touches, in one place; it owns the optimizer and the
+    scheduler (the checkpoint reads their state from here, ``trainer.TrainState``)."""
 
+    algorithm: Algorithm  # bound to the run's task type and batching
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # a torch LR scheduler, stepped once per iteration
     distributed: Context = SINGLE
 
     def __call__(
-        self, algorithm: Algorithm, model: nn.Module, batch: TaskBatch, task_type: str,
-        batching: str, iteration: int,
-    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        self, model: nn.Module, batch: TaskBatch, iteration: int
+    ) -> dict[str, torch.Tensor]:
+        """One update on ``batch`` at training iteration ``iteration`` (from 0; the caller's
+        step counter, the only one): the mean query ``loss`` and ``metric``, detached."""
         local = self.distributed.shard(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        parts = algorithm.meta_objective(model, local, task_type, batching, iteration)
-        loss, metric = backward(parts)
+        loss, metric = backward(self.algorithm.meta_objective(model, local, iteration))
         loss, metric = self.distributed.average_gradients(
             model, loss, metric, local.num_tasks, batch.num_tasks
         )
@@ -59,75 +66,55 @@ def backward(parts: Iterable[Part]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def episodes(
-    algorithm: Algorithm,
-    model: nn.Module,
     source: TaskSource,
-    *,
     split: str,
     generator: torch.Generator,
     batch_size: int,
-    batching: str,
     num_tasks: int | None = None,
-    update: OuterStep | None = None,
-    steps: int | None = None,
-    first_step: int = 0,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield per-meta-batch results until ``num_tasks`` tasks are done (forever if None).
-
-    With an ``update`` this trains: each meta-batch ends with an outer step and yields the
-    mean query ``loss`` and ``metric``. The algorithm is told the training iteration
-    (``first_step``, ``first_step + 1``, …; a resumed run starts where it stopped), for the
-    settings that change over training. Without one it evaluates: each yields ``[tasks,
-    steps+1]`` query ``loss`` and ``metric`` after 0…``steps`` inner steps.
-    """
+) -> Iterator[TaskBatch]:
+    """Meta-batches of ``batch_size`` tasks of ``split``, drawn with ``generator``: forever
+    (``num_tasks=None``, training), or until exactly ``num_tasks`` tasks are covered, the
+    last batch holding the remainder (an evaluation)."""
     remaining = num_tasks
-    iteration = first_step
     while remaining is None or remaining > 0:
         size = batch_size if remaining is None else min(batch_size, remaining)
-        batch = source.sample(split, size, generator)
-        if update is not None:
-            yield update(algorithm, model, batch, source.task_type, batching, iteration)
-            iteration += 1
-        else:
-            loss, metric = algorithm.evaluate(model, batch, source.task_type, steps, batching)
-            yield {"loss": loss, "metric": metric}
+        yield source.sample(split, size, generator)
         if remaining is not None:
             remaining -= size
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluation is: adapt to ``tasks`` tasks of ``split``, fixed by ``seed``, in
+    batches of ``batch_size``, and score the query set after 0…``steps`` inner steps."""
+
+    split: str
+    seed: int
+    tasks: int
+    batch_size: int
+    steps: int
 
 
 def evaluate(
     algorithm: Algorithm,
     model: nn.Module,
     source: TaskSource,
-    *,
-    split: str,
-    seed: int,
-    num_tasks: int,
-    batch_size: int,
-    steps: int,
-    batching: str,
+    evaluation: Evaluation,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Adapt to a fixed set of ``num_tasks`` tasks (fixed by ``seed``) and collect the curves.
+    """The ``[tasks, steps + 1]`` query ``loss`` and ``metric`` curves of ``evaluation``.
 
-    The generator is created here from ``seed`` every time, so validation after step 1,000 and
+    The generator is created here from the seed every time, so validation after step 1,000 and
     after step 50,000 sees exactly the same tasks. ``on_batch(tasks)`` is told the size of
     each finished batch (a progress display).
     """
-    generator = torch.Generator(device=source.device).manual_seed(seed)
+    e = evaluation
+    generator = torch.Generator(device=source.device).manual_seed(e.seed)
     results = []
-    for result in episodes(
-        algorithm,
-        model,
-        source,
-        split=split,
-        generator=generator,
-        batch_size=batch_size,
-        batching=batching,
-        num_tasks=num_tasks,
-        steps=steps,
-    ):
-        results.append(result)
+    for batch in episodes(source, e.split, generator, e.batch_size, e.tasks):
+        results.append(algorithm.evaluate(model, batch, e.steps))
         if on_batch is not None:
-            on_batch(len(result["metric"]))
-    return {key: torch.cat([r[key] for r in results]).cpu() for key in ("loss", "metric")}
+            on_batch(batch.num_tasks)
+    return {
+        key: torch.cat([r[i] for r in results]).cpu() for i, key in enumerate(("loss", "metric"))
+    }

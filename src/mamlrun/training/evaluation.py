@@ -1,9 +1,12 @@
 """Meta-testing a checkpoint: the test metric (``test_checkpoint``) and the adaptation curve
 against the pretrained baseline (``adapt_checkpoint``).
 
-Both take typed settings (``config.TestConfig``, ``config.AdaptConfig``), so ``train`` calls
-them for its final test directly, and both rebuild dataset, backbone and algorithm from the
-checkpoint's own config: a test cannot silently use settings the model was not trained with.
+Both take typed settings (``config.TestConfig``, ``config.AdaptConfig``, composed from
+``conf/test.yaml`` and ``conf/adapt.yaml``), so ``train`` calls them for its final test
+directly, and both rebuild dataset, backbone and algorithm from the checkpoint's own config:
+a test cannot silently use settings the model was not trained with. ``restore`` does that
+once; a caller with several evaluations of one checkpoint (``train``'s final test, its
+second test with the paper's inner steps, adapt) hands the ``Restored`` to each.
 The precision is the exception: it is how the numbers are computed, not what was learned, so
 a test runs in its own ``precision`` (fp32 unless told) and records the one the run trained
 with beside it (``trained_precision``).
@@ -12,7 +15,7 @@ with beside it (``trained_precision``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +30,8 @@ from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import TensorBoardLogger
 from mamlrun.training.baseline import pretrain_jointly
-from mamlrun.training.components import Components, build, resolve_device
-from mamlrun.training.episodes import evaluate
+from mamlrun.training.components import Components, build, fresh_model, resolve_device
+from mamlrun.training.episodes import Evaluation, evaluate
 from mamlrun.training.progress import Progress
 
 log = logging.getLogger("mamlrun")
@@ -36,6 +39,9 @@ log = logging.getLogger("mamlrun")
 
 @dataclass
 class Restored:
+    """A checkpoint read back once: its components rebuilt, weights loaded, the algorithm
+    bound to its task type and batching."""
+
     built: Components
     saved: dict[str, Any]
     components: Any  # the checkpoint's component config, to rebuild the baseline from
@@ -43,8 +49,7 @@ class Restored:
 
     @property
     def batching(self) -> str:
-        mode = self.saved.get("task_batching", "loop")
-        return mode if mode != "auto" else "loop"
+        return batching_of(self.saved)
 
     @property
     def metric_name(self) -> str:
@@ -54,6 +59,18 @@ class Restored:
     def trained_precision(self) -> str:
         """The precision the run was trained in (checkpoints from before it existed: fp32)."""
         return self.saved["config"].get("run", {}).get("precision", "fp32")
+
+
+def batching_of(saved: dict[str, Any]) -> str:
+    """The task batching a checkpoint's run chose (``loop`` for checkpoints from before)."""
+    mode = saved.get("task_batching", "loop")
+    return mode if mode != "auto" else "loop"
+
+
+def task_type_of(saved: dict[str, Any], built: Components) -> str:
+    """The checkpoint's task type (``kind`` in checkpoints from before the rename), else the
+    rebuilt dataset's."""
+    return saved.get("task_type", saved.get("kind", built.source.task_type))
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -86,12 +103,21 @@ def restore(settings: config.TestConfig) -> Restored:
         raise MamlrunError(
             f"{path}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
         ) from None
-    return Restored(built, saved, components, path)
+    bound = built.algorithm.bind(task_type_of(saved, built), batching_of(saved))
+    return Restored(replace(built, algorithm=bound), saved, components, path)
 
 
 def _steps(settings: config.TestConfig, restored: Restored) -> int:
     steps = settings.inner_steps
     return restored.built.algorithm.inner_steps_test if steps is None else steps
+
+
+def test_evaluation(settings: config.TestConfig, steps: int) -> Evaluation:
+    """The evaluation ``test`` and ``adapt`` run: ``test_tasks`` test tasks fixed by
+    ``test_seed``, scored after 0…``steps`` inner steps."""
+    return Evaluation(
+        "test", settings.test_seed, settings.test_tasks, settings.eval_batch_size, steps
+    )
 
 
 def _curves(restored: Restored, settings: config.TestConfig, steps: int, what: str) -> dict:
@@ -100,23 +126,17 @@ def _curves(restored: Restored, settings: config.TestConfig, steps: int, what: s
         what, settings.test_tasks, unit="tasks", every_s=settings.progress_seconds
     ) as bar:
         return evaluate(
-            built.algorithm,
-            built.model,
-            built.source,
-            split="test",
-            seed=settings.test_seed,
-            num_tasks=settings.test_tasks,
-            batch_size=settings.eval_batch_size,
-            steps=steps,
-            batching=restored.batching,
-            on_batch=bar.update,
+            built.algorithm, built.model, built.source, test_evaluation(settings, steps), bar.update
         )
 
 
-def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any]:
+def test_checkpoint(
+    settings: config.TestConfig, out_dir: Path, restored: Restored | None = None
+) -> dict[str, Any]:
     """The metric after the test-time inner steps on ``test_tasks`` tasks fixed by
-    ``test_seed``: mean ± 95% CI, written to ``out_dir/results.json`` and TensorBoard."""
-    restored = restore(settings)
+    ``test_seed``: mean ± 95% CI, written to ``out_dir/results.json`` and TensorBoard.
+    ``restored``: the checkpoint already read back (``restore(settings)``)."""
+    restored = restored or restore(settings)
     steps = _steps(settings, restored)
     name = restored.metric_name
     curves = _curves(restored, settings, steps, "test")
@@ -146,10 +166,12 @@ def test_checkpoint(settings: config.TestConfig, out_dir: Path) -> dict[str, Any
     return results
 
 
-def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, Any]:
+def adapt_checkpoint(
+    settings: config.AdaptConfig, out_dir: Path, restored: Restored | None = None
+) -> dict[str, Any]:
     """The metric after each inner step 0…S, for the meta-learned model and (regression) the
     paper's pretrained baseline fine-tuned with the same steps."""
-    restored = restore(settings)
+    restored = restored or restore(settings)
     steps = _steps(settings, restored)
     name = restored.metric_name
     results = {
@@ -178,8 +200,7 @@ def adapt_checkpoint(settings: config.AdaptConfig, out_dir: Path) -> dict[str, A
 
 def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
     b = settings.baseline
-    device = restored.built.source.device
-    built = build(restored.components, device, seed=b.seed, precision_name=settings.precision)
+    built = replace(restored.built, model=fresh_model(restored.components, restored.built, b.seed))
     with Progress("baseline", b.steps, every_s=settings.progress_seconds) as bar:
         pretrain_jointly(
             built.model,

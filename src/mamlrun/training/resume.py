@@ -1,4 +1,4 @@
-"""What a resumed run continues with: its own config, plus only the changes that are safe.
+"""Resume, in one place: which run to continue, reading it back, what it continues with.
 
 A run directory's checkpoint holds the config the run was started with, and that is what a
 resumed run continues with: forgetting the original overrides must not silently turn a 3,000
@@ -7,17 +7,31 @@ how it reports (``MAY_CHANGE``); a change to anything that decides what the run 
 seed, the meta-batch, a learning rate, the validation schedule that picks ``best.pt``) is
 refused with the list of differing keys, since the result would be neither the old run nor
 a new one.
+
+The CLI asks ``run_to_continue`` (``resume=true|latest``) and ``original_overrides`` before
+Hydra composes, and ``check_fresh`` before Hydra writes into a folder; the trainer asks
+``prepare`` once, which either reads the run back (``Resumed``) or checks that the folder is
+free. Every decision and message about resuming is here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mamlrun import config
 from mamlrun.config import flatten
 from mamlrun.errors import MamlrunError
+from mamlrun.results import checkpoint
+
+#: Where a run keeps what a resume continues from, relative to its directory.
+LAST = Path("checkpoints", "last.pt")
+#: Where ``resume=latest`` looks: the CLI's default ``outputs/train/<date>/<time>``.
+OUTPUTS = Path("outputs")
 
 #: Keys (or key prefixes, ending in ".") a resumed run may change.
 MAY_CHANGE = (
@@ -90,3 +104,126 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
         if not (value is None and isinstance(node.get(leaf), dict)):
             node[leaf] = value
     return tree
+
+
+# ---------------------------------------------------------------------- which run, if any
+def holds_run(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / LAST).is_file()
+
+
+def check_fresh(run_dir: str | Path) -> None:
+    """A new run must not take over another run's directory (its ``last.pt`` and, under the
+    CLI, Hydra's ``.hydra/`` record would be overwritten)."""
+    if holds_run(run_dir):
+        raise MamlrunError(
+            f"{run_dir} already holds a run; pass resume=true to continue it, "
+            "or choose another hydra.run.dir"
+        )
+
+
+def wanted(value: str | bool | None) -> str | None:
+    """``resume=`` as given: None (start afresh), ``true`` or ``latest``."""
+    text = str(value if value is not None else "false").lower()
+    if text in ("false", "no", "0"):
+        return None
+    if text in ("true", "yes", "1", "latest"):
+        return "latest" if text == "latest" else "true"
+    raise MamlrunError(f"resume must be true, false or latest, got {text!r}")
+
+
+def run_to_continue(value: str, run_dir: str | None) -> Path:
+    """The run that ``resume=value`` (``true`` or ``latest``) continues, checked to hold a
+    ``last.pt``: ``run_dir`` when given, else (``latest``) the newest under ``outputs/train``."""
+    if value == "latest" and run_dir is None:
+        run_dir = str(latest_run())
+    if run_dir is None:
+        newest = latest_run(required=False)
+        hint = f" (the newest here: {newest})" if newest else ""
+        raise MamlrunError(
+            f"resume=true needs the run to continue: add hydra.run.dir=DIR{hint}, "
+            "or use resume=latest"
+        )
+    directory = Path(run_dir)
+    if not holds_run(directory):
+        raise MamlrunError(
+            f"resume=true: {directory} holds no {LAST.as_posix()}, so there is nothing to "
+            "continue (check hydra.run.dir, or start the run without resume=true)"
+        )
+    return directory
+
+
+def latest_run(required: bool = True) -> Path | None:
+    """The newest ``outputs/train/<date>/<time>`` that holds a ``last.pt``."""
+    runs = sorted(p.parents[1] for p in (OUTPUTS / "train").glob(f"*/*/{LAST.as_posix()}"))
+    if runs:
+        return runs[-1]
+    if required:
+        raise MamlrunError(
+            f"resume=latest found no run under {OUTPUTS / 'train'} (with {LAST.as_posix()}) "
+            "in this folder; name one with hydra.run.dir=DIR"
+        )
+    return None
+
+
+def original_overrides(directory: Path) -> list[str]:
+    """The overrides the run was started with (Hydra's record in ``.hydra/``), less those
+    that only said where and whether to resume."""
+    path = directory / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    skip = ("resume", "hydra.run.dir", "hydra.output_subdir")
+    return [str(o) for o in OmegaConf.load(path) if _key(str(o)) not in skip]
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def changed_keys(requested: DictConfig, original: DictConfig) -> frozenset[str]:
+    """The keys this command sets to other values than the run's own overrides gave."""
+    base = flatten(original)
+    return frozenset(k for k, v in flatten(requested).items() if base.get(k, v) != v)
+
+
+# ---------------------------------------------------------------------- reading it back
+@dataclass(frozen=True)
+class Resumed:
+    """A run read back: the config it continues with, its ``last.pt`` and the changes made."""
+
+    cfg: DictConfig
+    saved: dict[str, Any]
+    changes: list[str]
+
+    @property
+    def step(self) -> int:
+        return self.saved["progress"]["step"]
+
+    @property
+    def batching(self) -> str:
+        """The task batching the run chose (``auto`` was resolved before its first step)."""
+        return self.saved["task_batching"]
+
+
+def prepare(cfg: DictConfig, run_dir: Path, changed: Collection[str] | None) -> Resumed | None:
+    """What ``train`` starts from: with ``resume``, the run in ``run_dir`` read back and
+    continued with ``cfg``'s allowed changes (``changed``: the keys the command changes, None
+    for all); without, None, after checking that ``run_dir`` holds no run."""
+    if not cfg.resume:
+        check_fresh(run_dir)
+        return None
+    if not holds_run(run_dir):
+        raise MamlrunError(
+            f"resume=true but {run_dir} holds no {LAST.as_posix()}: nothing to continue "
+            "(start it without resume=true, or name the run with hydra.run.dir=DIR)"
+        )
+    # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
+    saved = checkpoint.load(run_dir / LAST, map_location="cpu")
+    merged, changes = continued_config(saved["config"]["run"], cfg, changed)
+    merged = config.validate(merged, config.TrainConfig)
+    done = saved["progress"]["step"]
+    if done >= merged.iterations:
+        raise MamlrunError(
+            f"this run already finished at step {done} of iterations={merged.iterations}: "
+            f"pass iterations=N (more than {done}) to extend it"
+        )
+    return Resumed(merged, saved, changes)

@@ -1,9 +1,14 @@
 """Meta-training as small named steps, and the loop that strings them together (``fit``).
 
-``Trainer`` holds one run: its components, its ``TrainState`` (everything the run's future
-depends on, and the one checkpoint schema), the logger and the run directory. Its methods are
-the steps: ``step`` (one outer update), ``validate``, ``save``, ``stop_requests`` and
-``finish``; ``fit`` is the algorithm as a paper would write it.
+``Trainer`` holds one run: its components (the algorithm bound to the run's task type and
+batching), its ``TrainState`` (everything the run's future depends on, and the one checkpoint
+schema), the logger and the run directory. Its methods are the steps: ``step`` (one outer
+update), ``log_train``, ``validate``, ``save`` and ``stop_requests``; ``fit`` is the algorithm
+as a paper would write it, and ``commands.train`` writes the results after it.
+
+The step counter is ``TrainState.step``, and only that: the algorithm is told it on every outer
+step. The optimizer and the scheduler belong to the ``OuterStep`` that uses them; the state
+reaches them there for the checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mamlrun import config
 from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.losses import METRIC, better
 from mamlrun.errors import MamlrunError, SweepConfigError
@@ -29,7 +33,7 @@ from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
 from mamlrun.training import distributed, resume
 from mamlrun.training.components import Components, build, component_config
-from mamlrun.training.episodes import OuterStep, backward, episodes, evaluate
+from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
 from mamlrun.training.progress import Progress
 from mamlrun.training.signals import Interrupted, StopFlag
 
@@ -54,21 +58,21 @@ class TrainState:
     """Everything a run's future depends on. ``state_dict`` is the checkpoint's schema."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
+    update: OuterStep  # owns the optimizer and the scheduler
     generator: torch.Generator
-    batching: str
-    step: int = 0
+    batching: str  # the mode the run's tasks run in (``auto`` resolved before the first step)
+    step: int = 0  # outer steps done: the run's one step counter
     best: float | None = None
     best_ci95: float | None = None
     best_step: int | None = None
     history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
 
     def state_dict(self) -> dict[str, Any]:
+        scheduler = self.update.scheduler
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "optimizer": self.update.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "generator": self.generator.get_state(),
             "rng": checkpoint.rng_state(),
             "progress": {
@@ -83,9 +87,9 @@ class TrainState:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(saved["scheduler"])
+        self.update.optimizer.load_state_dict(saved["optimizer"])
+        if self.update.scheduler is not None:
+            self.update.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
         checkpoint.set_rng_state(saved["rng"])
         progress = saved["progress"]
@@ -126,7 +130,7 @@ class Trainer:
     """One training run: built by ``Trainer.start``, closed (logger) on leaving ``with``."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, built: Components, state: TrainState,
-                 ctx: distributed.Context) -> None:  # fmt: skip
+                 ctx: distributed.Context, preset: str | None = None) -> None:  # fmt: skip
         self.cfg, self.run_dir, self.components, self.state, self.ctx = (
             cfg,
             run_dir,
@@ -135,79 +139,50 @@ class Trainer:
             ctx,
         )
         self.main = ctx.is_main
+        self.preset = preset  # the experiment preset, as the CLI composed it
         self.metric_name = METRIC[built.source.task_type][0]
-        self.last_path = run_dir / "checkpoints" / "last.pt"
+        self.last_path = run_dir / resume.LAST
         self.best_path = run_dir / "checkpoints" / "best.pt"
         self.logger = TensorBoardLogger(run_dir / "tb") if self.main else NullLogger()
-        self.update = OuterStep(state.optimizer, built.make_scheduler(state.optimizer), ctx)
-        self.state.scheduler = self.update.scheduler
+        self.validation = Evaluation(
+            "val",
+            cfg.val_seed,
+            cfg.val_tasks,
+            cfg.eval_batch_size,
+            built.algorithm.inner_steps_test,
+        )
+        self.batches = episodes(built.source, "train", state.generator, cfg.meta_batch_size)
         self.started = time.monotonic()
-        self.stream = None
-        self.preset: str | None = None  # the experiment preset, as the CLI composed it
 
     # ------------------------------------------------------------------ setting up
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, launch: Launch, ctx: distributed.Context,
               device: torch.device) -> Trainer:  # fmt: skip
-        """Build the run, or rebuild it from ``last.pt`` with ``resume``."""
-        saved = ctx.on_main(lambda: _load_for_resume(run_dir, cfg)) if cfg.resume else None
-        if saved is not None:
-            cfg, changes = _continue_with(cfg, saved, launch)
-            step, path = saved["progress"]["step"], run_dir / "checkpoints" / "last.pt"
-            log.info(f"resumed from step {step} of {cfg.iterations} ({path})")
-            for line in changes:
+        """Build the run, or rebuild it from ``last.pt`` with ``resume`` (``resume.prepare``
+        decides which, and what the resumed run continues with)."""
+        resumed = ctx.on_main(lambda: resume.prepare(cfg, run_dir, launch.changed))
+        if resumed is not None:
+            cfg = resumed.cfg
+            log.info(
+                f"resumed from step {resumed.step} of {cfg.iterations} ({run_dir / resume.LAST})"
+            )
+            for line in resumed.changes:
                 log.info(f"resume changes {line}")
-        else:
-            ctx.on_main(lambda: _check_fresh(run_dir))
         built = build(cfg, device, cfg.seed, cfg.precision)
         _check_direction(launch.sweep_direction, built.source.task_type)
-        state = TrainState(
-            built.model,
-            built.make_optimizer(built.model.parameters()),
-            None,
-            torch.Generator(device=device).manual_seed(cfg.seed),
-            built.algorithm.task_batching,
-        )
-        trainer = cls(cfg, run_dir, built, state, ctx)
-        trainer.preset = launch.preset
-        if saved is not None:
-            state.load_state_dict(saved)
-        trainer.choose_batching()
+        mode = resumed.batching if resumed is not None else built.algorithm.task_batching
+        if mode == "auto":
+            mode = choose_batching(built, cfg.meta_batch_size, cfg.seed, ctx)
+        built = replace(built, algorithm=built.algorithm.bind(built.source.task_type, mode))
+        optimizer = built.make_optimizer(built.model.parameters())
+        update = OuterStep(built.algorithm, optimizer, built.make_scheduler(optimizer), ctx)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        state = TrainState(built.model, update, generator, mode)
+        if resumed is not None:
+            state.load_state_dict(resumed.saved)
+        trainer = cls(cfg, run_dir, built, state, ctx, launch.preset)
         trainer.record_start()
         return trainer
-
-    def choose_batching(self) -> None:
-        """``auto``: time one meta-gradient per mode on this model, device and meta-batch."""
-        if self.state.batching != "auto":
-            return
-        algorithm, model, source = (
-            self.components.algorithm,
-            self.state.model,
-            self.components.source,
-        )
-        share = -(-self.cfg.meta_batch_size // self.ctx.world_size)  # each rank's workload
-
-        def probe() -> tuple[str, dict[str, float]]:
-            generator = torch.Generator(device=source.device).manual_seed(self.cfg.seed + 1)
-            batch = source.sample("train", share, generator)
-
-            def one_step(mode: str) -> None:
-                try:
-                    backward(algorithm.meta_objective(model, batch, source.task_type, mode, None))
-                finally:
-                    model.zero_grad(set_to_none=True)
-
-            modes = task_batching.candidates(algorithm.batching_modes, share, source.device)
-            return task_batching.choose(modes, one_step, source.device)
-
-        chosen, seconds = self.ctx.on_main(probe)
-        timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
-        log.info(
-            f"task_batching=auto chose {chosen} ({timing} per meta-batch)"
-            if seconds
-            else f"task_batching=auto chose {chosen}, the only mode this algorithm supports"
-        )
-        self.state.batching = chosen
 
     def record_start(self) -> None:
         if not self.main:
@@ -224,20 +199,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the steps
     def step(self) -> dict[str, torch.Tensor]:
-        if self.stream is None:
-            self.stream = episodes(
-                self.components.algorithm,
-                self.state.model,
-                self.components.source,
-                split="train",
-                generator=self.state.generator,
-                batch_size=self.cfg.meta_batch_size,
-                batching=self.state.batching,
-                update=self.update,
-                first_step=self.state.step,
-            )
-        out = next(self.stream)
-        self.state.step += 1
+        """One outer update on the next meta-batch, at iteration ``state.step`` (a resumed run
+        goes on from where it stopped); counts it."""
+        s = self.state
+        out = s.update(s.model, next(self.batches), s.step)
+        s.step += 1
         return out
 
     def log_train(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -254,18 +220,9 @@ class Trainer:
         return {"loss": loss, self.metric_name: metric, "at step": step}
 
     def validate(self) -> None:
-        algorithm = self.components.algorithm
-        curves = evaluate(
-            algorithm,
-            self.state.model,
-            self.components.source,
-            split="val",
-            seed=self.cfg.val_seed,
-            num_tasks=self.cfg.val_tasks,
-            batch_size=self.cfg.eval_batch_size,
-            steps=algorithm.inner_steps_test,
-            batching=self.state.batching,
-        )
+        """Evaluate on the fixed validation tasks; ``best.pt`` when the metric improves."""
+        built = self.components
+        curves = evaluate(built.algorithm, self.state.model, built.source, self.validation)
         mean, ci = mean_ci95(curves["metric"][:, -1])
         if not math.isfinite(mean):
             raise self.diverged(f"validation {self.metric_name} is {mean}")
@@ -341,7 +298,7 @@ class Trainer:
             "iterations": self.cfg.iterations,
             "stopped_by": stopped_by,
             "val_tasks": self.cfg.val_tasks,
-            "val_inner_steps": self.components.algorithm.inner_steps_test,
+            "val_inner_steps": self.validation.steps,
             "task_batching": s.batching,
             "precision": self.cfg.precision,
             **self.components.algorithm.describe(),
@@ -375,39 +332,6 @@ def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node) if node is not None else None
 
 
-def _load_for_resume(run_dir: Path, cfg: DictConfig) -> dict[str, Any]:
-    path = run_dir / "checkpoints" / "last.pt"
-    if not path.exists():
-        raise MamlrunError(
-            f"resume=true but {run_dir} holds no checkpoints/last.pt: nothing to continue "
-            "(start it without resume=true, or name the run with hydra.run.dir=DIR)"
-        )
-    # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
-    return checkpoint.load(path, map_location="cpu")
-
-
-def _continue_with(
-    cfg: DictConfig, saved: dict[str, Any], launch: Launch
-) -> tuple[DictConfig, list[str]]:
-    merged, changes = resume.continued_config(saved["config"]["run"], cfg, launch.changed)
-    merged = config.validate(merged, config.TrainConfig)
-    done = saved["progress"]["step"]
-    if done >= merged.iterations:
-        raise MamlrunError(
-            f"this run already finished at step {done} of iterations={merged.iterations}: "
-            f"pass iterations=N (more than {done}) to extend it"
-        )
-    return merged, changes
-
-
-def _check_fresh(run_dir: Path) -> None:
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise MamlrunError(
-            f"{run_dir} already holds a run; pass resume=true to continue it, "
-            "or choose another hydra.run.dir"
-        )
-
-
 def _check_direction(direction: str | None, task_type: str) -> None:
     """An Optuna sweep that maximises MSE would search for the worst settings, silently."""
     if direction not in ("maximize", "minimize"):
@@ -419,3 +343,33 @@ def _check_direction(direction: str | None, task_type: str) -> None:
             f"the sweeper would {direction} {metric_name}, which this dataset wants to "
             f"{wanted}: set hydra.sweeper.direction={wanted}"
         )
+
+
+def choose_batching(built: Components, meta_batch: int, seed: int, ctx: distributed.Context) -> str:
+    """``auto``: time one meta-gradient per mode on this model, device and meta-batch (each
+    rank's share of it); rank 0 measures and every rank takes its choice."""
+    algorithm, model, source = built.algorithm, built.model, built.source
+    share = -(-meta_batch // ctx.world_size)
+
+    def probe() -> tuple[str, dict[str, float]]:
+        generator = torch.Generator(device=source.device).manual_seed(seed + 1)
+        batch = source.sample("train", share, generator)
+        modes = task_batching.candidates(algorithm.batching_modes, share, source.device)
+        bound = {mode: algorithm.bind(source.task_type, mode) for mode in modes}
+
+        def one_step(mode: str) -> None:
+            try:
+                backward(bound[mode].meta_objective(model, batch, None))
+            finally:
+                model.zero_grad(set_to_none=True)
+
+        return task_batching.choose(modes, one_step, source.device)
+
+    chosen, seconds = ctx.on_main(probe)
+    timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
+    log.info(
+        f"task_batching=auto chose {chosen} ({timing} per meta-batch)"
+        if seconds
+        else f"task_batching=auto chose {chosen}, the only mode this algorithm supports"
+    )
+    return chosen
