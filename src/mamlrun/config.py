@@ -9,6 +9,8 @@ could drift from its code.
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import types
 import typing
@@ -274,6 +276,23 @@ def group_config(group: str, choice: str) -> DictConfig:
     register_schemas()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=[f"{group}={choice}"])[group]
+
+
+def settings(group: str, choice: str, **changes: Any) -> dict[str, Any]:
+    """The values ``conf/<group>/<choice>.yaml`` passes its ``_target_``, with ``changes``.
+
+    How tests and scripts build a component from Python (``conv4(shape, ways,
+    **config.settings("backbone", "conv4", filters=8))``): the signatures carry no defaults,
+    so the numbers are read from the one place they are written instead of being repeated.
+    """
+    return {**copy.deepcopy(_yaml_values(group, choice)), **changes}
+
+
+@functools.cache
+def _yaml_values(group: str, choice: str) -> dict[str, Any]:
+    node = group_config(group, choice)
+    keys = [k for k in node if not str(k).startswith("_") and k not in OUTER_PARTS]
+    return OmegaConf.to_container(OmegaConf.masked_copy(node, keys), resolve=True)
 
 
 def algorithm(choice: str = "maml", **settings: Any) -> Any:

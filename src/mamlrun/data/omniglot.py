@@ -441,16 +441,17 @@ class OmniglotTasks:
 
     def __init__(
         self,
-        root: str | os.PathLike[str] | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        query: int = 15,
-        split: str = "maml",
-        split_seed: int = 0,
-        rotations: bool = True,
-        image_size: int = 28,
+        *,
+        root: str | os.PathLike[str] | None,
+        ways: int,
+        shots: int,
+        query: int,
+        split: str,
+        split_seed: int,
+        rotations: bool,
+        image_size: int,
         device: str | torch.device = "cpu",
-        storage: str = "device",
+        storage: str,
     ) -> None:
         _check_settings(ways, shots, query, image_size, split, storage)
         self.ways, self.shots, self.query = ways, shots, query
@@ -478,13 +479,15 @@ class OmniglotTasks:
         self.episodes = EpisodicImages(
             "omniglot",
             self.splits,
-            ways,
-            shots,
-            query,
+            ways=ways,
+            shots=shots,
+            query=query,
             storage=storage,
             mean=[0.0],
             std=[1.0],
             device=self.device,
+            augment=False,  # the MAML paper's Omniglot has none
+            crop_padding=0,
         )
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:

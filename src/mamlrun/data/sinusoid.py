@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -24,11 +23,12 @@ class SinusoidTasks:
 
     def __init__(
         self,
-        shots: int = 10,
-        query: int = 10,
-        amplitude: tuple[float, float] = (0.1, 5.0),
-        phase: tuple[float, float] = (0.0, math.pi),
-        x_range: tuple[float, float] = (-5.0, 5.0),
+        *,
+        shots: int,
+        query: int,
+        amplitude: tuple[float, float],
+        phase: tuple[float, float],
+        x_range: tuple[float, float],
         device: str | torch.device = "cpu",
     ) -> None:
         if shots < 1:

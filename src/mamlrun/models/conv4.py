@@ -13,9 +13,10 @@ HEADS = ("mean", "flatten")
 def conv4(
     in_shape: tuple[int, ...],
     out_features: int,
-    filters: int = 64,
-    downsample: str = "stride",
-    head: str = "mean",
+    *,
+    filters: int,
+    downsample: str,
+    head: str,
 ) -> nn.Module:
     """4 × [3×3 conv, batch norm, ReLU], then a linear layer to ``out_features`` classes.
 

@@ -13,7 +13,8 @@ log = logging.getLogger("mamlrun")
 def mlp(
     in_shape: tuple[int, ...],
     out_features: int,
-    hidden: tuple[int, ...] = (40, 40),
+    *,
+    hidden: tuple[int, ...],
 ) -> nn.Module:
     """ReLU MLP ``in → hidden… → out`` (the paper uses 1→40→40→1).
 
