@@ -21,6 +21,7 @@ from image_fixtures import write_cifar_archive
 from omegaconf import OmegaConf
 from test_miniimagenet import one_line_error
 
+from mamlrun import config
 from mamlrun.data.images import EpisodicImages, ImageSplit
 from mamlrun.errors import MamlrunError
 from mamlrun.training import resume
@@ -218,26 +219,30 @@ def test_describe_records_whether_and_how_much_the_run_augmented():
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"crop_padding": -1}, "fixture: crop_padding must be a non-negative integer, got -1"),
-        ({"crop_padding": 2.5}, "crop_padding must be a non-negative integer, got 2.5"),
-        ({"crop_padding": True}, "crop_padding must be a non-negative integer, got True"),
-        ({"crop_padding": "4"}, "crop_padding must be a non-negative integer, got '4'"),
-        ({"crop_padding": 12}, "crop_padding=12 must be smaller than the 12×12 images"),
-        ({"crop_padding": 40}, "crop_padding=40 must be smaller than the 12×12 images"),
-        ({"augment": "yes"}, "fixture: augment must be true or false, got 'yes'"),
+        ({"crop_padding": -1}, "dataset.crop_padding must be a non-negative integer, got -1"),
+        ({"crop_padding": 2.5}, "dataset.crop_padding=2.5 has the wrong type: expected int"),
+        ({"crop_padding": True}, "dataset.crop_padding=True has the wrong type: expected int"),
+        ({"crop_padding": "4"}, "dataset.crop_padding='4' has the wrong type: expected int"),
+        ({"augment": "yes"}, "dataset.augment='yes' has the wrong type: expected bool"),
     ],
 )
-def test_bad_augmentation_settings_are_one_line_errors(settings, expected):
-    settings = {"augment": True, "crop_padding": PADDING, **settings}
-    message = one_line_error(EpisodicImages, "fixture", SPLITS, **FIXED, **settings)
+def test_bad_augmentation_settings_are_one_line_errors_of_the_config(settings, expected):
+    node = OmegaConf.merge(compose_train("dataset=cifarfs").dataset, {"augment": True, **settings})
+    message = one_line_error(config.validate_component, "dataset", node)
     assert expected in message
+
+
+@pytest.mark.parametrize("padding", [12, 40])
+def test_a_padding_as_large_as_the_images_is_refused_by_the_source(padding):
+    message = one_line_error(
+        EpisodicImages, "fixture", SPLITS, **FIXED, augment=True, crop_padding=padding
+    )
+    assert f"crop_padding={padding} must be smaller than the 12×12 images" in message
 
 
 def test_a_padding_the_images_cannot_take_is_only_refused_when_it_would_be_used():
     """An unused padding must not stop a dataset of small images (Omniglot at 8×8 pixels)."""
     EpisodicImages("fixture", SPLITS, **FIXED, augment=False, crop_padding=12)
-    with pytest.raises(MamlrunError):
-        EpisodicImages("fixture", SPLITS, **FIXED, augment=False, crop_padding=-1)
 
 
 @pytest.mark.parametrize("dataset", IMAGE_DATASETS)

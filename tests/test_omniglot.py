@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import count_calls
+from omegaconf import OmegaConf
 from omniglot_fixtures import (
     SMALL_COUNTS,
     STROKE_BOX,
@@ -35,8 +36,13 @@ from mamlrun.errors import MamlrunError
 
 
 def omniglot_tasks(**changes) -> OmniglotTasks:
-    """``conf/dataset/omniglot.yaml``'s task source with ``changes``."""
-    return OmniglotTasks(**config.settings("dataset", "omniglot", **changes))
+    """``conf/dataset/omniglot.yaml``'s task source with ``changes``, checked as ``train``
+    checks it before building it."""
+    settings = config.settings("dataset", "omniglot", **changes)
+    given = {k: v for k, v in settings.items() if k != "device"}  # mamlrun's own, not a setting
+    node = OmegaConf.create({"_target_": "mamlrun.data.omniglot.OmniglotTasks", **given})
+    config.validate_component("dataset", node)
+    return OmniglotTasks(**settings)
 
 
 @pytest.fixture(autouse=True)
@@ -325,7 +331,7 @@ def test_background_evaluation_split_validates_on_five_whole_alphabets(fake):
 def test_unknown_split_name_is_an_error(fake):
     with pytest.raises(MamlrunError, match="unknown Omniglot split 'lake'"):
         character_splits(fake.names, fake.sources, "lake")
-    with pytest.raises(MamlrunError, match="unknown Omniglot split 'lake'"):
+    with pytest.raises(MamlrunError, match="dataset.split must be one of maml, background_"):
         omniglot_tasks(split="lake")
 
 
@@ -549,7 +555,7 @@ def test_unknown_sample_split_is_an_error(tasks):
         ({"shots": 5, "query": 16}, r"K\+Q=21 exceeds the 20 drawings per character"),
         ({"ways": 401}, "401-way tasks need 401 classes but the 'val' split has 400"),
         ({"ways": 101, "rotations": False}, "the 'val' split has 100"),
-        ({"storage": "gpu"}, "omniglot: storage='gpu'; expected one of device, cpu"),
+        ({"storage": "gpu"}, "dataset.storage must be one of device, cpu, got 'gpu'"),
     ],
 )
 def test_impossible_tasks_are_rejected(use_fake, kwargs, message):

@@ -56,7 +56,7 @@ from mamlrun.data.download import (
     resolve_root,
     user_cache_dir,
 )
-from mamlrun.data.images import STORAGE, EpisodicImages, ImageSplit, save_atomic
+from mamlrun.data.images import EpisodicImages, ImageSplit, save_atomic
 from mamlrun.data.tasks import SPLITS, TaskBatch
 from mamlrun.errors import MamlrunError
 
@@ -376,31 +376,6 @@ def _background_evaluation_split(
 # Task source
 
 
-def _check_settings(
-    ways: int, shots: int, query: int, image_size: int, split: str, storage: str
-) -> None:
-    """One-line errors for impossible settings, before the dataset is loaded."""
-    for name, value in (
-        ("ways", ways),
-        ("shots", shots),
-        ("query", query),
-        ("image_size", image_size),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MamlrunError(f"omniglot: {name} must be a positive integer, got {value!r}")
-    if shots + query > DRAWINGS:
-        raise MamlrunError(
-            f"omniglot: shots+query K+Q={shots + query} exceeds the {DRAWINGS} drawings per "
-            f"character"
-        )
-    if split not in SPLIT_NAMES:
-        raise MamlrunError(
-            f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
-        )
-    if storage not in STORAGE:
-        raise MamlrunError(f"omniglot: storage={storage!r}; expected one of {', '.join(STORAGE)}")
-
-
 def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
     split, count = min(((s, len(c)) for s, c in classes.items()), key=lambda item: item[1])
     if ways > count:
@@ -453,7 +428,6 @@ class OmniglotTasks:
         device: str | torch.device = "cpu",
         storage: str,
     ) -> None:
-        _check_settings(ways, shots, query, image_size, split, storage)
         self.ways, self.shots, self.query = ways, shots, query
         self.split, self.split_seed, self.rotations = split, split_seed, rotations
         self.image_size = image_size

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from mamlrun.data.tasks import TaskBatch, check_split
-from mamlrun.errors import MamlrunError
 
 
 class SinusoidTasks:
@@ -31,13 +30,6 @@ class SinusoidTasks:
         x_range: tuple[float, float],
         device: str | torch.device = "cpu",
     ) -> None:
-        if shots < 1:
-            raise MamlrunError(f"dataset.shots must be a positive number of points, got {shots}")
-        if query < 1:
-            raise MamlrunError(f"dataset.query must be a positive number of points, got {query}")
-        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
-            if not lo <= hi:
-                raise MamlrunError(f"dataset.{name} must be [low, high] with low <= high")
         self.shots, self.query = shots, query
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.device = torch.device(device)

@@ -46,7 +46,7 @@ def train(
     Under ``torchrun`` the meta-batch is split across the processes (``distributed``); only
     rank 0 validates, logs and checkpoints, and the other ranks return None.
     """
-    cfg = config.check(config.validate(cfg, config.TrainConfig), config.TrainConfig)
+    cfg = config.validate(cfg, config.TrainConfig)
     world_size = distributed.world_size_from_env()
     if cfg.meta_batch_size < world_size:
         raise MamlrunError(
@@ -152,7 +152,7 @@ def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 def _eval_settings(cfg: DictConfig, schema: type, command: str) -> Any:
     if distributed.world_size_from_env() > 1:
         raise MamlrunError(f"mamlrun {command} runs in one process: start it without torchrun")
-    checked = config.check(config.validate(cfg, schema), schema)
+    checked = config.validate(cfg, schema)
     return OmegaConf.to_object(checked)
 
 

@@ -4,7 +4,9 @@ The top-level keys of each command are dataclass schemas in Hydra's ConfigStore,
 type or an unknown key in an override fails at composition. The components (``dataset``,
 ``backbone``, ``meta_optimizer``) are validated against the signature of the ``_target_``
 they name: the callable is the schema, so a new component needs no second definition that
-could drift from its code.
+could drift from its code. The values are the YAML's alone (conf/), and the ranges of every
+setting are checked in one place (``ranges``); ``validate`` runs all three checks, once per
+command, before anything is built.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from mamlrun.config import ranges
 from mamlrun.errors import MamlrunError
-from mamlrun.models import precision
 
 #: Parts of ``meta_optimizer`` that configure the outer loop, not the algorithm.
 OUTER_PARTS = ("optimizer", "scheduler")
@@ -75,7 +77,7 @@ class TrainConfig:
     meta_optimizer: Any = MISSING
     seed: int = MISSING
     device: str = MISSING
-    precision: str = MISSING  # one of precision.PRECISIONS, checked by ``check``
+    precision: str = MISSING  # one of precision.PRECISIONS, checked by ``ranges``
     iterations: int = MISSING
     meta_batch_size: int = MISSING
     log_every: int = MISSING
@@ -122,42 +124,6 @@ class ComponentsOnly:
     meta_optimizer: Any = None
 
 
-#: Range checks per command: keys that must be >= 1, and keys that must be >= 0.
-_POSITIVE = {
-    TrainConfig: (
-        "iterations",
-        "meta_batch_size",
-        "val_every",
-        "val_tasks",
-        "eval_batch_size",
-        "checkpoint_every",
-        "log_every",
-        "test_tasks",
-    ),
-    TestConfig: ("test_tasks", "eval_batch_size"),
-}
-_NON_NEGATIVE = {
-    TrainConfig: ("progress_seconds",),
-    TestConfig: ("progress_seconds", "inner_steps"),
-}
-
-
-def check(cfg: DictConfig, schema: type) -> DictConfig:
-    """The value checks of one command, in one place (types were checked by ``validate``)."""
-    key = TestConfig if issubclass(schema, TestConfig) else schema
-    for name in _POSITIVE.get(key, ()):
-        if cfg[name] < 1:
-            raise MamlrunError(f"{name} must be positive, got {cfg[name]}")
-    for name in _NON_NEGATIVE.get(key, ()):
-        if cfg[name] is not None and cfg[name] < 0:
-            raise MamlrunError(f"{name} must be >= 0, got {cfg[name]}")
-    if "max_minutes" in cfg and cfg.max_minutes is not None and cfg.max_minutes <= 0:
-        raise MamlrunError(f"max_minutes must be positive (or null), got {cfg.max_minutes}")
-    if "precision" in cfg:
-        precision.check(cfg.precision)
-    return cfg
-
-
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
@@ -170,17 +136,19 @@ def config_dir() -> Path:
     packaged = Path(str(resources.files("mamlrun"))) / "conf"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parents[2] / "conf"
+    checkout = Path(__file__).resolve().parents[3] / "conf"
     if checkout.is_dir():
         return checkout
     raise MamlrunError(f"mamlrun's config directory is missing (looked in {packaged})")
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
-    """Merge ``cfg`` onto its schema and check each component against its target.
+    """The one check of a command's config, run before anything is built: types (the schema),
+    each component's keys and types (its target's signature), then every range (``ranges``).
 
-    Raises MamlrunError naming the first offending key. Tests call this directly; the CLI gets
-    the same checks, the top-level ones earlier through the ConfigStore schema.
+    Returns the config merged onto its schema; raises MamlrunError naming the first offending
+    key, in one line. ``train``, ``test`` and ``adapt`` call it first; the CLI gets the type
+    checks earlier too, through the ConfigStore schema.
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
@@ -188,16 +156,24 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(ex, "full_key", None)
         raise MamlrunError(f"{key}: {_first_line(ex)}" if key else _first_line(ex)) from ex
     for group in INJECTED:
-        if group not in merged:
-            continue
-        node = merged[group]
-        if group == "meta_optimizer" and isinstance(node, DictConfig):
-            for part in OUTER_PARTS:
-                if node.get(part) is not None:
-                    check_component(node[part], f"meta_optimizer.{part}")
-            node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
-        check_component(node, group, injected=INJECTED[group])
+        if group in merged and merged[group] is not None:
+            validate_component(group, merged[group])
+    if issubclass(schema, (TrainConfig, TestConfig)):
+        ranges.check_command(merged, "train" if schema is TrainConfig else "test")
     return merged
+
+
+def validate_component(group: str, node: Any) -> None:
+    """One component's node (``dataset``, ``backbone`` or ``meta_optimizer``): its keys and
+    types against its target's signature, then the ranges of its settings."""
+    if group == "meta_optimizer" and isinstance(node, DictConfig):
+        for part in OUTER_PARTS:
+            if node.get(part) is not None:
+                check_component(node[part], f"meta_optimizer.{part}")
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
+    check_component(node, group, injected=INJECTED[group])
+    if group in ranges.COMPONENTS:
+        ranges.COMPONENTS[group](node)
 
 
 def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> None:
@@ -299,6 +275,7 @@ def algorithm(choice: str = "maml", **settings: Any) -> Any:
     """An algorithm from ``conf/meta_optimizer/<choice>.yaml`` with ``settings`` changed: the
     YAML holds the values, so a Python caller gets the same defaults as the command line."""
     node = OmegaConf.merge(group_config("meta_optimizer", choice), settings)
+    validate_component("meta_optimizer", node)
     return build_meta_optimizer(node)[0]
 
 
