@@ -162,6 +162,10 @@ def test_every_yaml_file_in_conf_composes(path):
         (["dataset=cifarfs", "dataset.storage=gpu"], "dataset.storage must be one of device, cpu"),
         (["dataset=cub", "dataset.crop_padding=-1"], "dataset.crop_padding must be a non-negative"),
         (["dataset=miniimagenet", "dataset.std=[0.2,0.0,0.2]"], "dataset.std must be finite"),
+        (["backbone=conv4", "backbone.head=max"], "backbone.head must be one of mean, flatten"),
+        (["backbone=conv4", "backbone.filters=0"], "backbone.filters must be a positive integer"),
+        (["backbone.hidden=[40,0]"], "backbone.hidden must be positive sizes, got [40, 0]"),
+        (["backbone=resnet12", "backbone.keep_prob=0"], "backbone.keep_prob must be in (0, 1]"),
     ],
 )
 def test_a_setting_out_of_range_is_refused_in_one_line_before_anything_is_built(overrides, message):

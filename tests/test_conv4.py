@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import finite_difference_error, image_batch, maml, meta_gradient
+from omegaconf import OmegaConf
 
 from mamlrun import config
 from mamlrun.algorithms.losses import loss_fn
+from mamlrun.errors import MamlrunError
 from mamlrun.models.conv4 import conv4
 
 
@@ -53,8 +55,9 @@ def test_task_batch_norm_equals_torch_batch_norm_in_training_mode():
 
 
 def test_invalid_settings_are_rejected():
-    with pytest.raises(ValueError, match="downsample"):
-        conv4((1, 28, 28), 5, **config.settings("backbone", "conv4", downsample="avg"))
+    with pytest.raises(MamlrunError, match="backbone.downsample must be one of stride, max_pool"):
+        node = OmegaConf.merge(config.group_config("backbone", "conv4"), {"downsample": "avg"})
+        config.validate_component("backbone", node)
     with pytest.raises(ValueError, match="image inputs"):
         conv4((28,), 5, **config.settings("backbone", "conv4"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_train, data_root, finite_difference_error, maml, meta_gradient
+from omegaconf import OmegaConf
 from torch import nn
 
 from mamlrun import config
@@ -94,8 +95,9 @@ def test_impossible_settings_are_rejected():
         resnet12((28,), 5, **config.settings("backbone", "resnet12"))
     with pytest.raises(ValueError, match="at least 16x16"):
         resnet12((3, 8, 8), 5, **config.settings("backbone", "resnet12"))
-    with pytest.raises(ValueError, match="four positive widths"):
-        resnet12((3, 84, 84), 5, **config.settings("backbone", "resnet12", widths=[64, 128, 256]))
+    with pytest.raises(MamlrunError, match="backbone.widths needs one width per block"):
+        node = OmegaConf.merge(config.group_config("backbone", "resnet12"), {"widths": [64, 8, 2]})
+        config.validate_component("backbone", node)
     with pytest.raises(ValueError, match="keep_prob"):
         resnet12(
             (3, 84, 84),

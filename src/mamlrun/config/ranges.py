@@ -20,6 +20,7 @@ from typing import Any
 from mamlrun.data.omniglot import DRAWINGS, SPLIT_NAMES
 from mamlrun.errors import MamlrunError
 from mamlrun.models import precision
+from mamlrun.models.conv4 import DOWNSAMPLE, HEADS
 
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
 #: (the task's support or query set), as the original MAML. ``per_step``: running statistics
@@ -91,6 +92,26 @@ def check_dataset(node: Mapping[str, Any]) -> None:
                 f"dataset.shots+query K+Q={node['shots'] + node['query']} exceeds the "
                 f"{DRAWINGS} drawings per character of Omniglot"
             )
+
+
+def check_backbone(node: Mapping[str, Any]) -> None:
+    """Layer sizes and choices; whether the input fits the network is the backbone's to say."""
+    for key in ("filters", "drop_block_size"):
+        if key in node and node[key] < 1:
+            raise MamlrunError(f"backbone.{key} must be a positive integer, got {node[key]!r}")
+    for key in ("hidden", "widths"):
+        if any(size < 1 for size in node.get(key, ())):
+            raise MamlrunError(f"backbone.{key} must be positive sizes, got {list(node[key])}")
+    if "widths" in node and len(node["widths"]) != 4:
+        raise MamlrunError(
+            f"backbone.widths needs one width per block (4), got {list(node['widths'])}"
+        )
+    _one_of(node, "backbone", "downsample", DOWNSAMPLE)
+    _one_of(node, "backbone", "head", HEADS)
+    if "keep_prob" in node and not 0 < node["keep_prob"] <= 1:
+        raise MamlrunError(f"backbone.keep_prob must be in (0, 1], got {node['keep_prob']}")
+    if node.get("drop_block_ramp", 0) < 0:
+        raise MamlrunError(f"backbone.drop_block_ramp must be >= 0, got {node['drop_block_ramp']}")
 
 
 def check_meta_optimizer(node: Mapping[str, Any]) -> None:
@@ -193,5 +214,9 @@ def _one_of(node: Mapping[str, Any], group: str, key: str, choices: tuple[str, .
         raise MamlrunError(f"{group}.{key} must be one of {', '.join(choices)}, got {node[key]!r}")
 
 
-#: The range checks of each component group (the backbones check their own shapes).
-COMPONENTS = {"dataset": check_dataset, "meta_optimizer": check_meta_optimizer}
+#: The range checks of each component group.
+COMPONENTS = {
+    "dataset": check_dataset,
+    "backbone": check_backbone,
+    "meta_optimizer": check_meta_optimizer,
+}
