@@ -156,7 +156,7 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(ex, "full_key", None)
         raise MamlrunError(f"{key}: {_first_line(ex)}" if key else _first_line(ex)) from ex
     for group in INJECTED:
-        if group in merged and merged[group] is not None:
+        if group in merged:
             validate_component(group, merged[group])
     if issubclass(schema, (TrainConfig, TestConfig)):
         ranges.check_command(merged, "train" if schema is TrainConfig else "test")
