@@ -14,7 +14,7 @@ by ``algorithms/``: the config cannot import upward.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mamlrun.data.omniglot import DRAWINGS, SPLIT_NAMES
@@ -132,7 +132,8 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
     _one_of(node, "meta_optimizer", "bn_mode", BN_MODES)
     _one_of(node, "meta_optimizer", "inner_optimizer", INNER_OPTIMIZERS)
     adapt = get("adapt_params", "all")
-    if adapt not in ("all", "head") and not (isinstance(adapt, list | tuple) and adapt):
+    prefixes = not isinstance(adapt, str) and isinstance(adapt, Sequence)
+    if adapt not in ("all", "head") and not prefixes:
         raise MamlrunError(
             f"meta_optimizer.adapt_params must be all, head or a list of name prefixes, "
             f"got {adapt!r}"
