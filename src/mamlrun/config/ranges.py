@@ -7,8 +7,10 @@ other) is refused here, in one line naming the key. The components keep only wha
 can know: that the images fit the backbone, that a split holds enough classes and images for
 N-way K-shot tasks, that ``adapt_params`` names parameters of this backbone.
 
-The choices of the algorithms' string settings are defined here, at the bottom, and imported
-by ``algorithms/``: the config cannot import upward.
+The choices of the string settings are defined here. ``algorithms/`` imports its own from
+here (the config cannot import upward); ``data/`` and ``models/`` stand beside the config and
+import nothing of it, so the few choices they implement are named here too, and
+tests/test_config.py checks that the two lists agree.
 """
 
 from __future__ import annotations
@@ -17,10 +19,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mamlrun.data.omniglot import DRAWINGS, SPLIT_NAMES
 from mamlrun.errors import MamlrunError
 from mamlrun.models import precision
-from mamlrun.models.conv4 import DOWNSAMPLE, HEADS
 
 #: ``transductive``: every forward pass normalises with the statistics of the batch it sees
 #: (the task's support or query set), as the original MAML. ``per_step``: running statistics
@@ -35,6 +35,11 @@ LEARNED_LR = ("none", "per_element", "per_layer_per_step")
 BATCHING_MODES = ("loop", "threads", "vmap")
 #: Where a dataset's images are kept (``data/images.py``).
 STORAGE = ("device", "cpu")
+#: Omniglot's class splits (``data/omniglot.py``, ``character_splits``).
+OMNIGLOT_SPLITS = ("maml", "background_evaluation")
+#: conv4's downsampling and head (``models/conv4.py``).
+DOWNSAMPLE = ("stride", "max_pool")
+HEADS = ("mean", "flatten")
 
 #: Keys of one command that must be >= 1, and that must be >= 0.
 POSITIVE = {
@@ -74,7 +79,7 @@ def check_dataset(node: Mapping[str, Any]) -> None:
         if key in node and node[key] < 1:
             raise MamlrunError(f"dataset.{key} must be a positive integer, got {node[key]!r}")
     _one_of(node, "dataset", "storage", STORAGE)
-    _one_of(node, "dataset", "split", SPLIT_NAMES)
+    _one_of(node, "dataset", "split", OMNIGLOT_SPLITS)
     if node.get("crop_padding", 0) < 0:
         raise MamlrunError(
             f"dataset.crop_padding must be a non-negative integer, got {node['crop_padding']!r}"
@@ -86,12 +91,6 @@ def check_dataset(node: Mapping[str, Any]) -> None:
     for key in ("amplitude", "phase", "x_range"):
         if key in node and not node[key][0] <= node[key][1]:
             raise MamlrunError(f"dataset.{key} must be [low, high] with low <= high")
-    if str(node.get("_target_", "")).endswith("OmniglotTasks"):
-        if node["shots"] + node["query"] > DRAWINGS:
-            raise MamlrunError(
-                f"dataset.shots+query K+Q={node['shots'] + node['query']} exceeds the "
-                f"{DRAWINGS} drawings per character of Omniglot"
-            )
 
 
 def check_backbone(node: Mapping[str, Any]) -> None:

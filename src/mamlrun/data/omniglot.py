@@ -376,6 +376,15 @@ def _background_evaluation_split(
 # Task source
 
 
+def _check_task_size(shots: int, query: int) -> None:
+    """Omniglot's data holds 20 drawings per character: K+Q cannot be more."""
+    if shots + query > DRAWINGS:
+        raise MamlrunError(
+            f"omniglot: shots+query K+Q={shots + query} exceeds the {DRAWINGS} drawings per "
+            f"character"
+        )
+
+
 def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
     split, count = min(((s, len(c)) for s, c in classes.items()), key=lambda item: item[1])
     if ways > count:
@@ -428,6 +437,7 @@ class OmniglotTasks:
         device: str | torch.device = "cpu",
         storage: str,
     ) -> None:
+        _check_task_size(shots, query)  # before the dataset is loaded
         self.ways, self.shots, self.query = ways, shots, query
         self.split, self.split_seed, self.rotations = split, split_seed, rotations
         self.image_size = image_size

@@ -6,9 +6,6 @@ from torch import nn
 
 from mamlrun.models.layers import TaskBatchNorm2d
 
-DOWNSAMPLE = ("stride", "max_pool")
-HEADS = ("mean", "flatten")
-
 
 def conv4(
     in_shape: tuple[int, ...],
