@@ -107,17 +107,31 @@ DEFAULT_CONFIGS = ["5w1s", "5w5s", "20w1s"]
 #: Backbones by name: the MAML paper's conv4 for Omniglot (64 filters, strided) and for
 #: miniImageNet (32 filters, max-pooling, flattened head), MetaOptNet's ResNet-12, and a
 #: ResNet-12 of half TADAM's widths for quick checks on a CPU.
+#: MetaOptNet's ResNet-12 as conf/backbone/resnet12.yaml has it (DropBlock off, as timed).
+RESNET12 = {
+    "widths": (64, 160, 320, 640),
+    "drop_block": False,
+    "keep_prob": 0.9,
+    "drop_block_size": 5,
+    "drop_block_ramp": 20000,
+}
 MODELS = {
-    "conv4-64": lambda shape, ways: conv4(shape, ways),
-    "conv4-64-maxpool": lambda shape, ways: conv4(
-        shape, ways, downsample="max_pool", head="flatten"
+    "conv4-64": lambda shape, ways: conv4(
+        shape, ways, filters=64, downsample="stride", head="mean"
     ),
-    "conv4-64-flatten": lambda shape, ways: conv4(shape, ways, head="flatten"),
+    "conv4-64-maxpool": lambda shape, ways: conv4(
+        shape, ways, filters=64, downsample="max_pool", head="flatten"
+    ),
+    "conv4-64-flatten": lambda shape, ways: conv4(
+        shape, ways, filters=64, downsample="stride", head="flatten"
+    ),
     "conv4-32": lambda shape, ways: conv4(
         shape, ways, filters=32, downsample="max_pool", head="flatten"
     ),
-    "resnet12": lambda shape, ways: resnet12(shape, ways),
-    "resnet12-small": lambda shape, ways: resnet12(shape, ways, widths=(32, 64, 128, 256)),
+    "resnet12": lambda shape, ways: resnet12(shape, ways, **RESNET12),
+    "resnet12-small": lambda shape, ways: resnet12(
+        shape, ways, **{**RESNET12, "widths": (32, 64, 128, 256)}
+    ),
 }
 
 
@@ -390,7 +404,10 @@ def _episodic_stand_in(s: Setting, query: int, device: torch.device):
 
     splits = {"train": split(64), "val": split(s.ways), "test": split(s.ways)}
     mean, std = [0.5] * channels, [0.25] * channels
-    return EpisodicImages("stand-in", splits, s.ways, s.shots, query, "device", mean, std, device)
+    return EpisodicImages(
+        "stand-in", splits, ways=s.ways, shots=s.shots, query=query, storage="device",
+        mean=mean, std=std, device=device, augment=False, crop_padding=0,
+    )  # fmt: skip
 
 
 def _omniglot_stand_in(s: Setting, query: int, device: torch.device):
@@ -404,7 +421,10 @@ def _omniglot_stand_in(s: Setting, query: int, device: torch.device):
     original = omniglot.load_omniglot
     omniglot.load_omniglot = lambda root, image_size: data
     try:
-        return omniglot.OmniglotTasks(ways=s.ways, shots=s.shots, query=query, device=device)
+        return omniglot.OmniglotTasks(
+            root=None, ways=s.ways, shots=s.shots, query=query, split="maml", split_seed=0,
+            rotations=True, image_size=28, device=device, storage="device",
+        )  # fmt: skip
     finally:
         omniglot.load_omniglot = original
 

@@ -147,7 +147,10 @@ def tiered_storage(directory: Path, batches: int = 200) -> dict:
         counts = [images // classes + (i < images % classes) for i in range(classes)]
         names = [f"{split}_{i}" for i in range(classes)]
         splits[split] = ImageSplit(mapped, counts, names, ImageFile(path, 0, 84 * 84 * 3))
-    source = EpisodicImages("tiered", splits, 5, 1, 15, "cpu", [0.5] * 3, [0.25] * 3, "cpu")
+    source = EpisodicImages(
+        "tiered", splits, ways=5, shots=1, query=15, storage="cpu", mean=[0.5] * 3,
+        std=[0.25] * 3, device="cpu", augment=False, crop_padding=0,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for _ in range(batches):

@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import SPLITS, py2_pickle, write_cifar_archive, write_cifar_pickles
-from test_miniimagenet import colour, one_line_error
+from test_miniimagenet import colour, one_line_error, task_settings
 
+from mamlrun import config
 from mamlrun.data import cifar, download
 from mamlrun.data.cifar import (
     CIFARFS_SPLITS,
@@ -125,7 +126,8 @@ def test_metaoptnets_pickles_give_the_same_splits_as_the_archive(tmp_path, name,
 
 def test_tasks_are_32x32_and_normalised_with_the_training_splits_statistics(tmp_path):
     write_cifar_archive(tmp_path)
-    source = cifar.cifarfs_tasks(str(tmp_path), ways=5, shots=1, query=2)
+    chosen = config.settings("dataset", "cifarfs", root=str(tmp_path), query=2, device="cpu")
+    source = cifar.cifarfs_tasks(**chosen)
     batch = source.sample("val", 3, torch.Generator().manual_seed(0))
 
     assert batch.x_support.shape == (3, 5, 3, 32, 32) and batch.x_query.shape == (3, 10, 3, 32, 32)
@@ -250,7 +252,8 @@ def test_fc100_pickles_holding_a_class_of_another_superclass_are_refused(tmp_pat
 def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
     write_cifar_archive(tmp_path)
     data = load_cifar("fc100", tmp_path)
-    message = one_line_error(EpisodicImages, "fc100", data.splits, 5, 1, 3)
+    settings = task_settings("fc100", ways=5, shots=1, query=3)
+    message = one_line_error(EpisodicImages, "fc100", data.splits, **settings)
     assert "K+Q=4 exceeds the 3 images of class" in message and "lower dataset.shots" in message
 
 

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from mamlrun import config
 from mamlrun.errors import MamlrunError
+from mamlrun.models.conv4 import conv4
 
 CONF = config.config_dir()
 config.register_schemas()
@@ -128,3 +129,72 @@ def test_every_yaml_file_in_conf_composes(path):
         assert cfg.hydra.mode.name == "MULTIRUN"
         assert "OptunaSweeper" in cfg.hydra.sweeper._target_
         assert cfg.hydra.sweeper.direction == "maximize"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["iterations=0"], "iterations must be positive, got 0"),
+        (["progress_seconds=-1"], "progress_seconds must be >= 0, got -1"),
+        (["max_minutes=0"], "max_minutes must be positive (or null), got 0"),
+        (["meta_optimizer.inner_lr=-1"], "meta_optimizer.inner_lr must be positive, got -1"),
+        (["meta_optimizer.inner_steps=0"], "meta_optimizer.inner_steps must be >= 1"),
+        (["meta_optimizer.bn_mode=batch"], "meta_optimizer.bn_mode must be one of transductive"),
+        (["meta_optimizer.loss_normalization=sum"], "loss_normalization must be one of mean"),
+        (["meta_optimizer.learned_inner_lr=all"], "learned_inner_lr must be one of none"),
+        (["meta_optimizer.inner_optimizer=adam"], "inner_optimizer=adam needs first_order=true"),
+        (["meta_optimizer.adapt_params=body"], "adapt_params must be all, head or a list"),
+        (["meta_optimizer.task_batching=vmap:0"], "task_batching: unknown task batching"),
+        (
+            ["meta_optimizer.bn_mode=per_step", "meta_optimizer.task_batching=threads"],
+            "task_batching=threads is not possible with bn_mode=per_step",
+        ),
+        (
+            ["meta_optimizer.multi_step_loss=true", "meta_optimizer.msl_iterations=0"],
+            "multi_step_loss needs msl_iterations >= 1",
+        ),
+        (["meta_optimizer=reptile", "meta_optimizer.first_order=false"], "Reptile is first order"),
+        (["meta_optimizer=reptile", "meta_optimizer.checkpoint_inner=true"], "no meaning for"),
+        (["dataset.shots=0"], "dataset.shots must be a positive integer, got 0"),
+        (["dataset.amplitude=[5.0,0.1]"], "dataset.amplitude must be [low, high] with low <= high"),
+        (["dataset=omniglot", "dataset.ways=0"], "dataset.ways must be a positive integer"),
+        (["dataset=omniglot", "dataset.split=lake"], "dataset.split must be one of maml"),
+        (["dataset=cifarfs", "dataset.storage=gpu"], "dataset.storage must be one of device, cpu"),
+        (["dataset=cub", "dataset.crop_padding=-1"], "dataset.crop_padding must be a non-negative"),
+        (["dataset=miniimagenet", "dataset.std=[0.2,0.0,0.2]"], "dataset.std must be finite"),
+        (["backbone=conv4", "backbone.head=max"], "backbone.head must be one of mean, flatten"),
+        (["backbone=conv4", "backbone.filters=0"], "backbone.filters must be a positive integer"),
+        (["backbone.hidden=[40,0]"], "backbone.hidden must be positive sizes, got [40, 0]"),
+        (["backbone=resnet12", "backbone.keep_prob=0"], "backbone.keep_prob must be in (0, 1]"),
+    ],
+)
+def test_a_setting_out_of_range_is_refused_in_one_line_before_anything_is_built(overrides, message):
+    """``validate`` checks every range at once, for the CLI and ``commands.train`` alike:
+    nothing is loaded or built (no dataset here exists on disk)."""
+    with pytest.raises(MamlrunError) as error:
+        config.validate(compose_train(*overrides), config.TrainConfig)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_test_command_checks_its_own_ranges():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("test", overrides=["checkpoint=x.pt", "test_tasks=0"])
+    with pytest.raises(MamlrunError, match="test_tasks must be positive, got 0"):
+        config.validate(cfg, config.TestConfig)
+
+
+def test_an_algorithm_built_from_python_gets_the_same_checks():
+    with pytest.raises(MamlrunError, match="meta_optimizer.inner_lr must be positive"):
+        config.algorithm("maml", inner_lr=0.0)
+
+
+def test_the_choices_the_config_checks_are_those_data_and_models_implement():
+    """``data/`` and ``models/`` cannot import the config (they stand beside it), so the
+    choices are named twice; this keeps the two lists the same."""
+    from mamlrun.config import ranges
+    from mamlrun.data import omniglot
+
+    assert ranges.OMNIGLOT_SPLITS == omniglot.SPLIT_NAMES
+    for downsample in ranges.DOWNSAMPLE:
+        for head in ranges.HEADS:
+            conv4((1, 28, 28), 5, filters=2, downsample=downsample, head=head)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import finite_difference_error, image_batch, maml, meta_gradient
+from omegaconf import OmegaConf
 
+from mamlrun import config
 from mamlrun.algorithms.losses import loss_fn
+from mamlrun.errors import MamlrunError
 from mamlrun.models.conv4 import conv4
 
 
 def test_strided_omniglot_network_shapes_and_size():
-    model = conv4((1, 28, 28), 5)
+    model = conv4((1, 28, 28), 5, **config.settings("backbone", "conv4"))
     assert model(torch.rand(7, 1, 28, 28)).shape == (7, 5)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.stride for c in convs] == [(2, 2)] * 4 and all(c.out_channels == 64 for c in convs)
@@ -19,13 +22,17 @@ def test_strided_omniglot_network_shapes_and_size():
 
 
 def test_max_pool_variant_for_miniimagenet():
-    model = conv4((3, 84, 84), 5, filters=32, downsample="max_pool", head="flatten")
+    model = conv4(
+        (3, 84, 84),
+        5,
+        **config.settings("backbone", "conv4", filters=32, downsample="max_pool", head="flatten"),
+    )
     assert model(torch.rand(2, 3, 84, 84)).shape == (2, 5)
     assert model[-1].in_features == 32 * 5 * 5
 
 
 def test_batch_norm_uses_task_statistics_and_keeps_no_running_state():
-    model = conv4((1, 28, 28), 5)
+    model = conv4((1, 28, 28), 5, **config.settings("backbone", "conv4"))
     assert list(model.buffers()) == [], "no running statistics that could leak between tasks"
     x = torch.rand(10, 1, 28, 28)
     model.eval()
@@ -48,15 +55,16 @@ def test_task_batch_norm_equals_torch_batch_norm_in_training_mode():
 
 
 def test_invalid_settings_are_rejected():
-    with pytest.raises(ValueError, match="downsample"):
-        conv4((1, 28, 28), 5, downsample="avg")
+    with pytest.raises(MamlrunError, match="backbone.downsample must be one of stride, max_pool"):
+        node = OmegaConf.merge(config.group_config("backbone", "conv4"), {"downsample": "avg"})
+        config.validate_component("backbone", node)
     with pytest.raises(ValueError, match="image inputs"):
-        conv4((28,), 5)
+        conv4((28,), 5, **config.settings("backbone", "conv4"))
 
 
 def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
     torch.manual_seed(0)
-    model = conv4((1, 8, 8), 3, filters=4).double()
+    model = conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
     batch = image_batch(tasks=3)
     grads = {}
     for mode in ("loop", "vmap"):
@@ -69,7 +77,7 @@ def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_conv4_second_order_gradient_matches_finite_differences(batching):
     torch.manual_seed(1)
-    model = conv4((1, 8, 8), 3, filters=3).double()
+    model = conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=3)).double()
     batch = image_batch(tasks=2)
     algo = maml(inner_lr=0.3, inner_steps=1)
     model.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import SPLITS, write_cub_archive, write_cub_folder
-from test_miniimagenet import colour, one_line_error
+from test_miniimagenet import colour, one_line_error, task_settings
 
 from mamlrun.data import cub, download
 from mamlrun.data.cub import CLASSES, SPLIT_CLASSES, load_cub, split_of
@@ -117,7 +117,8 @@ def test_tasks_draw_species_of_different_sizes_and_normalise_per_channel(tmp_pat
     write_cub_folder(tmp_path, species=SMALL_SPECIES, per_class=per_species)
     data = load(tmp_path)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    source = EpisodicImages("cub", data.splits, 2, 1, 2, mean=mean, std=std)
+    chosen = task_settings("cub", ways=2, shots=1, query=2, mean=mean, std=std)
+    source = EpisodicImages("cub", data.splits, **chosen)
     batch = source.sample("test", 4, torch.Generator().manual_seed(0))
 
     assert batch.x_support.shape == (4, 2, 3, 84, 84) and batch.x_query.shape == (4, 4, 3, 84, 84)
@@ -230,7 +231,9 @@ def test_a_species_that_is_not_cubs_is_refused(tmp_path):
 def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
     write_cub_folder(tmp_path, species=SMALL_SPECIES, per_class=per_species)
     data = load(tmp_path)
-    message = one_line_error(EpisodicImages, "cub", data.splits, 2, 1, 3)
+    message = one_line_error(
+        EpisodicImages, "cub", data.splits, **task_settings("cub", ways=2, shots=1, query=3)
+    )
     assert "K+Q=4 exceeds the 3 images of class" in message
 
 

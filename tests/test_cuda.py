@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import maml, meta_gradient
 
+from mamlrun import config
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.conv4 import conv4
 
@@ -17,7 +18,9 @@ pytestmark = [
 
 def cuda_meta_gradient(device: str, batching: str) -> torch.Tensor:
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), 5, filters=8).double().to(device)
+    model = (
+        conv4((1, 28, 28), 5, **config.settings("backbone", "conv4", filters=8)).double().to(device)
+    )
     g = torch.Generator().manual_seed(0)
     xs, xq = torch.rand(4, 5, 1, 28, 28, generator=g), torch.rand(4, 10, 1, 28, 28, generator=g)
     ys, yq = torch.arange(5).expand(4, -1), torch.arange(5).repeat(2).expand(4, -1)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import compose_train, run_cli
 
+from mamlrun import config
 from mamlrun.results.stats import format_ci
 from mamlrun.training.progress import Progress
 
@@ -53,7 +54,7 @@ def test_an_mlp_on_images_is_allowed_but_warned_about_in_one_line(caplog):
     from mamlrun.models.mlp import mlp
 
     with caplog.at_level(logging.WARNING, logger="mamlrun"):
-        mlp((1, 28, 28), 5, hidden=(8,))
+        mlp((1, 28, 28), 5, **config.settings("backbone", "mlp", hidden=(8,)))
     assert len(caplog.records) == 1 and "backbone=conv4" in caplog.records[0].message
 
 
@@ -197,7 +198,9 @@ def test_the_logged_loss_is_the_mean_cross_entropy_whatever_the_inner_normalisat
     for normalization in ("mean", "tf_maml"):
         algo = maml(inner_lr=0.1, loss_normalization=normalization)
         torch.manual_seed(0)  # the same network for both
-        model = algo.meta_model(conv4((1, 8, 8), 3, filters=4).double())
+        model = algo.meta_model(
+            conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
+        )
         loss, _ = algo.bind("classification", "loop").evaluate(model, image_batch(), 0)
         losses.append(loss)
     assert (losses[0] - losses[1]).abs().max() < 1e-12, "step 0: same model, same loss"

@@ -21,6 +21,7 @@ from image_fixtures import write_cifar_archive
 from omegaconf import OmegaConf
 from test_miniimagenet import one_line_error
 
+from mamlrun import config
 from mamlrun.data.images import EpisodicImages, ImageSplit
 from mamlrun.errors import MamlrunError
 from mamlrun.training import resume
@@ -44,10 +45,13 @@ def split_images(classes: int, per_class: int) -> ImageSplit:
 
 
 SPLITS = {s: split_images(*shape) for s, shape in SHAPE.items()}
+#: The task shape and storage of the fixture sources that only vary the augmentation.
+FIXED = {"ways": 3, "shots": 1, "query": 2, "storage": "device", "mean": None, "std": None}
 
 
 def source(augment: bool, device: str = "cpu", **settings) -> EpisodicImages:
-    settings = {"ways": 3, "shots": 1, "query": 2, "mean": MEAN, "std": STD, **settings}
+    settings = {"ways": 3, "shots": 1, "query": 2, "storage": "device", "mean": MEAN, "std": STD,
+                **settings}  # fmt: skip
     return EpisodicImages(
         "fixture", SPLITS, **settings, device=device, augment=augment, crop_padding=PADDING
     )
@@ -215,26 +219,30 @@ def test_describe_records_whether_and_how_much_the_run_augmented():
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"crop_padding": -1}, "fixture: crop_padding must be a non-negative integer, got -1"),
-        ({"crop_padding": 2.5}, "crop_padding must be a non-negative integer, got 2.5"),
-        ({"crop_padding": True}, "crop_padding must be a non-negative integer, got True"),
-        ({"crop_padding": "4"}, "crop_padding must be a non-negative integer, got '4'"),
-        ({"crop_padding": 12}, "crop_padding=12 must be smaller than the 12×12 images"),
-        ({"crop_padding": 40}, "crop_padding=40 must be smaller than the 12×12 images"),
-        ({"augment": "yes"}, "fixture: augment must be true or false, got 'yes'"),
+        ({"crop_padding": -1}, "dataset.crop_padding must be a non-negative integer, got -1"),
+        ({"crop_padding": 2.5}, "dataset.crop_padding=2.5 has the wrong type: expected int"),
+        ({"crop_padding": True}, "dataset.crop_padding=True has the wrong type: expected int"),
+        ({"crop_padding": "4"}, "dataset.crop_padding='4' has the wrong type: expected int"),
+        ({"augment": "yes"}, "dataset.augment='yes' has the wrong type: expected bool"),
     ],
 )
-def test_bad_augmentation_settings_are_one_line_errors(settings, expected):
-    settings = {"augment": True, **settings}
-    message = one_line_error(EpisodicImages, "fixture", SPLITS, 3, 1, 2, **settings)
+def test_bad_augmentation_settings_are_one_line_errors_of_the_config(settings, expected):
+    node = OmegaConf.merge(compose_train("dataset=cifarfs").dataset, {"augment": True, **settings})
+    message = one_line_error(config.validate_component, "dataset", node)
     assert expected in message
+
+
+@pytest.mark.parametrize("padding", [12, 40])
+def test_a_padding_as_large_as_the_images_is_refused_by_the_source(padding):
+    message = one_line_error(
+        EpisodicImages, "fixture", SPLITS, **FIXED, augment=True, crop_padding=padding
+    )
+    assert f"crop_padding={padding} must be smaller than the 12×12 images" in message
 
 
 def test_a_padding_the_images_cannot_take_is_only_refused_when_it_would_be_used():
     """An unused padding must not stop a dataset of small images (Omniglot at 8×8 pixels)."""
-    EpisodicImages("fixture", SPLITS, 3, 1, 2, augment=False, crop_padding=12)
-    with pytest.raises(MamlrunError):
-        EpisodicImages("fixture", SPLITS, 3, 1, 2, augment=False, crop_padding=-1)
+    EpisodicImages("fixture", SPLITS, **FIXED, augment=False, crop_padding=12)
 
 
 @pytest.mark.parametrize("dataset", IMAGE_DATASETS)
@@ -242,10 +250,10 @@ def test_every_image_dataset_config_passes_augmentation_to_its_factory_off(datas
     cfg = compose_train(f"dataset={dataset}")
     module, name = cfg.dataset._target_.rsplit(".", 1)
     factory = getattr(__import__(module, fromlist=[name]), name)
-    defaults = inspect.signature(factory).parameters
+    parameters = inspect.signature(factory).parameters
 
-    assert cfg.dataset.augment is False and defaults["augment"].default is False
-    assert cfg.dataset.crop_padding == defaults["crop_padding"].default
+    assert {"augment", "crop_padding"} <= parameters.keys()  # values: the YAML's alone
+    assert cfg.dataset.augment is False
     assert cfg.dataset.crop_padding == (4 if dataset in ("cifarfs", "fc100") else 8)
 
 

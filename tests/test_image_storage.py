@@ -195,8 +195,8 @@ def cached(tmp_path: Path, size: int = 12) -> dict[str, ImageSplit]:
 
 
 def source_of(splits: dict[str, ImageSplit], **settings) -> EpisodicImages:
-    settings = {"ways": 3, "shots": 2, "query": 2, "mean": [0.5] * 3, "std": [0.25] * 3,
-                "crop_padding": 2, **settings}  # fmt: skip
+    settings = {"ways": 3, "shots": 2, "query": 2, "storage": "device", "mean": [0.5] * 3,
+                "std": [0.25] * 3, "augment": False, "crop_padding": 2, **settings}  # fmt: skip
     return EpisodicImages("x", splits, **settings)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import maml, meta_gradient
 
+from mamlrun import config
 from mamlrun.data.sinusoid import SinusoidTasks
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.mlp import mlp
@@ -16,8 +17,8 @@ ALPHA = 0.05
 @pytest.fixture
 def problem():
     torch.manual_seed(0)
-    model = mlp((1,), 1, hidden=(4, 3)).double()
-    source = SinusoidTasks(shots=5, query=6)
+    model = mlp((1,), 1, **config.settings("backbone", "mlp", hidden=(4, 3))).double()
+    source = SinusoidTasks(**config.settings("dataset", "sinusoid", shots=5, query=6))
     batch = source.sample("train", 3, torch.Generator().manual_seed(1))
     return model, TaskBatch(*(t.double() for t in batch))
 
@@ -129,8 +130,10 @@ def test_loop_and_vmap_evaluations_agree(problem):
 def test_inner_steps_lower_the_support_loss():
     """Adaptation has to help on the data it adapts to, or the sign of the step is wrong."""
     torch.manual_seed(0)
-    model = mlp((1,), 1).double()
-    batch = SinusoidTasks(shots=10, query=10).sample("train", 8, torch.Generator().manual_seed(0))
+    model = mlp((1,), 1, **config.settings("backbone", "mlp")).double()
+    batch = SinusoidTasks(**config.settings("dataset", "sinusoid", shots=10, query=10)).sample(
+        "train", 8, torch.Generator().manual_seed(0)
+    )
     batch = TaskBatch(*(t.double() for t in batch))
     on_support = TaskBatch(batch.x_support, batch.y_support, batch.x_support, batch.y_support)
     loss, _ = maml(inner_lr=0.01).bind("regression", "loop").evaluate(model, on_support, 5)

@@ -21,6 +21,7 @@ import torch
 from conftest import adapts_after_training, compose_train, count_calls, run_cli
 from PIL import Image
 
+from mamlrun import config
 from mamlrun.cli.overrides import CommandLine, with_dataset_preset
 from mamlrun.data import miniimagenet
 from mamlrun.data.images import EpisodicImages, channel_stats
@@ -104,8 +105,15 @@ def write_ravi(root: Path, classes=SMALL, per_class=4) -> Path:
 def tasks(root: Path, classes=SMALL, **settings) -> EpisodicImages:
     """The source ``miniimagenet_tasks`` builds, on the small class lists."""
     data = load_miniimagenet(root, split_classes=classes)
-    settings = {"ways": 3, "shots": 1, "query": 2, **settings}
+    settings = task_settings("miniimagenet", **{"ways": 3, "shots": 1, "query": 2, **settings})
     return EpisodicImages("miniimagenet", data.splits, **settings)
+
+
+def task_settings(dataset: str, **changes) -> dict:
+    """``conf/dataset/<dataset>.yaml``'s settings of ``EpisodicImages`` with ``changes``."""
+    settings = config.settings("dataset", dataset, **changes)
+    del settings["root"]  # the loader's, not the sampler's
+    return settings
 
 
 def one_line_error(call, *args, **kwargs) -> str:
@@ -503,7 +511,6 @@ def test_an_image_listed_in_a_csv_but_absent_is_reported(tmp_path):
     [
         ({"ways": 4}, "4-way tasks need 4 classes but the 'val' split has 3"),
         ({"shots": 2, "query": 2}, "K+Q=4 exceeds the 3 images of class n01532829"),
-        ({"storage": "gpu"}, "storage='gpu'; expected one of device, cpu"),
         ({"mean": [0.5]}, "mean and std need one value per channel (3)"),
     ],
 )

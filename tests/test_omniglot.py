@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import count_calls
+from omegaconf import OmegaConf
 from omniglot_fixtures import (
     SMALL_COUNTS,
     STROKE_BOX,
@@ -28,9 +29,20 @@ from omniglot_fixtures import (
     write_small_dataset,
 )
 
+from mamlrun import config
 from mamlrun.data import download, omniglot
 from mamlrun.data.omniglot import OmniglotTasks, character_splits, load_omniglot
 from mamlrun.errors import MamlrunError
+
+
+def omniglot_tasks(**changes) -> OmniglotTasks:
+    """``conf/dataset/omniglot.yaml``'s task source with ``changes``, checked as ``train``
+    checks it before building it."""
+    settings = config.settings("dataset", "omniglot", **changes)
+    given = {k: v for k, v in settings.items() if k != "device"}  # mamlrun's own, not a setting
+    node = OmegaConf.create({"_target_": "mamlrun.data.omniglot.OmniglotTasks", **given})
+    config.validate_component("dataset", node)
+    return OmniglotTasks(**settings)
 
 
 @pytest.fixture(autouse=True)
@@ -319,8 +331,8 @@ def test_background_evaluation_split_validates_on_five_whole_alphabets(fake):
 def test_unknown_split_name_is_an_error(fake):
     with pytest.raises(MamlrunError, match="unknown Omniglot split 'lake'"):
         character_splits(fake.names, fake.sources, "lake")
-    with pytest.raises(MamlrunError, match="unknown Omniglot split 'lake'"):
-        OmniglotTasks(split="lake")
+    with pytest.raises(MamlrunError, match="dataset.split must be one of maml, background_"):
+        omniglot_tasks(split="lake")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +343,7 @@ def test_unknown_split_name_is_an_error(fake):
 def tasks(fake) -> OmniglotTasks:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(omniglot, "load_omniglot", lambda root, image_size: fake)
-        return OmniglotTasks(ways=5, shots=2, query=3)
+        return omniglot_tasks(ways=5, shots=2, query=3)
 
 
 @pytest.fixture
@@ -377,7 +389,7 @@ def test_each_rotation_of_a_character_is_a_class_of_the_same_split(tasks, fake):
 
 
 def test_without_rotations_each_character_is_one_class(use_fake):
-    plain = OmniglotTasks(rotations=False)
+    plain = omniglot_tasks(rotations=False)
     assert {s: len(c) for s, c in plain.classes.items()} == {"train": 1100, "val": 100, "test": 423}
     assert plain.classes["train"][0].endswith("/rot0")
 
@@ -502,7 +514,7 @@ def test_task_stream_is_bitwise_the_one_before_the_shared_image_layer(
     use_fake, fake, split_name, rotations, settings, device, storage
 ):
     ways, shots, query = settings
-    tasks = OmniglotTasks(
+    tasks = omniglot_tasks(
         ways=ways,
         shots=shots,
         query=query,
@@ -525,8 +537,8 @@ def test_task_stream_is_bitwise_the_one_before_the_shared_image_layer(
 
 
 def test_storage_cpu_reaches_the_sampler(use_fake):
-    assert OmniglotTasks(storage="cpu").episodes.storage == "cpu"
-    assert OmniglotTasks().episodes.storage == "device"
+    assert omniglot_tasks(storage="cpu").episodes.storage == "cpu"
+    assert omniglot_tasks().episodes.storage == "device"
 
 
 def test_unknown_sample_split_is_an_error(tasks):
@@ -543,16 +555,16 @@ def test_unknown_sample_split_is_an_error(tasks):
         ({"shots": 5, "query": 16}, r"K\+Q=21 exceeds the 20 drawings per character"),
         ({"ways": 401}, "401-way tasks need 401 classes but the 'val' split has 400"),
         ({"ways": 101, "rotations": False}, "the 'val' split has 100"),
-        ({"storage": "gpu"}, "omniglot: storage='gpu'; expected one of device, cpu"),
+        ({"storage": "gpu"}, "dataset.storage must be one of device, cpu, got 'gpu'"),
     ],
 )
 def test_impossible_tasks_are_rejected(use_fake, kwargs, message):
     with pytest.raises(MamlrunError, match=message):
-        OmniglotTasks(**kwargs)
+        omniglot_tasks(**kwargs)
 
 
 def test_largest_possible_task_is_accepted(use_fake):
-    tasks = OmniglotTasks(ways=400, shots=10, query=10, split="maml")
+    tasks = omniglot_tasks(ways=400, shots=10, query=10, split="maml")
     batch = tasks.sample("val", 1, torch.Generator().manual_seed(0))
     assert batch.y_query.unique().numel() == 400
 
@@ -586,7 +598,7 @@ def real(tmp_path_factory):
         start = time.perf_counter()
         data = load_omniglot(root)
         seconds = time.perf_counter() - start
-        tasks = OmniglotTasks(root)
+        tasks = omniglot_tasks(root=root)
     return {"root": root, "cache_home": cache_home, "data": data, "tasks": tasks, "s": seconds}
 
 

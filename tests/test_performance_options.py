@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import finite_difference_error, image_batch, maml, meta_gradient
 
+from mamlrun import config
 from mamlrun.algorithms import functional
 from mamlrun.algorithms.maml import MAML
 from mamlrun.errors import MamlrunError
@@ -24,7 +25,9 @@ def flat_meta_gradient(algo: MAML, model: torch.nn.Module, batch, step=None) -> 
 def build(steps: int, checkpoint: bool, **settings) -> tuple[MAML, torch.nn.Module]:
     torch.manual_seed(0)
     algo = maml(inner_lr=0.3, inner_steps=steps, checkpoint_inner=checkpoint, **settings)
-    return algo, algo.meta_model(conv4((1, 8, 8), 3, filters=4).double())
+    return algo, algo.meta_model(
+        conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
+    )
 
 
 VARIANTS = {
@@ -109,7 +112,7 @@ def test_checkpointing_is_refused_where_it_cannot_work():
         maml(checkpoint_inner=True, bn_mode="per_step")
     algo = maml(checkpoint_inner=True)
     assert "vmap" not in algo.batching_modes  # so task_batching=auto never picks it
-    model = conv4((1, 8, 8), 3, filters=4).double()
+    model = conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
     with pytest.raises(MamlrunError, match="checkpoint_inner"):
         meta_gradient(algo, model, image_batch(), "classification", "vmap")
 
@@ -123,7 +126,7 @@ def test_checkpointing_leaves_first_order_alone():
 
 def test_fused_batch_norm_gives_the_same_values_and_first_derivatives():
     torch.manual_seed(0)
-    model = conv4((1, 8, 8), 3, filters=4).double()
+    model = conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     outputs, grads = [], []
     for fused in (False, True):

@@ -70,7 +70,7 @@ def warmed_conv4() -> nn.Module:
     steps that floor is 0.997-0.999 and bf16 reaches 0.994-0.998 (docs/PERFORMANCE.md).
     """
     torch.manual_seed(0)
-    model, algo = conv4((1, 28, 28), 5), omniglot_maml()
+    model, algo = conv4((1, 28, 28), 5, **config.settings("backbone", "conv4")), omniglot_maml()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for i in range(30):
         optimizer.zero_grad(set_to_none=True)
@@ -107,7 +107,10 @@ def test_checkpoint_inner_recomputes_the_same_bf16_steps(warmed_conv4):
 @cpu_bf16
 def test_parameters_gradients_inner_updates_and_losses_stay_float32():
     torch.manual_seed(0)
-    model, batch = conv4((1, 28, 28), 5, filters=8), omniglot_shaped(tasks=2)
+    model, batch = (
+        conv4((1, 28, 28), 5, **config.settings("backbone", "conv4", filters=8)),
+        omniglot_shaped(tasks=2),
+    )
     algo = maml(inner_lr=0.4, inner_steps=2, loss_normalization="tf_maml").with_precision(BF16)
     conv_outputs = []
     model[0].register_forward_hook(lambda m, i, out: conv_outputs.append(out.dtype))
@@ -139,7 +142,9 @@ def test_drop_block_drops_as_often_in_bf16_as_in_fp32():
 def training_curve(name: str, iterations: int = 20) -> list[float]:
     torch.manual_seed(0)
     algo = omniglot_maml().with_precision(Precision(name, "cpu"))
-    model = algo.meta_model(conv4((1, 28, 28), 5, filters=32))
+    model = algo.meta_model(
+        conv4((1, 28, 28), 5, **config.settings("backbone", "conv4", filters=32))
+    )
     bound = algo.bind("classification", "loop")
     step = OuterStep(bound, torch.optim.Adam(model.parameters(), lr=3e-3))
     return [float(step(model, omniglot_shaped(seed=i), i)["loss"]) for i in range(iterations)]
@@ -166,7 +171,7 @@ def test_tf32_on_a_cpu_warns_in_one_line_and_runs_as_fp32(caplog):
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
 
     torch.manual_seed(0)
-    model = conv4((1, 28, 28), 5, filters=8)
+    model = conv4((1, 28, 28), 5, **config.settings("backbone", "conv4", filters=8))
     batch, algo = omniglot_shaped(tasks=2), omniglot_maml()
     assert torch.equal(
         flat_gradient(algo.with_precision(chosen), model, batch), flat_gradient(algo, model, batch)
@@ -187,10 +192,10 @@ def composed(command: str, *overrides: str):
 )
 def test_a_wrong_precision_is_one_line_listing_the_choices(command, schema):
     extra = () if command == "train" else ("checkpoint=x.pt",)
-    cfg = config.validate(composed(command, "precision=fp16", *extra), schema)
+    cfg = composed(command, "precision=fp16", *extra)
     message = "^precision must be one of fp32, tf32, bf16, got 'fp16'$"
     with pytest.raises(MamlrunError, match=message):
-        config.check(cfg, schema)
+        config.validate(cfg, schema)
     with pytest.raises(MamlrunError, match="one of fp32, tf32, bf16"):
         precision.choose("fp16", torch.device("cpu"))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_train, data_root, finite_difference_error, maml, meta_gradient
+from omegaconf import OmegaConf
 from torch import nn
 
 from mamlrun import config
@@ -25,7 +26,9 @@ HAS_OMNIGLOT = (data_root() / "omniglot" / "images_background.zip").is_file()
 
 def tiny(size: int = 16, ways: int = 3, **settings) -> nn.Module:
     torch.manual_seed(0)
-    return resnet12((3, size, size), ways, widths=TINY, **settings).double()
+    return resnet12(
+        (3, size, size), ways, **config.settings("backbone", "resnet12", widths=TINY, **settings)
+    ).double()
 
 
 def tasks(n: int = 2, ways: int = 3, shots: int = 2, query: int = 2, size: int = 16) -> TaskBatch:
@@ -50,12 +53,12 @@ def gradient(algo, model: nn.Module, batch: TaskBatch, mode: str, step=None) -> 
 # --------------------------------------------------------------------------- the network
 @pytest.mark.parametrize("shape", [(3, 84, 84), (3, 32, 32), (1, 28, 28)])
 def test_one_logit_per_class_for_miniimagenet_cifar_and_omniglot_sized_images(shape):
-    model = resnet12(shape, 5, widths=TINY)
+    model = resnet12(shape, 5, **config.settings("backbone", "resnet12", widths=TINY))
     assert model(torch.rand(2, *shape)).shape == (2, 5)
 
 
 def test_default_is_metaoptnets_network_with_bias_free_convolutions_and_task_batch_norm():
-    model = resnet12((3, 84, 84), 5)
+    model = resnet12((3, 84, 84), 5, **config.settings("backbone", "resnet12"))
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert [c.kernel_size for c in convs].count((3, 3)) == 12
     assert [c.kernel_size for c in convs].count((1, 1)) == 4, "a 1x1 conv on every shortcut"
@@ -71,7 +74,7 @@ def test_default_is_metaoptnets_network_with_bias_free_convolutions_and_task_bat
 
 
 def test_initialisation_is_metaoptnets():
-    model = resnet12((3, 84, 84), 5)
+    model = resnet12((3, 84, 84), 5, **config.settings("backbone", "resnet12"))
     conv = model.blocks[3].conv2.weight  # kaiming normal, fan_out, leaky_relu (gain sqrt 2)
     expected = (2 / (conv.shape[0] * 9)) ** 0.5
     assert conv.std().item() == pytest.approx(expected, rel=0.02)
@@ -81,19 +84,26 @@ def test_initialisation_is_metaoptnets():
 
 
 def test_widths_are_configurable_as_tadams():
-    model = resnet12((3, 84, 84), 5, widths=[64, 128, 256, 512])
+    model = resnet12(
+        (3, 84, 84), 5, **config.settings("backbone", "resnet12", widths=[64, 128, 256, 512])
+    )
     assert [b.conv1.out_channels for b in model.blocks] == [64, 128, 256, 512]
 
 
 def test_impossible_settings_are_rejected():
     with pytest.raises(ValueError, match="image inputs"):
-        resnet12((28,), 5)
+        resnet12((28,), 5, **config.settings("backbone", "resnet12"))
     with pytest.raises(ValueError, match="at least 16x16"):
-        resnet12((3, 8, 8), 5)
-    with pytest.raises(ValueError, match="four positive widths"):
-        resnet12((3, 84, 84), 5, widths=[64, 128, 256])
+        resnet12((3, 8, 8), 5, **config.settings("backbone", "resnet12"))
+    with pytest.raises(MamlrunError, match="backbone.widths needs one width per block"):
+        node = OmegaConf.merge(config.group_config("backbone", "resnet12"), {"widths": [64, 8, 2]})
+        config.validate_component("backbone", node)
     with pytest.raises(ValueError, match="keep_prob"):
-        resnet12((3, 84, 84), 5, drop_block=True, keep_prob=0.0)
+        resnet12(
+            (3, 84, 84),
+            5,
+            **config.settings("backbone", "resnet12", drop_block=True, keep_prob=0.0),
+        )
 
 
 # --------------------------------------------------------------------------- MAML through it

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import compose_train, image_batch, maml, meta_gradient
 
+from mamlrun import config
 from mamlrun.algorithms import batching
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
@@ -22,7 +23,9 @@ from mamlrun.training import commands
 def conv_problem(tasks: int = 5):
     algo = maml(inner_lr=0.3, inner_steps=2)
     torch.manual_seed(1)
-    model = algo.meta_model(conv4((1, 8, 8), 3, filters=4).double())
+    model = algo.meta_model(
+        conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=4)).double()
+    )
     return algo, model, image_batch(tasks=tasks)
 
 

@@ -24,7 +24,7 @@ from image_fixtures import (
     py2_pickle,
     write_tiered,
 )
-from test_miniimagenet import colour, one_line_error, origin
+from test_miniimagenet import colour, one_line_error, origin, task_settings
 
 from mamlrun.data import tieredimagenet
 from mamlrun.data.images import EpisodicImages
@@ -46,6 +46,11 @@ def load(root: Path, **kwargs):
 def count_builds(monkeypatch) -> list[int]:
     """Each call of the expensive build (which still runs)."""
     return count_calls(monkeypatch, tieredimagenet, "build_cache")
+
+
+def settings(**changes) -> dict:
+    """``conf/dataset/tieredimagenet.yaml``'s task settings with ``changes``."""
+    return task_settings("tieredimagenet", **changes)
 
 
 def test_split_sizes_are_ren_et_als_351_97_160_classes_from_20_6_8_categories():
@@ -91,7 +96,7 @@ def test_the_folder_the_published_archive_extracts_to_is_read_too(tmp_path):
 def test_splits_are_disjoint_and_describe_themselves_in_splits_json(tmp_path):
     write_tiered(tmp_path)
     data = load(tmp_path)
-    source = EpisodicImages("tieredimagenet", data.splits, ways=3, shots=1, query=2)
+    source = EpisodicImages("tieredimagenet", data.splits, **settings(ways=3, shots=1, query=2))
     source.save_splits(tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "splits.json").read_text())
 
@@ -104,9 +109,8 @@ def test_splits_are_disjoint_and_describe_themselves_in_splits_json(tmp_path):
 def test_tasks_sampled_from_the_memory_mapped_cache_come_from_their_own_classes(tmp_path):
     write_tiered(tmp_path, per_class=4)
     data = load(tmp_path)
-    source = EpisodicImages(
-        "tieredimagenet", data.splits, 3, 1, 2, storage="cpu", mean=[0.0] * 3, std=[1.0] * 3
-    )
+    chosen = settings(ways=3, shots=1, query=2, storage="cpu", mean=[0.0] * 3, std=[1.0] * 3)
+    source = EpisodicImages("tieredimagenet", data.splits, **chosen)
     batch = source.sample("train", 8, torch.Generator().manual_seed(0))
 
     assert batch.x_support.shape == (8, 3, 3, 84, 84) and batch.x_query.shape == (8, 6, 3, 84, 84)
@@ -235,7 +239,9 @@ def test_images_and_labels_from_different_copies_are_refused(tmp_path):
 def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
     write_tiered(tmp_path, per_class=3)
     data = load(tmp_path)
-    message = one_line_error(EpisodicImages, "tieredimagenet", data.splits, 3, 2, 2)
+    message = one_line_error(
+        EpisodicImages, "tieredimagenet", data.splits, **settings(ways=3, shots=2, query=2)
+    )
     assert "K+Q=4 exceeds the 3 images of class n01530575 in the 'train' split" in message
 
 

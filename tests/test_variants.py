@@ -34,20 +34,24 @@ ALPHA = 0.05
 
 # --------------------------------------------------------------------------- helpers
 def sinusoid_batch(tasks=3, shots=5, query=6) -> TaskBatch:
-    batch = SinusoidTasks(shots=shots, query=query).sample(
-        "train", tasks, torch.Generator().manual_seed(1)
-    )
+    batch = SinusoidTasks(
+        **config.settings("dataset", "sinusoid", shots=shots, query=query)
+    ).sample("train", tasks, torch.Generator().manual_seed(1))
     return TaskBatch(*(t.double() for t in batch))
 
 
 def tiny_mlp(algo):
     torch.manual_seed(0)
-    return algo.meta_model(mlp((1,), 1, hidden=(4, 3)).double())
+    return algo.meta_model(
+        mlp((1,), 1, **config.settings("backbone", "mlp", hidden=(4, 3))).double()
+    )
 
 
 def tiny_conv4(algo):
     torch.manual_seed(1)
-    return algo.meta_model(conv4((1, 8, 8), 3, filters=3).double())
+    return algo.meta_model(
+        conv4((1, 8, 8), 3, **config.settings("backbone", "conv4", filters=3)).double()
+    )
 
 
 def randomize(module: torch.nn.Module, low: float, high: float) -> None:
@@ -396,7 +400,7 @@ def test_reptile_step_moves_theta_toward_the_mean_adapted_weights(inner_optimize
 
     phis = []
     for xs, ys, xq, yq in zip(*batch, strict=True):
-        copy = mlp((1,), 1, hidden=(4, 3)).double()
+        copy = mlp((1,), 1, **config.settings("backbone", "mlp", hidden=(4, 3))).double()
         copy.load_state_dict(theta)
         inner = (
             torch.optim.SGD(copy.parameters(), lr=lr)
@@ -427,7 +431,7 @@ def test_reptile_evaluation_adapts_on_the_support_set_and_scores_the_query_set()
     model, batch = tiny_mlp(algo), sinusoid_batch()
     losses, _ = algo.bind("regression", "loop").evaluate(model, batch, steps)
     for i, (xs, ys, xq, yq) in enumerate(zip(*batch, strict=True)):
-        copy = mlp((1,), 1, hidden=(4, 3)).double()
+        copy = mlp((1,), 1, **config.settings("backbone", "mlp", hidden=(4, 3))).double()
         copy.load_state_dict(model.state_dict())
         sgd = torch.optim.SGD(copy.parameters(), lr=lr)
         for s in range(steps + 1):

@@ -36,24 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from mamlrun.config.ranges import parse_batching as parse  # the modes are config choices
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import task_thread
 
-#: The ways of running tasks; ``vmap`` also takes a chunk size, ``vmap:C``.
-MODES = ("loop", "threads", "vmap")
 #: Per-task function: ``fn(shared, x_support, y_support, x_query, y_query) -> outputs``.
 TaskFn = Callable[..., Any]
-
-
-def parse(mode: str) -> tuple[str, int | None]:
-    """``("vmap", 8)`` for ``vmap:8``, ``(mode, None)`` otherwise; ValueError if unknown."""
-    name, _, chunk = mode.partition(":")
-    if name not in MODES or (chunk and (name != "vmap" or not chunk.isdigit() or int(chunk) < 1)):
-        raise ValueError(
-            f"unknown task batching {mode!r} (one of {', '.join(MODES)}, or vmap:C for chunks "
-            "of C tasks)"
-        )
-    return name, int(chunk) if chunk else None
 
 
 def chunks(batch: TaskBatch, size: int | None) -> list[TaskBatch]:

@@ -14,9 +14,6 @@ from torch import nn
 from mamlrun.algorithms.functional import Params
 from mamlrun.algorithms.meta_parameters import key
 
-#: ``none``: the fixed ``inner_lr``. Others are learned, starting at ``inner_lr``.
-LEARNED_LR = ("none", "per_element", "per_layer_per_step")
-
 
 def init(mode: str, adapted: Params, inner_lr: float, steps: int) -> nn.ParameterDict:
     """The learned rates for the ``adapted`` parameters, all equal to ``inner_lr``."""

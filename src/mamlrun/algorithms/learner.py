@@ -35,18 +35,13 @@ from mamlrun.algorithms.functional import (
     checkpointed_adapt,
     functional_grad,
 )
-from mamlrun.algorithms.losses import LOSS_NORMALIZATION, METRIC, loss_fn, loss_scale, metric_fn
+from mamlrun.algorithms.losses import METRIC, loss_fn, loss_scale, metric_fn
 from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
+from mamlrun.config import ranges
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
 from mamlrun.models.precision import FP32, Precision
-
-#: ``transductive``: every forward pass normalises with the statistics of the batch it sees
-#: (the task's support or query set), as the original MAML. ``per_step``: running statistics
-#: per inner step, collected while meta-training and used at evaluation (MAML++'s BNRS).
-BN_MODES = ("transductive", "per_step")
-INNER_OPTIMIZERS = ("sgd", "adam")
 
 #: The meta-parameters as the inner loop takes them: the backbone's (``theta``) and the
 #: algorithm's extras (``inner_lr``, ``bn_weights``), each a ``{backbone name: tensor}`` dict.
@@ -75,8 +70,9 @@ class GradientLearner:
             (MAML++'s LSLR): inner rates meta-learned with the initialisation.
         per_step_bn_weights: MAML++'s BNWB: batch-norm gamma/beta per inner step, meta-learned
             and not adapted.
-        bn_mode: ``transductive`` or ``per_step`` (MAML++'s BNRS), see ``BN_MODES``. Only
-            ``loop`` batching supports ``per_step`` (statistics are updated in place).
+        bn_mode: ``transductive`` or ``per_step`` (MAML++'s BNRS), see
+            ``config.ranges.BN_MODES``. Only ``loop`` batching supports ``per_step``
+            (statistics are updated in place).
         inner_optimizer: ``sgd``, or ``adam`` (with ``adam_betas``, fresh state per task;
             first order only, as Adam's square root has no second derivative at a zero gradient).
         adam_betas: Adam's (β1, β2) when ``inner_optimizer=adam``.
@@ -110,44 +106,14 @@ class GradientLearner:
     batching: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        if self.inner_lr <= 0:
-            raise MamlrunError(f"meta_optimizer.inner_lr must be positive, got {self.inner_lr}")
-        if self.inner_steps < 1 or self.inner_steps_test < 0:
-            raise MamlrunError(
-                "meta_optimizer.inner_steps must be >= 1 and inner_steps_test >= 0, got "
-                f"{self.inner_steps} and {self.inner_steps_test}"
-            )
-        for name, choices in (
-            ("loss_normalization", LOSS_NORMALIZATION),
-            ("learned_inner_lr", learned_lr.LEARNED_LR),
-            ("bn_mode", BN_MODES),
-            ("inner_optimizer", INNER_OPTIMIZERS),
-        ):
-            if getattr(self, name) not in choices:
-                raise MamlrunError(
-                    f"meta_optimizer.{name} must be one of {', '.join(choices)}, "
-                    f"got {getattr(self, name)!r}"
-                )
-        if self.inner_optimizer == "adam" and not self.first_order:
-            raise MamlrunError(
-                "meta_optimizer.inner_optimizer=adam needs first_order=true (Adam's square root "
-                "has no second derivative where a gradient is zero)"
-            )
-        if self.checkpoint_inner and self.bn_mode == "per_step":
-            raise MamlrunError(
-                "meta_optimizer.checkpoint_inner=true is not possible with bn_mode=per_step: "
-                "recomputing an inner step would update its running statistics a second time"
-            )
-        if self.task_batching != "auto":
-            self.check_batching(self.task_batching)
+        # The ranges of these settings are checked with the config, before anything is built
+        # (``config.ranges``); here only the YAML's list becomes the tuple the type says.
         self.adam_betas = tuple(self.adam_betas)
 
     # ------------------------------------------------------------------ what the runner asks
     @property
     def batching_modes(self) -> tuple[str, ...]:
-        if self.bn_mode == "per_step":  # statistics updated in place: one module, in order
-            return ("loop",)
-        return ("loop", "threads") if self.checkpoint_inner else ("loop", "threads", "vmap")
+        return ranges.batching_modes(self.bn_mode, self.checkpoint_inner)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -232,12 +198,7 @@ class GradientLearner:
         return losses, metrics
 
     def check_batching(self, batching: str) -> None:
-        try:
-            how = parse(batching)[0]
-        except ValueError as ex:
-            raise MamlrunError(f"meta_optimizer.task_batching: {ex}") from None
-        if how not in self.batching_modes:
-            raise MamlrunError(self._not_possible(batching))
+        ranges.check_batching(batching, self.batching_modes, self.bn_mode)
 
     # ------------------------------------------------------------------ the inner loop
     def meta_tensors(self, model: nn.Module) -> Meta:
@@ -320,19 +281,6 @@ class GradientLearner:
         bn = batch_norm_layers(backbone) if self.per_step_bn_weights else {}
         owned = {f"{layer}.{n}" for layer, m in bn.items() for n, _ in m.named_parameters()}
         return selection.adapted_names(backbone, self.adapt_params, exclude=owned)
-
-    def _not_possible(self, batching: str) -> str:
-        if self.bn_mode == "per_step":
-            return (
-                f"meta_optimizer.task_batching={batching} is not possible with bn_mode=per_step: "
-                "its running statistics are updated in place, task after task on one module, "
-                "which neither vmap nor threads can do; use loop or auto"
-            )
-        return (
-            f"meta_optimizer.task_batching={batching} is not possible with checkpoint_inner=true: "
-            "the recomputed inner step is a custom autograd function that vmap cannot batch; "
-            "use loop, threads or auto"
-        )
 
     @contextmanager
     def _evaluation_mode(self, model: nn.Module) -> Iterator[None]:

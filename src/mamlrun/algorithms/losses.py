@@ -7,14 +7,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mamlrun.config.ranges import LOSS_NORMALIZATION
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: The metric reported for each task type, and whether larger is better.
 METRIC = {"regression": ("mse", False), "classification": ("accuracy", True)}
-
-
-#: How a task's loss is normalised; it decides what a given inner learning rate means.
-LOSS_NORMALIZATION = ("mean", "tf_maml")
 
 
 def loss_fn(task_type: str, normalization: str = "mean") -> LossFn:

@@ -22,7 +22,6 @@ from mamlrun.algorithms.batching import chunks, in_threads, map_tasks, parse
 from mamlrun.algorithms.functional import autograd_grad, functional_grad
 from mamlrun.algorithms.learner import GradientLearner, scored
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import tell_training_step
 
 
@@ -41,11 +40,6 @@ class MAML(GradientLearner):
     multi_step_loss: bool
     msl_iterations: int
     first_order_until: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.multi_step_loss and self.msl_iterations < 1:
-            raise MamlrunError("meta_optimizer.multi_step_loss needs msl_iterations >= 1")
 
     def meta_objective(
         self, model: nn.Module, batch: TaskBatch, step: int | None = None

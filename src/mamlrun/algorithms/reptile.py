@@ -25,7 +25,6 @@ from mamlrun.algorithms.learner import GradientLearner
 from mamlrun.algorithms.losses import loss_fn, loss_scale, metric_fn
 from mamlrun.algorithms.meta_parameters import split
 from mamlrun.data.tasks import TaskBatch
-from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import tell_training_step
 
 
@@ -37,21 +36,6 @@ class Reptile(GradientLearner):
     task (the original code carries its state over from task to task). Each inner step uses
     all the task's examples (the paper draws mini-batches).
     """
-
-    def __post_init__(self) -> None:
-        if not self.first_order:
-            raise MamlrunError("Reptile is first order: meta_optimizer.first_order must be true")
-        for name, off in (
-            ("learned_inner_lr", "none"),
-            ("per_step_bn_weights", False),
-            ("checkpoint_inner", False),
-        ):
-            if getattr(self, name) != off:
-                raise MamlrunError(
-                    f"meta_optimizer.{name} has no meaning for Reptile (its outer update only "
-                    "moves the initialisation); leave it at its default"
-                )
-        super().__post_init__()
 
     def meta_objective(
         self, model: nn.Module, batch: TaskBatch, step: int | None = None

@@ -24,6 +24,7 @@ official training images, then the test ones).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tarfile
@@ -43,16 +44,15 @@ from mamlrun.data.download import (
     tar_gz_files,
 )
 from mamlrun.data.images import (
-    EpisodicImages,
     ImageSplit,
     cached_splits,
     channel_stats,
     check_classes,
     fingerprint,
-    normalisation,
     write_splits,
 )
 from mamlrun.data.pickles import read_pickle, unpickle
+from mamlrun.data.sources import image_tasks
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
@@ -188,59 +188,6 @@ class CifarData:
     cache: Path | None = None  # the memory-mapped cache (archive layout)
 
 
-def cifarfs_tasks(
-    root: str | None = None,
-    ways: int = 5,
-    shots: int = 1,
-    query: int = 15,
-    storage: str = "device",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    augment: bool = False,
-    crop_padding: int = 4,
-) -> EpisodicImages:
-    """The task source ``conf/dataset/cifarfs.yaml`` builds."""
-    return _tasks(
-        "cifarfs", root, ways, shots, query, storage, mean, std, device,
-        augment=augment, crop_padding=crop_padding,
-    )  # fmt: skip
-
-
-def fc100_tasks(
-    root: str | None = None,
-    ways: int = 5,
-    shots: int = 1,
-    query: int = 15,
-    storage: str = "device",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    augment: bool = False,
-    crop_padding: int = 4,
-) -> EpisodicImages:
-    """The task source ``conf/dataset/fc100.yaml`` builds."""
-    return _tasks(
-        "fc100", root, ways, shots, query, storage, mean, std, device,
-        augment=augment, crop_padding=crop_padding,
-    )  # fmt: skip
-
-
-def _tasks(
-    name, root, ways, shots, query, storage, mean, std, device, **augmentation
-) -> EpisodicImages:
-    """``augmentation``: ``EpisodicImages``'s ``augment`` and ``crop_padding``."""
-    data = load_cifar(name, root)
-    stats = data.stats or channel_stats(data.splits["train"].images)
-    mean, std = normalisation(stats, mean, std)
-    info = {"layout": data.layout, "files": data.files, "split": name}
-    if data.cache is not None:
-        info["cache"] = str(data.cache)
-    return EpisodicImages(
-        name, data.splits, ways, shots, query, storage, mean, std, device, info, **augmentation
-    )
-
-
 def load_cifar(
     name: str,
     root: str | os.PathLike[str] | None = None,
@@ -267,6 +214,11 @@ def load_cifar(
     )
     archive = ensure_file(folder / ARCHIVE, URL, MD5, manual)
     return _from_archive(benchmark, archive, expected, manual)
+
+
+#: The ``_target_``s of ``conf/dataset/{cifarfs,fc100}.yaml``.
+cifarfs_tasks = image_tasks("cifarfs", functools.partial(load_cifar, "cifarfs"), "cifarfs")
+fc100_tasks = image_tasks("fc100", functools.partial(load_cifar, "fc100"), "fc100")
 
 
 # ---------------------------------------------------------------------------------------------

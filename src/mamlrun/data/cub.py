@@ -44,17 +44,16 @@ from mamlrun.data.download import (
 from mamlrun.data.images import (
     CachedSplits,
     DecodePool,
-    EpisodicImages,
     ImageSplit,
     cached_splits,
     channel_stats,
     check_classes,
     fingerprint,
-    normalisation,
     one_line,
     resize_files,
     write_splits,
 )
+from mamlrun.data.sources import image_tasks
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
@@ -299,33 +298,6 @@ class CubData:
     cache: Path | None = None
 
 
-def cub_tasks(
-    root: str | None = None,
-    ways: int = 5,
-    shots: int = 1,
-    query: int = 16,
-    storage: str = "device",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    augment: bool = False,
-    crop_padding: int = 8,
-) -> EpisodicImages:
-    """The task source ``conf/dataset/cub.yaml`` builds."""
-    data = load_cub(root)
-    mean, std = normalisation(data.stats, mean, std)
-    info = {
-        "layout": data.layout,
-        "files": data.files,
-        "split": "chen2019",
-        "cache": str(data.cache),
-    }
-    return EpisodicImages(
-        "cub", data.splits, ways, shots, query, storage, mean, std, device, info,
-        augment=augment, crop_padding=crop_padding,
-    )  # fmt: skip
-
-
 def load_cub(
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
@@ -344,6 +316,10 @@ def load_cub(
     )
     archive = ensure_file(directory / ARCHIVE, URL, MD5, manual)
     return _from_archive(archive, expected, manual)
+
+
+#: The ``_target_`` of ``conf/dataset/cub.yaml``.
+cub_tasks = image_tasks("cub", load_cub, "chen2019")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,8 +66,6 @@ from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
 
-STORAGE = ("device", "cpu")
-
 #: Below this many images a process pool costs more than it saves.
 _PARALLEL_FROM = 256
 
@@ -193,19 +191,20 @@ class EpisodicImages:
         self,
         name: str,
         splits: Mapping[str, ImageSplit],
-        ways: int = 5,
-        shots: int = 1,
-        query: int = 15,
-        storage: str = "device",
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        *,
+        ways: int,
+        shots: int,
+        query: int,
+        storage: str,
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
         device: str | torch.device = "cpu",
         info: Mapping | None = None,
-        augment: bool = False,
-        crop_padding: int = 8,
+        augment: bool,
+        crop_padding: int,
     ) -> None:
         self.name = name
-        _check_settings(name, splits, ways, shots, query, storage)
+        _check_settings(name, splits, ways, shots, query)
         _check_augmentation(name, augment, crop_padding, splits["train"].images.shape[1:3])
         self.ways, self.shots, self.query, self.storage = ways, shots, query, storage
         self.augment, self.crop_padding = augment, crop_padding
@@ -338,14 +337,10 @@ class EpisodicImages:
 
 
 def _check_settings(
-    name: str, splits: Mapping[str, ImageSplit], ways: int, shots: int, query: int, storage: str
+    name: str, splits: Mapping[str, ImageSplit], ways: int, shots: int, query: int
 ) -> None:
-    """Impossible task shapes as one line each, naming the split that cannot serve them."""
-    for key, value in (("ways", ways), ("shots", shots), ("query", query)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MamlrunError(f"{name}: {key} must be a positive integer, got {value!r}")
-    if storage not in STORAGE:
-        raise MamlrunError(f"{name}: storage={storage!r}; expected one of {', '.join(STORAGE)}")
+    """Task shapes these splits cannot serve, as one line each naming the split. (That the
+    settings are in range at all was checked with the config, ``config.ranges``.)"""
     missing = [s for s in SPLITS if s not in splits]
     if missing:
         raise MamlrunError(f"{name}: no {missing[0]!r} split")
@@ -376,12 +371,6 @@ def _check_settings(
 def _check_augmentation(name: str, augment: bool, crop_padding: int, size: Sequence[int]) -> None:
     """The padding must leave some of the image in every crop; it is held against the image
     size only when it will be used (an Omniglot of 8×8 pixels need not know about it)."""
-    if not isinstance(augment, bool):
-        raise MamlrunError(f"{name}: augment must be true or false, got {augment!r}")
-    if not isinstance(crop_padding, int) or isinstance(crop_padding, bool) or crop_padding < 0:
-        raise MamlrunError(
-            f"{name}: crop_padding must be a non-negative integer, got {crop_padding!r}"
-        )
     if augment and crop_padding >= min(size):
         raise MamlrunError(
             f"{name}: crop_padding={crop_padding} must be smaller than the {size[0]}×{size[1]} "
@@ -421,8 +410,6 @@ def _check_normalisation(
             f"{name}: mean and std need one value per channel ({channels}), got "
             f"{len(mean)} and {len(std)}"
         )
-    if not all(math.isfinite(s) and s > 0 for s in std) or not all(map(math.isfinite, mean)):
-        raise MamlrunError(f"{name}: std must be positive and mean finite, got {mean}, {std}")
     return mean, std
 
 

@@ -41,18 +41,17 @@ import torch
 from mamlrun.data.download import resolve_root
 from mamlrun.data.images import (
     ChannelMoments,
-    EpisodicImages,
     ImageCacheWriter,
     ImageSplit,
     cached_splits,
     fingerprint,
-    normalisation,
     one_line,
     resize_files,
     splits_header,
 )
 from mamlrun.data.images import check_classes as check_class_set
 from mamlrun.data.pickles import read_pickle
+from mamlrun.data.sources import image_tasks
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
@@ -124,31 +123,6 @@ class MiniImageNetData:
     cache: Path | None = None
 
 
-def miniimagenet_tasks(
-    root: str | None = None,
-    ways: int = 5,
-    shots: int = 1,
-    query: int = 15,
-    storage: str = "device",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    augment: bool = False,
-    crop_padding: int = 8,
-) -> EpisodicImages:
-    """The task source ``conf/dataset/miniimagenet.yaml`` builds: the data as loaded, served
-    by the dataset-independent episodic sampler."""
-    data = load_miniimagenet(root)
-    mean, std = normalisation(data.stats, mean, std)
-    info = {"layout": data.layout, "files": data.files, "split": "ravi_larochelle"}
-    if data.cache is not None:
-        info["cache"] = str(data.cache)
-    return EpisodicImages(
-        "miniimagenet", data.splits, ways, shots, query, storage, mean, std, device, info,
-        augment=augment, crop_padding=crop_padding,
-    )  # fmt: skip
-
-
 def load_miniimagenet(
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
@@ -183,6 +157,10 @@ def load_miniimagenet(
         "(or $MAMLRUN_DATA) at the folder that holds miniimagenet/ (there is no official "
         "download to fetch it from)"
     )
+
+
+#: The ``_target_`` of ``conf/dataset/miniimagenet.yaml``.
+miniimagenet_tasks = image_tasks("miniimagenet", load_miniimagenet, "ravi_larochelle")
 
 
 def _first_existing(directory: Path, names: Sequence[str]) -> Path | None:

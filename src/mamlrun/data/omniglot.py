@@ -56,7 +56,7 @@ from mamlrun.data.download import (
     resolve_root,
     user_cache_dir,
 )
-from mamlrun.data.images import STORAGE, EpisodicImages, ImageSplit, save_atomic
+from mamlrun.data.images import EpisodicImages, ImageSplit, save_atomic
 from mamlrun.data.tasks import SPLITS, TaskBatch
 from mamlrun.errors import MamlrunError
 
@@ -376,29 +376,13 @@ def _background_evaluation_split(
 # Task source
 
 
-def _check_settings(
-    ways: int, shots: int, query: int, image_size: int, split: str, storage: str
-) -> None:
-    """One-line errors for impossible settings, before the dataset is loaded."""
-    for name, value in (
-        ("ways", ways),
-        ("shots", shots),
-        ("query", query),
-        ("image_size", image_size),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MamlrunError(f"omniglot: {name} must be a positive integer, got {value!r}")
+def _check_task_size(shots: int, query: int) -> None:
+    """Omniglot's data holds 20 drawings per character: K+Q cannot be more."""
     if shots + query > DRAWINGS:
         raise MamlrunError(
             f"omniglot: shots+query K+Q={shots + query} exceeds the {DRAWINGS} drawings per "
             f"character"
         )
-    if split not in SPLIT_NAMES:
-        raise MamlrunError(
-            f"unknown Omniglot split {split!r}; expected one of {', '.join(SPLIT_NAMES)}"
-        )
-    if storage not in STORAGE:
-        raise MamlrunError(f"omniglot: storage={storage!r}; expected one of {', '.join(STORAGE)}")
 
 
 def _check_ways(ways: int, classes: dict[str, list[str]]) -> None:
@@ -441,18 +425,19 @@ class OmniglotTasks:
 
     def __init__(
         self,
-        root: str | os.PathLike[str] | None = None,
-        ways: int = 5,
-        shots: int = 1,
-        query: int = 15,
-        split: str = "maml",
-        split_seed: int = 0,
-        rotations: bool = True,
-        image_size: int = 28,
+        *,
+        root: str | os.PathLike[str] | None,
+        ways: int,
+        shots: int,
+        query: int,
+        split: str,
+        split_seed: int,
+        rotations: bool,
+        image_size: int,
         device: str | torch.device = "cpu",
-        storage: str = "device",
+        storage: str,
     ) -> None:
-        _check_settings(ways, shots, query, image_size, split, storage)
+        _check_task_size(shots, query)  # before the dataset is loaded
         self.ways, self.shots, self.query = ways, shots, query
         self.split, self.split_seed, self.rotations = split, split_seed, rotations
         self.image_size = image_size
@@ -478,13 +463,15 @@ class OmniglotTasks:
         self.episodes = EpisodicImages(
             "omniglot",
             self.splits,
-            ways,
-            shots,
-            query,
+            ways=ways,
+            shots=shots,
+            query=query,
             storage=storage,
             mean=[0.0],
             std=[1.0],
             device=self.device,
+            augment=False,  # the MAML paper's Omniglot has none
+            crop_padding=0,
         )
 
     def sample(self, split: str, num_tasks: int, generator: torch.Generator) -> TaskBatch:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from mamlrun.data.tasks import TaskBatch, check_split
-from mamlrun.errors import MamlrunError
 
 
 class SinusoidTasks:
@@ -24,20 +22,14 @@ class SinusoidTasks:
 
     def __init__(
         self,
-        shots: int = 10,
-        query: int = 10,
-        amplitude: tuple[float, float] = (0.1, 5.0),
-        phase: tuple[float, float] = (0.0, math.pi),
-        x_range: tuple[float, float] = (-5.0, 5.0),
+        *,
+        shots: int,
+        query: int,
+        amplitude: tuple[float, float],
+        phase: tuple[float, float],
+        x_range: tuple[float, float],
         device: str | torch.device = "cpu",
     ) -> None:
-        if shots < 1:
-            raise MamlrunError(f"dataset.shots must be a positive number of points, got {shots}")
-        if query < 1:
-            raise MamlrunError(f"dataset.query must be a positive number of points, got {query}")
-        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
-            if not lo <= hi:
-                raise MamlrunError(f"dataset.{name} must be [low, high] with low <= high")
         self.shots, self.query = shots, query
         self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
         self.device = torch.device(device)

@@ -43,15 +43,14 @@ from mamlrun.data.download import resolve_root
 from mamlrun.data.images import (
     ChannelMoments,
     DecodePool,
-    EpisodicImages,
     ImageCacheWriter,
     ImageSplit,
     cached_splits,
     fingerprint,
-    normalisation,
     splits_header,
 )
 from mamlrun.data.pickles import read_pickle, stream_list
+from mamlrun.data.sources import image_tasks
 from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
@@ -89,33 +88,7 @@ class TieredData:
     files: list[str]
     stats: tuple[list[float], list[float]] | None
     cache: Path | None = None
-
-
-def tieredimagenet_tasks(
-    root: str | None = None,
-    ways: int = 5,
-    shots: int = 1,
-    query: int = 15,
-    storage: str = "cpu",
-    mean: list[float] | None = None,
-    std: list[float] | None = None,
-    device: str | torch.device = "cpu",
-    augment: bool = False,
-    crop_padding: int = 8,
-) -> EpisodicImages:
-    """The task source ``conf/dataset/tieredimagenet.yaml`` builds."""
-    data = load_tieredimagenet(root)
-    mean, std = normalisation(data.stats, mean, std)
-    info = {
-        "layout": "png_pickles",
-        "files": data.files,
-        "split": "ren2018",
-        "cache": str(data.cache),
-    }
-    return EpisodicImages(
-        "tieredimagenet", data.splits, ways, shots, query, storage, mean, std, device, info,
-        augment=augment, crop_padding=crop_padding,
-    )  # fmt: skip
+    layout: str = "png_pickles"  # Ren et al.'s pickles are the one layout read
 
 
 def find_files(root: str | os.PathLike[str] | None) -> dict[str, tuple[Path, Path]]:
@@ -156,6 +129,10 @@ def load_tieredimagenet(
     cached = cached_splits(directory, "tieredimagenet", name, key, build)
     stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
     return TieredData(cached.splits, [p.name for p in listed], stats, cached.path)
+
+
+#: The ``_target_`` of ``conf/dataset/tieredimagenet.yaml``.
+tieredimagenet_tasks = image_tasks("tieredimagenet", load_tieredimagenet, "ren2018")
 
 
 def build_cache(

@@ -6,16 +6,14 @@ from torch import nn
 
 from mamlrun.models.layers import TaskBatchNorm2d
 
-DOWNSAMPLE = ("stride", "max_pool")
-HEADS = ("mean", "flatten")
-
 
 def conv4(
     in_shape: tuple[int, ...],
     out_features: int,
-    filters: int = 64,
-    downsample: str = "stride",
-    head: str = "mean",
+    *,
+    filters: int,
+    downsample: str,
+    head: str,
 ) -> nn.Module:
     """4 × [3×3 conv, batch norm, ReLU], then a linear layer to ``out_features`` classes.
 
@@ -29,10 +27,6 @@ def conv4(
     of the batch it sees, i.e. of the current task, in training and evaluation alike, as the
     original MAML did. Nothing can leak from one task into another through it.
     """
-    if downsample not in DOWNSAMPLE:
-        raise ValueError(f"downsample must be one of {DOWNSAMPLE}, got {downsample!r}")
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if len(in_shape) != 3:
         raise ValueError(f"conv4 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
     channels, height, width = in_shape

@@ -13,7 +13,8 @@ log = logging.getLogger("mamlrun")
 def mlp(
     in_shape: tuple[int, ...],
     out_features: int,
-    hidden: tuple[int, ...] = (40, 40),
+    *,
+    hidden: tuple[int, ...],
 ) -> nn.Module:
     """ReLU MLP ``in → hidden… → out`` (the paper uses 1→40→40→1).
 
@@ -26,7 +27,7 @@ def mlp(
             "structure; backbone=conv4 is the usual choice for images"
         )
     in_features = math.prod(in_shape)
-    if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
+    if in_features < 1 or out_features < 1:  # hidden: checked with the config
         raise ValueError("mlp layer sizes must be positive")
     layers: list[nn.Module] = [nn.Flatten(start_dim=-len(in_shape))] if len(in_shape) > 1 else []
     width = in_features

@@ -20,15 +20,16 @@ MIN_SIZE = 16
 def resnet12(
     in_shape: tuple[int, ...],
     out_features: int,
-    widths: tuple[int, ...] = (64, 160, 320, 640),
-    drop_block: bool = False,
-    keep_prob: float = 0.9,
-    drop_block_size: int = 5,
-    drop_block_ramp: int = 20000,
+    *,
+    widths: tuple[int, ...],
+    drop_block: bool,
+    keep_prob: float,
+    drop_block_size: int,
+    drop_block_ramp: int,
 ) -> nn.Module:
     """ResNet-12 for ``(C, H, W)`` images (84×84 miniImageNet, 32×32 CIFAR-FS, 28×28 Omniglot).
 
-    ``widths`` are the channels of the four blocks: MetaOptNet's 64-160-320-640 by default,
+    ``widths`` are the channels of the four blocks: MetaOptNet's 64-160-320-640 in the YAML,
     TADAM's 64-128-256-512 as an alternative. ``drop_block`` adds DropBlock after the last
     two blocks while meta-training (``keep_prob`` reached after ``drop_block_ramp``
     iterations, squares of ``drop_block_size``; see ``layers.DropBlock``).
@@ -45,8 +46,8 @@ def resnet12(
             f"got {height}x{width}"
         )
     widths = list(widths)
-    if len(widths) != 4 or any(w < 1 for w in widths) or out_features < 1:
-        raise ValueError(f"resnet12 needs four positive widths, got {widths}")
+    if out_features < 1:  # the widths and DropBlock's settings: checked with the config
+        raise ValueError(f"resnet12 needs at least one output, got {out_features}")
     drops = [
         DropBlock(drop_block_size, keep_prob, drop_block_ramp) if drop_block and i >= 2 else None
         for i in range(4)

@@ -49,7 +49,7 @@ def train(
     Under ``torchrun`` the meta-batch is split across the processes (``distributed``); only
     rank 0 validates, logs and checkpoints, and the other ranks return None.
     """
-    cfg = config.check(config.validate(cfg, config.TrainConfig), config.TrainConfig)
+    cfg = config.validate(cfg, config.TrainConfig)
     world_size = distributed.world_size_from_env()
     if cfg.meta_batch_size < world_size:
         raise MamlrunError(
@@ -180,8 +180,8 @@ def _eval_settings(cfg: DictConfig, schema: type, command: str) -> Any:
 
 
 def _settings(cfg: DictConfig, schema: type) -> Any:
-    """``cfg`` validated against ``schema`` and range-checked, as the schema's dataclass."""
-    return OmegaConf.to_object(config.check(config.validate(cfg, schema), schema))
+    """``cfg`` validated against ``schema`` (types, components, ranges), as its dataclass."""
+    return OmegaConf.to_object(config.validate(cfg, schema))
 
 
 def _made(run_dir: str | Path | None, command: str) -> Path:

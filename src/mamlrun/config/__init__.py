@@ -4,11 +4,15 @@ The top-level keys of each command are dataclass schemas in Hydra's ConfigStore,
 type or an unknown key in an override fails at composition. The components (``dataset``,
 ``backbone``, ``meta_optimizer``) are validated against the signature of the ``_target_``
 they name: the callable is the schema, so a new component needs no second definition that
-could drift from its code.
+could drift from its code. The values are the YAML's alone (conf/), and the ranges of every
+setting are checked in one place (``ranges``); ``validate`` runs all three checks, once per
+command, before anything is built.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import types
 import typing
@@ -23,8 +27,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from mamlrun.config import ranges
 from mamlrun.errors import MamlrunError
-from mamlrun.models import precision
 
 #: Parts of ``meta_optimizer`` that configure the outer loop, not the algorithm.
 OUTER_PARTS = ("optimizer", "scheduler")
@@ -73,7 +77,7 @@ class TrainConfig:
     meta_optimizer: Any = MISSING
     seed: int = MISSING
     device: str = MISSING
-    precision: str = MISSING  # one of precision.PRECISIONS, checked by ``check``
+    precision: str = MISSING  # one of precision.PRECISIONS, checked by ``ranges``
     iterations: int = MISSING
     meta_batch_size: int = MISSING
     log_every: int = MISSING
@@ -120,42 +124,6 @@ class ComponentsOnly:
     meta_optimizer: Any = None
 
 
-#: Range checks per command: keys that must be >= 1, and keys that must be >= 0.
-_POSITIVE = {
-    TrainConfig: (
-        "iterations",
-        "meta_batch_size",
-        "val_every",
-        "val_tasks",
-        "eval_batch_size",
-        "checkpoint_every",
-        "log_every",
-        "test_tasks",
-    ),
-    TestConfig: ("test_tasks", "eval_batch_size"),
-}
-_NON_NEGATIVE = {
-    TrainConfig: ("progress_seconds",),
-    TestConfig: ("progress_seconds", "inner_steps"),
-}
-
-
-def check(cfg: DictConfig, schema: type) -> DictConfig:
-    """The value checks of one command, in one place (types were checked by ``validate``)."""
-    key = TestConfig if issubclass(schema, TestConfig) else schema
-    for name in _POSITIVE.get(key, ()):
-        if cfg[name] < 1:
-            raise MamlrunError(f"{name} must be positive, got {cfg[name]}")
-    for name in _NON_NEGATIVE.get(key, ()):
-        if cfg[name] is not None and cfg[name] < 0:
-            raise MamlrunError(f"{name} must be >= 0, got {cfg[name]}")
-    if "max_minutes" in cfg and cfg.max_minutes is not None and cfg.max_minutes <= 0:
-        raise MamlrunError(f"max_minutes must be positive (or null), got {cfg.max_minutes}")
-    if "precision" in cfg:
-        precision.check(cfg.precision)
-    return cfg
-
-
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
@@ -168,17 +136,19 @@ def config_dir() -> Path:
     packaged = Path(str(resources.files("mamlrun"))) / "conf"
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parents[2] / "conf"
+    checkout = Path(__file__).resolve().parents[3] / "conf"
     if checkout.is_dir():
         return checkout
     raise MamlrunError(f"mamlrun's config directory is missing (looked in {packaged})")
 
 
 def validate(cfg: DictConfig, schema: type) -> DictConfig:
-    """Merge ``cfg`` onto its schema and check each component against its target.
+    """The one check of a command's config, run before anything is built: types (the schema),
+    each component's keys and types (its target's signature), then every range (``ranges``).
 
-    Raises MamlrunError naming the first offending key. Tests call this directly; the CLI gets
-    the same checks, the top-level ones earlier through the ConfigStore schema.
+    Returns the config merged onto its schema; raises MamlrunError naming the first offending
+    key, in one line. ``train``, ``test`` and ``adapt`` call it first; the CLI gets the type
+    checks earlier too, through the ConfigStore schema.
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
@@ -186,16 +156,24 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(ex, "full_key", None)
         raise MamlrunError(f"{key}: {_first_line(ex)}" if key else _first_line(ex)) from ex
     for group in INJECTED:
-        if group not in merged:
-            continue
-        node = merged[group]
-        if group == "meta_optimizer" and isinstance(node, DictConfig):
-            for part in OUTER_PARTS:
-                if node.get(part) is not None:
-                    check_component(node[part], f"meta_optimizer.{part}")
-            node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
-        check_component(node, group, injected=INJECTED[group])
+        if group in merged:
+            validate_component(group, merged[group])
+    if issubclass(schema, (TrainConfig, TestConfig)):
+        ranges.check_command(merged, "train" if schema is TrainConfig else "test")
     return merged
+
+
+def validate_component(group: str, node: Any) -> None:
+    """One component's node (``dataset``, ``backbone`` or ``meta_optimizer``): its keys and
+    types against its target's signature, then the ranges of its settings."""
+    if group == "meta_optimizer" and isinstance(node, DictConfig):
+        for part in OUTER_PARTS:
+            if node.get(part) is not None:
+                check_component(node[part], f"meta_optimizer.{part}")
+        node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
+    check_component(node, group, injected=INJECTED[group])
+    if group in ranges.COMPONENTS:
+        ranges.COMPONENTS[group](node)
 
 
 def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> None:
@@ -276,10 +254,28 @@ def group_config(group: str, choice: str) -> DictConfig:
         return compose("train", overrides=[f"{group}={choice}"])[group]
 
 
+def settings(group: str, choice: str, **changes: Any) -> dict[str, Any]:
+    """The values ``conf/<group>/<choice>.yaml`` passes its ``_target_``, with ``changes``.
+
+    How tests and scripts build a component from Python (``conv4(shape, ways,
+    **config.settings("backbone", "conv4", filters=8))``): the signatures carry no defaults,
+    so the numbers are read from the one place they are written instead of being repeated.
+    """
+    return {**copy.deepcopy(_yaml_values(group, choice)), **changes}
+
+
+@functools.cache
+def _yaml_values(group: str, choice: str) -> dict[str, Any]:
+    node = group_config(group, choice)
+    keys = [k for k in node if not str(k).startswith("_") and k not in OUTER_PARTS]
+    return OmegaConf.to_container(OmegaConf.masked_copy(node, keys), resolve=True)
+
+
 def algorithm(choice: str = "maml", **settings: Any) -> Any:
     """An algorithm from ``conf/meta_optimizer/<choice>.yaml`` with ``settings`` changed: the
     YAML holds the values, so a Python caller gets the same defaults as the command line."""
     node = OmegaConf.merge(group_config("meta_optimizer", choice), settings)
+    validate_component("meta_optimizer", node)
     return build_meta_optimizer(node)[0]
 
 
