@@ -22,6 +22,34 @@ def data_root() -> Path:
     return Path(os.environ.get("MAMLRUN_DATA", REPO.parent / "shared" / "data"))
 
 
+HAS_OMNIGLOT = all(
+    (data_root() / "omniglot" / f"{s}.zip").is_file()
+    for s in ("images_background", "images_evaluation")
+)
+
+#: The one marker for tests that read the real Omniglot zips: a clone without the shared data
+#: skips them (with the reason shown by ``pytest -rs``) instead of downloading 9 MB.
+OMNIGLOT_MISSING = f"needs the real Omniglot zips in {data_root()}/omniglot"
+needs_omniglot = pytest.mark.skipif(not HAS_OMNIGLOT, reason=OMNIGLOT_MISSING)
+
+
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks(monkeypatch, _session_cache, tmp_path_factory):
+    """No test reads or writes the user's data or cache: ``$MAMLRUN_DATA`` is the shared data
+    when it is there, else an empty folder (so nothing is downloaded into a real place), and
+    ``$XDG_CACHE_HOME`` (where ``download.user_cache_dir`` lives) is one temporary folder per
+    session, shared so that the real data's derived caches are built once. Subprocesses
+    inherit both. Tests that need a cache of their own set it themselves."""
+    root = data_root() if data_root().is_dir() else tmp_path_factory.mktemp("no-data")
+    monkeypatch.setenv("MAMLRUN_DATA", str(root))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_session_cache))
+
+
 def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") -> dict:
     """``mamlrun adapt`` on the training run ``cwd/run`` (its best.pt), on two tasks for two
     steps: the third command of a dataset's smoke cycle (train with final test, then adapt).

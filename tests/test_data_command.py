@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import data_root, run_cli
+from conftest import data_root, needs_omniglot, run_cli
 from image_fixtures import write_cifar_archive
 from test_miniimagenet import write_pickles
 
@@ -16,6 +16,7 @@ def table(stdout: str) -> dict[str, list[str]]:
     return {r[0]: r[1:] for r in rows if r[0] in ("train", "val", "test")}
 
 
+@needs_omniglot
 def test_prepare_builds_omniglot_as_train_does_and_says_what_each_split_holds(tmp_path):
     out = run_cli("data", "prepare", "dataset=omniglot", f"dataset.root={data_root()}",
                   cwd=tmp_path)  # fmt: skip

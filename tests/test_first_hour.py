@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_cli
+from conftest import compose_train, needs_omniglot, run_cli
 
 from mamlrun.results.stats import format_ci
 from mamlrun.training.progress import Progress
@@ -38,6 +38,7 @@ def test_what_the_user_chose_still_wins_over_the_datasets_preset(cli):
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_dataset_omniglot_alone_learns_well_above_chance(tmp_path):
     out = run_cli(
         "train", "dataset=omniglot", "iterations=60", "meta_batch_size=8", "val_every=60",

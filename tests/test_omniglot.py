@@ -18,12 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_calls
+from conftest import HAS_OMNIGLOT, OMNIGLOT_MISSING, count_calls, data_root
 from omniglot_fixtures import (
     SMALL_COUNTS,
     STROKE_BOX,
     png_bytes,
-    real_data_root,
     synthetic_data,
     write_small_dataset,
 )
@@ -577,9 +576,9 @@ def test_save_splits_writes_every_class_list(tasks, tmp_path):
 def real(tmp_path_factory):
     """The real dataset, preprocessed once per session into a private user cache dir (the
     shared data directory may be read-only)."""
-    root = real_data_root()
-    if root is None:
-        pytest.skip("real Omniglot zips not found in $MAMLRUN_DATA or ../shared/data")
+    if not HAS_OMNIGLOT:
+        pytest.skip(OMNIGLOT_MISSING)
+    root = data_root()
     cache_home = tmp_path_factory.mktemp("real-xdg")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache_home))

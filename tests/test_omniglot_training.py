@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_train, data_root
+from conftest import compose_train, data_root, needs_omniglot
 
 from mamlrun.training import commands
 
-pytestmark = pytest.mark.skipif(
-    not (data_root() / "omniglot" / "images_background.zip").is_file(),
-    reason=f"Omniglot zips not found under {data_root()}",
-)
+pytestmark = needs_omniglot
 
 
 @pytest.mark.slow

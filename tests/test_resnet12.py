@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train, data_root, finite_difference_error, maml, meta_gradient
+from conftest import (
+    compose_train,
+    data_root,
+    finite_difference_error,
+    maml,
+    meta_gradient,
+    needs_omniglot,
+)
 from torch import nn
 
 from mamlrun import config
@@ -20,7 +27,6 @@ from mamlrun.results import checkpoint
 from mamlrun.training import commands
 
 TINY = [2, 3, 4, 5]
-HAS_OMNIGLOT = (data_root() / "omniglot" / "images_background.zip").is_file()
 
 
 def tiny(size: int = 16, ways: int = 3, **settings) -> nn.Module:
@@ -294,7 +300,7 @@ def omniglot_run(*extra: str):
     )  # fmt: skip
 
 
-@pytest.mark.skipif(not HAS_OMNIGLOT, reason=f"Omniglot zips not found under {data_root()}")
+@needs_omniglot
 def test_a_tiny_resnet12_trains_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
     best = commands.train(omniglot_run("iterations=2"), run_dir=tmp_path)
@@ -304,7 +310,7 @@ def test_a_tiny_resnet12_trains_end_to_end(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_OMNIGLOT, reason=f"Omniglot zips not found under {data_root()}")
+@needs_omniglot
 def test_a_resumed_drop_block_run_matches_an_unbroken_one_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
     common = ["backbone.drop_block=true", "backbone.drop_block_ramp=3", "backbone.keep_prob=0.8"]

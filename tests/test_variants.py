@@ -13,7 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train, data_root, image_batch, maml, meta_gradient, reptile
+from conftest import (
+    compose_train,
+    data_root,
+    image_batch,
+    maml,
+    meta_gradient,
+    needs_omniglot,
+    reptile,
+)
 from torch.func import functional_call
 
 from mamlrun import config
@@ -491,7 +499,6 @@ def test_every_meta_optimizer_trains_tests_and_adapts(tmp_path, meta_optimizer):
         assert any(not torch.all(r == inner_lr) for r in rates), "learned, and saved"
 
 
-HAS_OMNIGLOT = (data_root() / "omniglot" / "images_background.zip").is_file()
 RESUME = {
     "sinusoid": [
         "meta_optimizer=mamlpp",
@@ -511,12 +518,12 @@ RESUME = {
 }
 
 
-@pytest.mark.parametrize("setup", list(RESUME))
+@pytest.mark.parametrize(
+    "setup", [pytest.param(s, marks=[needs_omniglot] if s == "omniglot" else []) for s in RESUME]
+)
 def test_resumed_maml_plus_plus_run_matches_an_unbroken_one_bit_for_bit(
     tmp_path, monkeypatch, setup
 ):
-    if setup == "omniglot" and not HAS_OMNIGLOT:
-        pytest.skip(f"Omniglot zips not found under {data_root()}")
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
     common = [
         *RESUME[setup],
