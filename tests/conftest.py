@@ -53,7 +53,8 @@ def _no_leaks(monkeypatch, _session_cache, tmp_path_factory):
 def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") -> dict:
     """``mamlrun adapt`` on the training run ``cwd/run`` (its best.pt), on two tasks for two
     steps: the third command of a dataset's smoke cycle (train with final test, then adapt).
-    Returns its results.json, checked to hold the curve after 0, 1 and 2 inner steps."""
+    Returns its results.json, checked to hold the curve after 0, 1 and 2 inner steps, each an
+    accuracy over the two tasks' query images (a whole number of them right)."""
     out = run_cli(
         "adapt", f"checkpoint={run}", "test_tasks=2", "eval_batch_size=2", "inner_steps=2",
         "baseline.steps=1", "hydra.run.dir=adapted", cwd=cwd, env=env,
@@ -61,7 +62,11 @@ def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") 
     assert out.returncode == 0, out.stderr
     result = json.loads((cwd / "adapted" / "results.json").read_text())
     assert result["steps"] == [0, 1, 2] and len(result["mean"]) == 3
-    assert all(0 <= m <= 1 for m in result["mean"])
+    trained = json.loads((cwd / run / "results.json").read_text())["dataset"]
+    predictions = 2 * trained["ways"] * trained["query"]
+    assert result["metric"] == "accuracy" and result["test_tasks"] == 2
+    for mean in result["mean"]:
+        assert mean * predictions == pytest.approx(round(mean * predictions), abs=1e-6), mean
     return result
 
 

@@ -491,6 +491,12 @@ def test_every_meta_optimizer_trains_tests_and_adapts(tmp_path, meta_optimizer):
     mode = cfg.meta_optimizer.bn_mode
     assert json.loads((tmp_path / "results.json").read_text())["bn_mode"] == mode
     assert json.loads((tmp_path / "test" / "results.json").read_text())["bn_mode"] == mode
+    adapted = json.loads((tmp_path / "adapt" / "results.json").read_text())
+    steps = cfg.meta_optimizer.inner_steps_test
+    assert adapted["metric"] == "mse" and adapted["steps"] == list(range(steps + 1))
+    assert adapted["baseline"]["steps"] == adapted["steps"]
+    assert all(math.isfinite(m) for m in adapted["mean"])
+    assert adapted["mean"] != adapted["baseline"]["mean"], "two models, two curves"
     if meta_optimizer == "metasgd":
         saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"]
         rates = [v for k, v in saved.items() if k.startswith("extras.inner_lr.")]
