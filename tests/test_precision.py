@@ -26,6 +26,17 @@ from mamlrun.training import commands, components, resume
 from mamlrun.training.episodes import OuterStep
 
 BF16 = Precision("bf16", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def tf32_switches_restored():
+    """``precision.choose`` on CUDA sets process-wide switches: every test here puts them back
+    for the tests that come after it."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 cpu_bf16 = pytest.mark.skipif(
     not torch.amp.is_autocast_available("cpu"), reason="no bfloat16 autocast on this CPU"
 )
