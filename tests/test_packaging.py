@@ -39,4 +39,5 @@ def test_wheel_ships_every_config(tmp_path):
         f"mamlrun/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")
     }
     assert expected and expected <= shipped
-    assert "mamlrun/cli.py" in zipfile.ZipFile(wheel).namelist()
+    sources = {p.relative_to(REPO / "src").as_posix() for p in (REPO / "src").rglob("*.py")}
+    assert "mamlrun/cli/main.py" in sources and sources <= set(zipfile.ZipFile(wheel).namelist())
