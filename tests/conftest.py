@@ -70,6 +70,17 @@ def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") 
     return result
 
 
+@pytest.fixture
+def as_on_an_accelerator(monkeypatch):
+    """Image sources on the CPU take the paths they take on an accelerator: ``storage=cpu``
+    copies each meta-batch's images over, ``storage=device`` reads a cached split whole into
+    "device" memory. On a plain CPU both storages are one place and take one path, so a test
+    comparing them would compare that path with itself."""
+    from mamlrun.data import images
+
+    monkeypatch.setattr(images, "host_is_device", lambda device: False)
+
+
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
     """``mamlrun ARGS`` in a subprocess, as a user would type it (stdout and stderr captured)."""
     full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}

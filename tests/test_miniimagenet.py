@@ -380,9 +380,12 @@ def test_classes_of_different_sizes_are_drawn_from_all_and_only_their_own_images
         assert drawn == set(range(3 + c))  # every image of class c, none beyond its count
 
 
-def test_the_same_seed_draws_the_same_tasks_bitwise_whatever_the_storage(pickled):
+def test_the_same_seed_draws_the_same_tasks_bitwise_whatever_the_storage(
+    pickled, as_on_an_accelerator
+):
     on_device = tasks(pickled, storage="device")
     on_host = tasks(pickled, storage="cpu")
+    assert on_host._copies and not on_device._copies  # the accelerator's two paths
     a = on_device.sample("val", 5, torch.Generator().manual_seed(7))
     b = on_host.sample("val", 5, torch.Generator().manual_seed(7))
     c = on_device.sample("val", 5, torch.Generator().manual_seed(8))
