@@ -561,7 +561,8 @@ def test_training_the_1_shot_preset_on_a_fixture_root_writes_results(tmp_path):
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
-    assert results["steps"] == 2 and 0 <= results["best_val"] <= 1
+    assert results["steps"] == 2 and results["metric"] == "accuracy"
+    assert results["best_val"] == max(h["mean"] for h in results["val_history"])
     assert results["dataset"]["name"] == "miniimagenet" and results["dataset"]["layout"] == "pickle"
     assert results["preset"] == "miniimagenet_5w1s" and results["reference"]["value"] == 0.487
     assert {s: len(c) for s, c in splits["classes"].items()} == {"train": 64, "val": 16, "test": 20}
