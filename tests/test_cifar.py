@@ -33,7 +33,6 @@ from test_miniimagenet import colour, one_line_error
 
 from mamlrun.data import cifar, download
 from mamlrun.data.cifar import load_cifar
-from mamlrun.data.images import EpisodicImages
 
 REAL_OPEN_URL = download._open_url
 
@@ -246,13 +245,6 @@ def test_fc100_pickles_holding_a_class_of_another_superclass_are_refused(tmp_pat
     message = one_line_error(load_cifar, "fc100", tmp_path)
     assert "FC100_test.pickle: not the test split of Oreshkin et al. (FC100)" in message
     assert "woman is missing" in message
-
-
-def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
-    write_cifar_archive(tmp_path)
-    data = load_cifar("fc100", tmp_path)
-    message = one_line_error(EpisodicImages, "fc100", data.splits, 5, 1, 3)
-    assert "K+Q=4 exceeds the 3 images of class" in message and "lower dataset.shots" in message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -245,13 +245,6 @@ def test_a_species_that_is_not_cubs_is_refused(tmp_path):
     assert "classes.txt: 003.Dodo is not a CUB-200-2011 species" in message
 
 
-def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
-    write_cub_folder(tmp_path, species=SMALL_SPECIES, per_class=per_species)
-    data = load(tmp_path)
-    message = one_line_error(EpisodicImages, "cub", data.splits, 2, 1, 3)
-    assert "K+Q=4 exceeds the 3 images of class" in message
-
-
 # ---------------------------------------------------------------------------------------------
 # Config and a real run
 
