@@ -16,10 +16,6 @@ CONF = config.config_dir()
 config.register_schemas()
 
 
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def test_config_dir_is_the_checkout_conf_or_the_packaged_one():
     assert (CONF / "train.yaml").is_file()
     assert CONF.name == "conf"
