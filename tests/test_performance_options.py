@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import finite_difference_error, image_batch, maml, meta_gradient
+from conftest import image_batch, maml, meta_gradient
 
 from mamlrun.algorithms import functional
 from mamlrun.algorithms.maml import MAML
@@ -43,24 +43,13 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("steps", [1, 3])
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps, variant):
-    """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient."""
+    """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient,
+    the plain one (which test_conv4 holds to finite differences of a reference forward)."""
     batch = image_batch(tasks=2)
     plain = flat_meta_gradient(*build(steps, False, **VARIANTS[variant]), batch, step=3)
     recomputed = flat_meta_gradient(*build(steps, True, **VARIANTS[variant]), batch, step=3)
     assert plain.abs().max() > 0
     assert (recomputed - plain).norm() / plain.norm() < 1e-10
-
-
-def test_checkpointed_meta_gradient_matches_finite_differences():
-    batch = image_batch(tasks=2)
-    algo, model = build(2, True)
-    exact = flat_meta_gradient(algo, model, batch)
-
-    def meta_loss() -> float:
-        loss, _ = algo.evaluate(model, batch, "classification", steps=2, batching="loop")
-        return float(loss[:, 2].mean())
-
-    assert finite_difference_error(meta_loss, list(model.parameters()), exact, every=11) < 1e-5
 
 
 def test_checkpointing_recomputes_every_step_in_the_outer_backward(monkeypatch):
