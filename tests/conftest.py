@@ -103,6 +103,29 @@ def cli(tmp_path):
     return call
 
 
+@pytest.fixture
+def cli_here(tmp_path, monkeypatch, capfd):
+    """``mamlrun ARGS`` through the CLI's own ``main`` in this process, in ``tmp_path``, with the
+    same exit status and output a subprocess would give: for commands that stop before any
+    work (mistakes, ``--help``, ``--cfg``), where starting an interpreter would be most of the
+    cost (~2 s a call on two cores). ``run_cli`` keeps the tests that need a real process."""
+    from mamlrun.cli import main
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        capfd.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return call
+
+
 def count_calls(monkeypatch, module, name: str) -> list[int]:
     """Spy on ``module.name``: each call appends to the returned list, and still runs."""
     calls: list[int] = []

@@ -110,8 +110,8 @@ def test_the_same_seed_gives_the_same_test_tasks_and_another_seed_others(smoke_r
     assert means[0] == means[1] and means[2] != means[0]
 
 
-def test_cfg_job_prints_the_composed_config(cli):
-    out = cli("train", "experiment=sinusoid_maml_paper", "--cfg", "job")
+def test_cfg_job_prints_the_composed_config(cli_here):
+    out = cli_here("train", "experiment=sinusoid_maml_paper", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "iterations: 70000" in out.stdout and "inner_lr: 0.01" in out.stdout
 
