@@ -38,6 +38,7 @@ def test_short_5way_1shot_run_beats_chance_by_a_wide_margin(tmp_path, monkeypatc
     assert [len(classes[s]) for s in ("train", "val", "test")] == [4400, 400, 1692]
 
 
+@pytest.mark.slow
 def test_task_grid_image_is_logged_for_classification(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -41,7 +41,7 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps, variant):
     """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient,
     the plain one (which test_conv4 holds to finite differences of a reference forward)."""
