@@ -90,6 +90,7 @@ def warmed_conv4() -> nn.Module:
     return model
 
 
+@pytest.mark.slow  # 30 warm-up meta-steps of a full-width conv4 (warmed_conv4)
 @cpu_bf16
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_bf16_meta_gradient_points_where_fp32s_does(warmed_conv4, mode):
@@ -105,6 +106,7 @@ def test_bf16_meta_gradient_points_where_fp32s_does(warmed_conv4, mode):
     assert 0.99 < cosine < 1 - 1e-6, f"cosine {cosine:.5f}"
 
 
+@pytest.mark.slow  # 30 warm-up meta-steps of a full-width conv4 (warmed_conv4)
 @cpu_bf16
 def test_checkpoint_inner_recomputes_the_same_bf16_steps(warmed_conv4):
     """The recomputed inner step runs under the same autocast as the forward pass did."""
@@ -158,6 +160,7 @@ def training_curve(name: str, iterations: int = 20) -> list[float]:
     ]
 
 
+@pytest.mark.slow  # 20 + 20 meta-steps of a 32-filter conv4
 @cpu_bf16
 def test_a_short_bf16_training_run_tracks_fp32():
     """Tolerance: the mean loss of the last five of 20 iterations within 0.05 of fp32's (about
