@@ -136,8 +136,8 @@ def test_seeds_of_one_setting_are_grouped_with_a_t_interval(tmp_path):
      (["."], "no training runs under ."), (["--out"], "--out needs a directory"),
      (["--bogus", "."], "unknown option --bogus")],
 )  # fmt: skip
-def test_report_mistakes_are_one_line_and_exit_2(tmp_path, args, expected):
-    out = run_cli("report", *args, cwd=tmp_path)
+def test_report_mistakes_are_one_line_and_exit_2(cli_here, args, expected):
+    out = cli_here("report", *args)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip() == f"mamlrun: error: {expected}" or (
         out.stderr.count("\n") == 1 and expected in out.stderr
