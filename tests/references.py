@@ -77,16 +77,23 @@ def resnet12(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 def maml_objective(
-    forward: Forward, p: Params, batch: TaskBatch, loss, inner_lr: float, steps: int = 1
+    forward: Forward,
+    p: Params,
+    batch: TaskBatch,
+    loss,
+    inner_lr: float,
+    steps: int = 1,
+    create_graph: bool = False,
 ) -> torch.Tensor:
     """The mean over tasks of the query loss after ``steps`` plain SGD steps on the support
-    set, differentiable in ``p`` (second order)."""
+    set: its value (for finite differences), or with ``create_graph`` differentiable in ``p``
+    to second order."""
     total = 0.0
     for xs, ys, xq, yq in zip(*batch, strict=True):
         adapted = dict(p)
         for _ in range(steps):
             grads = torch.autograd.grad(
-                loss(forward(adapted, xs), ys), list(adapted.values()), create_graph=True
+                loss(forward(adapted, xs), ys), list(adapted.values()), create_graph=create_graph
             )
             adapted = {
                 n: t - inner_lr * g for (n, t), g in zip(adapted.items(), grads, strict=True)

@@ -128,8 +128,8 @@ def test_second_order_meta_gradient_matches_finite_differences_of_a_reference():
             )
         return float(objective)
 
-    # A spread of coordinates from every tensor (about 80 of the 1,542).
-    assert finite_difference_error(meta_loss, list(model.parameters()), exact, every=19) < 1e-6
+    # A spread of coordinates from every tensor (about 45 of the 1,542).
+    assert finite_difference_error(meta_loss, list(model.parameters()), exact, every=37) < 1e-6
 
 
 def test_loop_and_vmap_batching_give_the_same_meta_gradient():
@@ -316,6 +316,7 @@ def omniglot_run(*extra: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @needs_omniglot
 def test_a_tiny_resnet12_trains_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
