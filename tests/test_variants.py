@@ -124,6 +124,12 @@ def by_hand(backbone, theta, batch, *, steps, lr, adapted, weights) -> float:
 
 
 # --------------------------------------------------------------------------- ANIL
+#: Finite differences of the per-task path; the batched paths are held to it for every variant
+#: by test_per_task_threaded_and_batched_paths_agree, so differencing vmap too is for the full
+#: suite only.
+VMAP_IN_FULL_SUITE = pytest.param("vmap", marks=pytest.mark.slow)
+
+
 def test_anil_adapts_only_the_head_in_the_inner_loop():
     algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model = tiny_mlp(algo)
@@ -135,7 +141,7 @@ def test_anil_adapts_only_the_head_in_the_inner_loop():
     assert not torch.equal(trajectory[2]["4.weight"], model[4].weight)
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_anil_meta_gradient_matches_finite_differences_and_reaches_the_body(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -165,7 +171,7 @@ def test_adapt_params_that_select_nothing_are_an_error():
 
 
 # --------------------------------------------------------------------------- Meta-SGD
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_meta_sgd_gradient_for_weights_and_rates_matches_finite_differences(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=1, learned_inner_lr="per_element")
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -225,7 +231,7 @@ def test_msl_weights_are_maml_plus_plus_importance_vector():
     assert msl_weights(None, 3, 100) == [0, 0, 1]
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_multi_step_loss_matches_finite_differences_of_the_weighted_query_losses(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=100)
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -317,7 +323,7 @@ def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
         assert torch.allclose(forwards[s](trajectory[s], x), expected, atol=1e-12), s
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
     """LSLR, per-step batch-norm weights and multi-step loss together, through conv4."""
     algo = maml(
