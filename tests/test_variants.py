@@ -323,7 +323,8 @@ def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
         assert torch.allclose(forwards[s](trajectory[s], x), expected, atol=1e-12), s
 
 
-@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
+@pytest.mark.slow  # every MAML++ flag at once: the heaviest difference check here
+@pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
     """LSLR, per-step batch-norm weights and multi-step loss together, through conv4."""
     algo = maml(
@@ -472,8 +473,15 @@ VMAP_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VMAP_VARIANTS))
-@pytest.mark.parametrize("step", [1, 5])
-@pytest.mark.parametrize("batching", ["threads", "vmap", "vmap:2"])
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 5])
+@pytest.mark.parametrize(
+    "batching",  # the fast suite: vmap; threads and chunks in the full suite
+    [
+        pytest.param("threads", marks=pytest.mark.slow),
+        "vmap",
+        pytest.param("vmap:2", marks=pytest.mark.slow),
+    ],
+)
 def test_per_task_threaded_and_batched_paths_agree(variant, step, batching):
     algo = VMAP_VARIANTS[variant]()
     model, batch = tiny_conv4(algo), image_batch(tasks=3)
@@ -531,7 +539,11 @@ RESUME = {
 
 
 @pytest.mark.parametrize(
-    "setup", [pytest.param(s, marks=[needs_omniglot] if s == "omniglot" else []) for s in RESUME]
+    "setup",
+    [
+        pytest.param(s, marks=[needs_omniglot, pytest.mark.slow] if s == "omniglot" else [])
+        for s in RESUME
+    ],
 )
 def test_resumed_maml_plus_plus_run_matches_an_unbroken_one_bit_for_bit(
     tmp_path, monkeypatch, setup
