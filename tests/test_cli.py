@@ -163,6 +163,7 @@ def test_bad_input_in_a_real_process(cli):
     ]
 
 
+@pytest.mark.slow  # a real process: the traceback is what Hydra prints on its way out
 def test_full_traceback_on_request(cli):
     out = cli(*SMOKE, "dataset.shots=0", env={"HYDRA_FULL_ERROR": "1"})
     assert out.returncode != 0 and "Traceback" in out.stderr

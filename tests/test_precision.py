@@ -117,6 +117,7 @@ def test_checkpoint_inner_recomputes_the_same_bf16_steps(warmed_conv4):
     assert (recomputed - plain).norm() / plain.norm() < 1e-5
 
 
+@pytest.mark.slow  # a full-width conv4 under autocast, hooked at every step
 @cpu_bf16
 def test_parameters_gradients_inner_updates_and_losses_stay_float32():
     torch.manual_seed(0)
