@@ -13,11 +13,11 @@ install:  ## create .venv and install mamlrun with pinned dependencies (CPU or C
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -c constraints.txt -e ".[dev]"
 
-test:  ## run the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+test:  ## run the whole test suite (what CI runs); -rs shows why a test was skipped
+	$(BIN)/python -m pytest -q -rs
 
-test-fast:  ## the tests not marked slow, for the edit loop (under 2 minutes)
-	$(BIN)/python -m pytest -q -m "not slow"
+test-fast:  ## the tests not marked slow, for the edit loop (~105 s measured on 2 quiet cores)
+	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, test, adapt
 	@set -e; out=$$(mktemp -d); \

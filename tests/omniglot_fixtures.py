@@ -8,7 +8,6 @@ test shrinks ``omniglot.EXPECTED_COUNTS`` to ``SMALL_COUNTS``.
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
@@ -112,11 +111,3 @@ def synthetic_data(image_size: int = 28, seed: int = 0) -> OmniglotData:
     shape = (len(names), DRAWINGS, image_size, image_size)
     images = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
     return OmniglotData(images, names, sources, {s: "0" * 32 for s in SETS})
-
-
-def real_data_root() -> Path | None:
-    """``$MAMLRUN_DATA``, else ``../shared/data`` next to the repository, if it holds the zips."""
-    env = os.environ.get("MAMLRUN_DATA")
-    root = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    present = all((root / "omniglot" / f"{s}.zip").is_file() for s in SETS)
-    return root if present else None

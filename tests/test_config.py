@@ -17,26 +17,9 @@ CONF = config.config_dir()
 config.register_schemas()
 
 
-def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
 def test_config_dir_is_the_checkout_conf_or_the_packaged_one():
     assert (CONF / "train.yaml").is_file()
     assert CONF.name == "conf"
-
-
-@pytest.mark.parametrize("experiment", choices("experiment"))
-def test_every_experiment_preset_composes_and_validates(experiment):
-    cfg = config.validate(compose_train(f"experiment={experiment}"), config.TrainConfig)
-    assert cfg.iterations > 0
-
-
-@pytest.mark.parametrize("group", ["dataset", "backbone", "meta_optimizer", "debug"])
-def test_every_group_choice_composes_and_validates(group):
-    for choice in choices(group):
-        cfg = compose_train(f"{group}={choice}")
-        config.validate(cfg, config.TrainConfig)
 
 
 @pytest.mark.parametrize(

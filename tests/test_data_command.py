@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import data_root, run_cli
+from conftest import data_root, needs_omniglot, run_cli
 from image_fixtures import write_cifar_archive
 from test_miniimagenet import write_pickles
 
@@ -16,6 +16,8 @@ def table(stdout: str) -> dict[str, list[str]]:
     return {r[0]: r[1:] for r in rows if r[0] in ("train", "val", "test")}
 
 
+@pytest.mark.slow  # builds the real Omniglot cache
+@needs_omniglot
 def test_prepare_builds_omniglot_as_train_does_and_says_what_each_split_holds(tmp_path):
     out = run_cli("data", "prepare", "dataset=omniglot", f"dataset.root={data_root()}",
                   cwd=tmp_path)  # fmt: skip
@@ -32,15 +34,16 @@ def test_prepare_builds_omniglot_as_train_does_and_says_what_each_split_holds(tm
     assert "cache_28" in cache and " MB)" in cache  # where it is and what it takes on disk
 
 
-def test_prepare_reads_miniimagenet_pickles_checks_the_classes_and_shows_the_cache(tmp_path):
+def test_prepare_reads_miniimagenet_pickles_checks_the_classes_and_shows_the_cache(
+    tmp_path, cli_here
+):
     write_pickles(tmp_path / "data", classes=SPLIT_CLASSES, per_class=2)
-    out = run_cli(
+    out = cli_here(
         "data",
         "prepare",
         "dataset=miniimagenet",
         f"dataset.root={tmp_path / 'data'}",
         "dataset.query=1",
-        cwd=tmp_path,
     )  # fixtures: 2 images per class; fmt: skip
     assert out.returncode == 0, out.stderr
     assert table(out.stdout) == {
@@ -53,28 +56,27 @@ def test_prepare_reads_miniimagenet_pickles_checks_the_classes_and_shows_the_cac
     assert f"  cache: {cache} (4.2 MB)" in out.stdout.splitlines()  # 200 images of 84×84×3
 
 
-def test_check_verifies_what_is_there_and_never_downloads(tmp_path):
+def test_check_verifies_what_is_there_and_never_downloads(tmp_path, cli_here):
     empty = tmp_path / "empty"
-    out = run_cli("data", "check", "dataset=cifarfs", f"dataset.root={empty}", cwd=tmp_path)
+    out = cli_here("data", "check", "dataset=cifarfs", f"dataset.root={empty}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "cifar-100-python.tar.gz is missing (not downloaded by a check)" in out.stderr
     assert not empty.exists()
     write_cifar_archive(tmp_path / "data")
-    out = run_cli(
+    out = cli_here(
         "data",
         "check",
         "dataset=cifarfs",
         f"dataset.root={tmp_path / 'data'}",
         "dataset.query=1",
-        cwd=tmp_path,
     )  # fixtures: 3 images per class; fmt: skip
     assert out.returncode == 0, out.stderr
     assert [row[0] for row in table(out.stdout).values()] == ["64", "16", "20"]
     assert f"cache: {tmp_path / 'data' / 'cifar100' / 'cache_cifarfs_32.u8'} (" in out.stdout
 
 
-def test_a_generated_dataset_has_nothing_to_prepare(tmp_path):
-    out = run_cli("data", "prepare", "dataset=sinusoid", cwd=tmp_path)
+def test_a_generated_dataset_has_nothing_to_prepare(cli_here):
+    out = cli_here("data", "prepare", "dataset=sinusoid")
     assert out.returncode == 0 and "generated on the fly, nothing to prepare" in out.stdout
 
 
@@ -87,7 +89,7 @@ def test_a_generated_dataset_has_nothing_to_prepare(tmp_path):
      (["prepare", "dataset=omniglt"], "did you mean dataset=omniglot?"),
      (["check", "dataset=omniglot", "dataset.wayz=3"], "dataset has no wayz")],
 )  # fmt: skip
-def test_data_mistakes_are_one_line_with_exit_status_2(tmp_path, args, expected):
-    out = run_cli("data", *args, cwd=tmp_path)
+def test_data_mistakes_are_one_line_with_exit_status_2(cli_here, args, expected):
+    out = cli_here("data", *args)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert out.stderr.startswith("mamlrun: error: ") and expected in out.stderr

@@ -93,8 +93,10 @@ def test_a_meta_batch_splits_into_contiguous_shares_differing_by_at_most_one():
             assert max(sizes) - min(sizes) <= 1
 
 
-def test_a_meta_batch_smaller_than_the_process_count_is_refused(cli):
-    done = cli("train", *RUN, "meta_batch_size=2", env={"WORLD_SIZE": "4", "RANK": "0"})
+def test_a_meta_batch_smaller_than_the_process_count_is_refused(cli_here, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun sets them; refused before any start
+    monkeypatch.setenv("RANK", "0")
+    done = cli_here("train", *RUN, "meta_batch_size=2")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "mamlrun: error: meta_batch_size=2 cannot be split across 4 processes: give each at "
@@ -103,8 +105,10 @@ def test_a_meta_batch_smaller_than_the_process_count_is_refused(cli):
 
 
 @pytest.mark.parametrize("command", ["test", "adapt"])
-def test_test_and_adapt_refuse_torchrun(cli, command):
-    done = cli(command, "checkpoint=x.pt", env={"WORLD_SIZE": "2", "RANK": "0"})
+def test_test_and_adapt_refuse_torchrun(cli_here, monkeypatch, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    done = cli_here(command, "checkpoint=x.pt")
     assert done.returncode == 2
     assert done.stderr.strip() == (
         f"mamlrun: error: mamlrun {command} runs in one process: start it without torchrun"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_train, run_cli
+from conftest import compose_train, needs_omniglot, run_cli
 
 from mamlrun import config
 from mamlrun.results.stats import format_ci
@@ -23,22 +23,23 @@ from mamlrun.training.progress import Progress
 
 
 # --------------------------------------------------------------- 1. choosing a dataset
-def test_dataset_omniglot_alone_composes_conv4_with_the_papers_settings(cli):
-    out = cli("train", "dataset=omniglot", "--cfg", "job")
+def test_dataset_omniglot_alone_composes_conv4_with_the_papers_settings(cli_here):
+    out = cli_here("train", "dataset=omniglot", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "_target_: mamlrun.models.conv4.conv4" in out.stdout
     assert "inner_lr: 0.4" in out.stdout and "loss_normalization: tf_maml" in out.stdout
     assert "meta_batch_size: 32" in out.stdout
 
 
-def test_what_the_user_chose_still_wins_over_the_datasets_preset(cli):
-    out = cli("train", "dataset=omniglot", "meta_optimizer.inner_lr=0.1", "backbone=mlp",
+def test_what_the_user_chose_still_wins_over_the_datasets_preset(cli_here):
+    out = cli_here("train", "dataset=omniglot", "meta_optimizer.inner_lr=0.1", "backbone=mlp",
               "--cfg", "job")  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "inner_lr: 0.1" in out.stdout and "_target_: mamlrun.models.mlp.mlp" in out.stdout
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_dataset_omniglot_alone_learns_well_above_chance(tmp_path):
     out = run_cli(
         "train", "dataset=omniglot", "iterations=60", "meta_batch_size=8", "val_every=60",
@@ -93,11 +94,11 @@ def test_train_test_and_adapt_show_progress_in_a_log_file(tmp_path):
 
 
 # --------------------------------------------------------------- 4. logs and run folders
-def test_a_command_that_fails_before_any_work_leaves_no_folder(tmp_path):
-    out = run_cli("train", "iterations=0", cwd=tmp_path)
+def test_a_command_that_fails_before_any_work_leaves_no_folder(cli_here, tmp_path):
+    out = cli_here("train", "iterations=0")
     assert out.returncode == 2 and "iterations must be positive" in out.stderr
     assert not (tmp_path / "outputs").exists()
-    out = run_cli("test", "checkpoint=missing.pt", cwd=tmp_path)
+    out = cli_here("test", "checkpoint=missing.pt")
     assert out.returncode == 2 and not (tmp_path / "outputs").exists()
 
 
@@ -129,8 +130,8 @@ def test_results_and_errors_reach_the_runs_log(tmp_path):
         (["train", "hydra/launcher=paralel"], "did you mean hydra/launcher=parallel"),
     ],
 )  # fmt: skip
-def test_a_mistake_is_one_line_that_says_how_to_fix_it(cli, args, expected):
-    out = cli(*args)
+def test_a_mistake_is_one_line_that_says_how_to_fix_it(cli_here, args, expected):
+    out = cli_here(*args)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
@@ -149,14 +150,13 @@ def test_a_run_directory_works_as_a_checkpoint(tmp_path):
 
 
 def test_missing_omniglot_zips_are_named_together(tmp_path, monkeypatch):
-    from mamlrun.data import download, omniglot
+    from mamlrun.data import omniglot
     from mamlrun.errors import MamlrunError
 
     def offline(url, dest, md5=None):
         raise MamlrunError(f"could not download {url} (offline); download it by hand")
 
     monkeypatch.setattr(omniglot, "ensure_file", lambda dest, url, md5: offline(url, dest))
-    assert download  # the real downloader is replaced above, no network is touched
     with pytest.raises(MamlrunError) as error:
         omniglot.ensure_zips(tmp_path / "omniglot")
     assert "images_background.zip and images_evaluation.zip are missing" in str(error.value)
@@ -173,16 +173,21 @@ def test_the_old_names_of_test_keys_still_work_with_a_warning(tmp_path):
 
 
 # --------------------------------------------------------------- 6. help
-def test_train_help_lists_its_options_with_descriptions_and_its_groups(cli):
-    out = cli("train", "--help")
+def test_train_help_lists_its_options_with_descriptions_and_its_groups(cli_here):
+    out = cli_here("train", "--help")
     assert out.returncode == 0, out.stderr
     assert "iterations=70000" in out.stdout and "outer (meta) steps" in out.stdout
     assert "omniglot_5w1s" in out.stdout and "MAML paper, Omniglot 5-way 1-shot" in out.stdout
     assert "hydra/launcher:" in out.stdout and "slurm" in out.stdout and "parallel" in out.stdout
+    groups = out.stdout.split("config groups")[1].split("options")[0]
+    choices = groups.split("meta_optimizer:")[1].split("experiment:")[0]
+    assert [line.split()[0] for line in choices.strip().splitlines()] == [
+        "anil", "fomaml", "maml", "mamlpp", "metasgd", "reptile",
+    ]  # fmt: skip
 
 
-def test_test_help_lists_only_what_test_takes(cli):
-    out = cli("test", "--help")
+def test_test_help_lists_only_what_test_takes(cli_here):
+    out = cli_here("test", "--help")
     assert out.returncode == 0, out.stderr
     assert "test_tasks=600" in out.stdout and "checkpoint=???" in out.stdout
     assert "dataset:" not in out.stdout and "iterations" not in out.stdout

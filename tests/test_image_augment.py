@@ -186,9 +186,11 @@ def test_the_same_seed_gives_the_same_augmentation_and_another_seed_another():
     assert not torch.equal(first.x_support, other.x_support)
 
 
-def test_host_storage_gives_the_same_augmented_tasks_as_device_storage():
-    on_device, _ = draw(source(augment=True, storage="device"), "train")
-    on_host, _ = draw(source(augment=True, storage="cpu"), "train")
+def test_host_storage_gives_the_same_augmented_tasks_as_device_storage(as_on_an_accelerator):
+    on_device, on_host = source(augment=True, storage="device"), source(augment=True, storage="cpu")
+    assert on_host._copies and not on_device._copies  # the accelerator's two paths
+    on_device, _ = draw(on_device, "train")
+    on_host, _ = draw(on_host, "train")
 
     assert batch_equal(on_device, on_host)
 

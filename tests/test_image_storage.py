@@ -230,15 +230,33 @@ def test_splits_cut_from_a_cache_know_where_their_images_lie_in_the_file(tmp_pat
     assert {splits[s].file.image_bytes for s in splits} == {image}
 
 
+#: The three paths from storage to a meta-batch: host memory (a CPU, where both storages are
+#: one place), and on an accelerator ``storage=cpu`` (copied per meta-batch) or ``device``.
+PATHS = [("device", "host"), ("cpu", "accelerator"), ("device", "accelerator")]
+
+
+def placed(request, where: str) -> None:
+    if where == "accelerator":
+        request.getfixturevalue("as_on_an_accelerator")
+
+
+def copies(storage: str, where: str) -> bool:
+    """Whether each meta-batch is gathered on the host and copied over."""
+    return storage == "cpu" and where == "accelerator"
+
+
 @pytest.mark.parametrize("augment", [False, True])
-@pytest.mark.parametrize("storage", ["device", "cpu"])
+@pytest.mark.parametrize("storage,where", PATHS)
 def test_tasks_read_from_the_cache_file_are_bitwise_those_indexing_its_mapping_gives(
-    tmp_path, storage, augment
+    tmp_path, storage, where, augment, request
 ):
+    placed(request, where)
     splits = cached(tmp_path)
     read = source_of(splits, storage=storage, augment=augment)
     indexed = source_of(in_memory(splits), storage=storage, augment=augment)
-    assert all(stored.reader is not None for stored in read._splits.values())
+    assert read._copies == indexed._copies == copies(storage, where)
+    whole = storage == "device" and where == "accelerator"  # read into the device at once
+    assert all((stored.reader is None) == whole for stored in read._splits.values())
     assert all(stored.reader is None for stored in indexed._splits.values())
 
     g, h = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
@@ -248,12 +266,14 @@ def test_tasks_read_from_the_cache_file_are_bitwise_those_indexing_its_mapping_g
     assert read.describe() == indexed.describe()
 
 
-@pytest.mark.parametrize("storage", ["device", "cpu"])
+@pytest.mark.parametrize("storage,where", PATHS)
 def test_any_images_in_any_order_and_repeated_are_read_as_indexing_would_give_them(
-    tmp_path, storage
+    tmp_path, storage, where, request
 ):
+    placed(request, where)
     splits = cached(tmp_path)
     source = source_of(splits, storage=storage)
+    assert source._copies == copies(storage, where)
     index = torch.tensor([[[26, 0, 26], [3, 3, 3]], [[13, 1, 0], [25, 7, 14]]])
 
     for split in ("train", "val", "test"):

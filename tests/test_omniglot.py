@@ -18,13 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import count_calls
+from conftest import HAS_OMNIGLOT, OMNIGLOT_MISSING, count_calls, data_root
 from omegaconf import OmegaConf
 from omniglot_fixtures import (
     SMALL_COUNTS,
     STROKE_BOX,
     png_bytes,
-    real_data_root,
     synthetic_data,
     write_small_dataset,
 )
@@ -589,9 +588,9 @@ def test_save_splits_writes_every_class_list(tasks, tmp_path):
 def real(tmp_path_factory):
     """The real dataset, preprocessed once per session into a private user cache dir (the
     shared data directory may be read-only)."""
-    root = real_data_root()
-    if root is None:
-        pytest.skip("real Omniglot zips not found in $MAMLRUN_DATA or ../shared/data")
+    if not HAS_OMNIGLOT:
+        pytest.skip(OMNIGLOT_MISSING)
+    root = data_root()
     cache_home = tmp_path_factory.mktemp("real-xdg")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(cache_home))
@@ -602,6 +601,7 @@ def real(tmp_path_factory):
     return {"root": root, "cache_home": cache_home, "data": data, "tasks": tasks, "s": seconds}
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_data_has_1623_characters_of_20_drawings(real):
     data = real["data"]
     assert data.images.shape == (1623, 20, 28, 28)
@@ -610,6 +610,7 @@ def test_real_data_has_1623_characters_of_20_drawings(real):
     assert len({name.split("/")[0] for name in data.names}) == 50
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_strokes_are_one_and_background_zero(real):
     images = class_images(real["tasks"], "test")
     assert images.min() == 0.0 and images.max() == 1.0
@@ -617,6 +618,7 @@ def test_real_strokes_are_one_and_background_zero(real):
     assert (images[..., 0, 0] == 0).float().mean() > 0.99  # corners are background
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_maml_split_sizes_with_and_without_rotations(real):
     tasks = real["tasks"]
     assert {s: len(c) for s, c in tasks.characters.items()} == {
@@ -634,6 +636,7 @@ def test_real_maml_split_sizes_with_and_without_rotations(real):
     assert sets["val"].isdisjoint(sets["test"])
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_background_evaluation_sizes(real):
     data = real["data"]
     splits = character_splits(data.names, data.sources, "background_evaluation")
@@ -644,18 +647,21 @@ def test_real_background_evaluation_sizes(real):
     assert len(val_alphabets) == 5 and len(train_alphabets) == 25
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_rotation_classes(real):
     images = class_images(real["tasks"], "val")
     assert torch.equal(images[1::4], torch.rot90(images[0::4], 1, dims=(-2, -1)))
     assert not torch.equal(images[1::4], images[0::4])
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_sampling(real):
     batch = real["tasks"].sample("train", 3, torch.Generator().manual_seed(0))
     assert batch.x_support.shape == (3, 5, 1, 28, 28)
     assert batch.x_query.shape == (3, 75, 1, 28, 28)
 
 
+@pytest.mark.slow  # the real zips, preprocessed once a session (~15 s)
 def test_real_second_load_reads_only_the_cache(real, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(real["cache_home"]))
     forbid_builds(monkeypatch)

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import compose_train, data_root
+from conftest import compose_train, data_root, needs_omniglot
 
 from mamlrun.training import commands
 
-pytestmark = pytest.mark.skipif(
-    not (data_root() / "omniglot" / "images_background.zip").is_file(),
-    reason=f"Omniglot zips not found under {data_root()}",
-)
+pytestmark = needs_omniglot
 
 
 @pytest.mark.slow
@@ -41,6 +38,7 @@ def test_short_5way_1shot_run_beats_chance_by_a_wide_margin(tmp_path, monkeypatc
     assert [len(classes[s]) for s in ("train", "val", "test")] == [4400, 400, 1692]
 
 
+@pytest.mark.slow
 def test_task_grid_image_is_logged_for_classification(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import finite_difference_error, image_batch, maml, meta_gradient
+from conftest import image_batch, maml, meta_gradient
 
 from mamlrun import config
 from mamlrun.algorithms import functional
@@ -43,27 +43,19 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize(
+    "variant",  # the fast suite: plain MAML and MAML++ (every flag); ANIL and Meta-SGD in full
+    [v if v in ("maml", "mamlpp") else pytest.param(v, marks=pytest.mark.slow) for v in VARIANTS],
+)
+@pytest.mark.parametrize("steps", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_checkpointed_inner_loop_gives_the_same_meta_gradient(steps, variant):
-    """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient."""
+    """Every meta-parameter (backbone, learned rates, per-step batch norm) gets its gradient,
+    the plain one (which test_conv4 holds to finite differences of a reference forward)."""
     batch = image_batch(tasks=2)
     plain = flat_meta_gradient(*build(steps, False, **VARIANTS[variant]), batch, step=3)
     recomputed = flat_meta_gradient(*build(steps, True, **VARIANTS[variant]), batch, step=3)
     assert plain.abs().max() > 0
     assert (recomputed - plain).norm() / plain.norm() < 1e-10
-
-
-def test_checkpointed_meta_gradient_matches_finite_differences():
-    batch = image_batch(tasks=2)
-    algo, model = build(2, True)
-    exact = flat_meta_gradient(algo, model, batch)
-
-    def meta_loss() -> float:
-        loss, _ = algo.bind("classification", "loop").evaluate(model, batch, 2)
-        return float(loss[:, 2].mean())
-
-    assert finite_difference_error(meta_loss, list(model.parameters()), exact, every=11) < 1e-5
 
 
 def test_checkpointing_recomputes_every_step_in_the_outer_backward(monkeypatch):

@@ -26,6 +26,17 @@ from mamlrun.training import commands, components, resume
 from mamlrun.training.episodes import OuterStep
 
 BF16 = Precision("bf16", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def tf32_switches_restored():
+    """``precision.choose`` on CUDA sets process-wide switches: every test here puts them back
+    for the tests that come after it."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 cpu_bf16 = pytest.mark.skipif(
     not torch.amp.is_autocast_available("cpu"), reason="no bfloat16 autocast on this CPU"
 )
@@ -79,6 +90,7 @@ def warmed_conv4() -> nn.Module:
     return model
 
 
+@pytest.mark.slow  # 30 warm-up meta-steps of a full-width conv4 (warmed_conv4)
 @cpu_bf16
 @pytest.mark.parametrize("mode", ["loop", "vmap"])
 def test_bf16_meta_gradient_points_where_fp32s_does(warmed_conv4, mode):
@@ -94,6 +106,7 @@ def test_bf16_meta_gradient_points_where_fp32s_does(warmed_conv4, mode):
     assert 0.99 < cosine < 1 - 1e-6, f"cosine {cosine:.5f}"
 
 
+@pytest.mark.slow  # 30 warm-up meta-steps of a full-width conv4 (warmed_conv4)
 @cpu_bf16
 def test_checkpoint_inner_recomputes_the_same_bf16_steps(warmed_conv4):
     """The recomputed inner step runs under the same autocast as the forward pass did."""
@@ -104,6 +117,7 @@ def test_checkpoint_inner_recomputes_the_same_bf16_steps(warmed_conv4):
     assert (recomputed - plain).norm() / plain.norm() < 1e-5
 
 
+@pytest.mark.slow  # a full-width conv4 under autocast, hooked at every step
 @cpu_bf16
 def test_parameters_gradients_inner_updates_and_losses_stay_float32():
     torch.manual_seed(0)
@@ -150,6 +164,7 @@ def training_curve(name: str, iterations: int = 20) -> list[float]:
     return [float(step(model, omniglot_shaped(seed=i), i)["loss"]) for i in range(iterations)]
 
 
+@pytest.mark.slow  # 20 + 20 meta-steps of a 32-filter conv4
 @cpu_bf16
 def test_a_short_bf16_training_run_tracks_fp32():
     """Tolerance: the mean loss of the last five of 20 iterations within 0.05 of fp32's (about

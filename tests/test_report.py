@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_train, run_cli
+from conftest import compose_train, needs_omniglot, run_cli
 from omegaconf import OmegaConf
 
 from mamlrun.results import reference, report
@@ -136,8 +136,8 @@ def test_seeds_of_one_setting_are_grouped_with_a_t_interval(tmp_path):
      (["."], "no training runs under ."), (["--out"], "--out needs a directory"),
      (["--bogus", "."], "unknown option --bogus")],
 )  # fmt: skip
-def test_report_mistakes_are_one_line_and_exit_2(tmp_path, args, expected):
-    out = run_cli("report", *args, cwd=tmp_path)
+def test_report_mistakes_are_one_line_and_exit_2(cli_here, args, expected):
+    out = cli_here("report", *args)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip() == f"mamlrun: error: {expected}" or (
         out.stderr.count("\n") == 1 and expected in out.stderr
@@ -159,6 +159,7 @@ def two_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_report_of_two_presets_fills_every_column(two_runs):
     out = run_cli("report", str(two_runs), cwd=two_runs)
     assert out.returncode == 0, out.stderr
@@ -183,6 +184,7 @@ def test_report_of_two_presets_fills_every_column(two_runs):
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_a_run_records_its_preset_and_reference_in_results_and_hparams(two_runs):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import plugin_data_pb2

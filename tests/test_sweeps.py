@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import data_root, run_cli
+from conftest import data_root, needs_omniglot, run_cli
 from omegaconf import OmegaConf
 
 from mamlrun.results import sweep
@@ -138,6 +138,7 @@ def test_joblib_launcher_runs_a_two_job_sweep_in_parallel_processes(cli, tmp_pat
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_optuna_preset_maximises_validation_accuracy(cli, tmp_path):
     done = cli(
         "train", "hparams_search=optuna", "experiment=omniglot_5w1s", "debug=smoke",

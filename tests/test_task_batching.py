@@ -5,7 +5,7 @@ here: what makes each mode safe to use in a run."""
 
 from __future__ import annotations
 
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,16 +152,19 @@ def test_a_chunked_vmap_run_is_configured_from_the_command_line(tmp_path):
     assert saved["task_batching"] == "vmap:2"
 
 
-def test_auto_times_the_modes_in_rounds_and_picks_the_fastest():
-    calls, cost = [], {"loop": 0.003, "threads": 0.001, "vmap": None}
+def test_auto_times_the_modes_in_rounds_and_picks_the_fastest(monkeypatch):
+    """On a fake clock: each call of a mode costs the next of its seconds. The warm-up call is
+    not counted, and a mode keeps its best round."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(batching, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    calls, cost = [], {"loop": [1.0, 3.0, 3.0], "threads": [9.0, 2.0, 5.0], "vmap": None}
 
     def step(mode: str) -> None:
         calls.append(mode)
         if cost[mode] is None:
             raise RuntimeError("no batching rule")  # a mode that cannot run: never retried
-        time.sleep(cost[mode])
+        clock.now += cost[mode][calls.count(mode) - 1]
 
     chosen, seconds = batching.choose(list(cost), step, torch.device("cpu"), repeats=2)
     assert calls == ["loop", "threads", "vmap"] + ["loop", "threads"] * 2
-    assert chosen == "threads" and seconds["vmap"] == float("inf")
-    assert seconds["threads"] < seconds["loop"]
+    assert chosen == "threads" and seconds == {"loop": 3.0, "threads": 2.0, "vmap": float("inf")}

@@ -236,15 +236,6 @@ def test_images_and_labels_from_different_copies_are_refused(tmp_path):
     assert "test_images_png.pkl holds 6 images but test_labels.pkl labels 9" in message
 
 
-def test_too_few_images_for_shots_and_query_is_a_one_line_error(tmp_path):
-    write_tiered(tmp_path, per_class=3)
-    data = load(tmp_path)
-    message = one_line_error(
-        EpisodicImages, "tieredimagenet", data.splits, **settings(ways=3, shots=2, query=2)
-    )
-    assert "K+Q=4 exceeds the 3 images of class n01530575 in the 'train' split" in message
-
-
 # ---------------------------------------------------------------------------------------------
 # A real run
 

@@ -13,7 +13,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compose_train, data_root, image_batch, maml, meta_gradient, reptile
+from conftest import (
+    compose_train,
+    data_root,
+    image_batch,
+    maml,
+    meta_gradient,
+    needs_omniglot,
+    reptile,
+)
 from torch.func import functional_call
 
 from mamlrun import config
@@ -120,6 +128,12 @@ def by_hand(backbone, theta, batch, *, steps, lr, adapted, weights) -> float:
 
 
 # --------------------------------------------------------------------------- ANIL
+#: Finite differences of the per-task path; the batched paths are held to it for every variant
+#: by test_per_task_threaded_and_batched_paths_agree, so differencing vmap too is for the full
+#: suite only.
+VMAP_IN_FULL_SUITE = pytest.param("vmap", marks=pytest.mark.slow)
+
+
 def test_anil_adapts_only_the_head_in_the_inner_loop():
     algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model = tiny_mlp(algo)
@@ -131,7 +145,7 @@ def test_anil_adapts_only_the_head_in_the_inner_loop():
     assert not torch.equal(trajectory[2]["4.weight"], model[4].weight)
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_anil_meta_gradient_matches_finite_differences_and_reaches_the_body(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=2, adapt_params="head")
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -161,7 +175,7 @@ def test_adapt_params_that_select_nothing_are_an_error():
 
 
 # --------------------------------------------------------------------------- Meta-SGD
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_meta_sgd_gradient_for_weights_and_rates_matches_finite_differences(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=1, learned_inner_lr="per_element")
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -221,7 +235,7 @@ def test_msl_weights_are_maml_plus_plus_importance_vector():
     assert msl_weights(None, 3, 100) == [0, 0, 1]
 
 
-@pytest.mark.parametrize("batching", ["loop", "vmap"])
+@pytest.mark.parametrize("batching", ["loop", VMAP_IN_FULL_SUITE])
 def test_multi_step_loss_matches_finite_differences_of_the_weighted_query_losses(batching):
     algo = maml(inner_lr=ALPHA, inner_steps=3, multi_step_loss=True, msl_iterations=100)
     model, batch = tiny_mlp(algo), sinusoid_batch()
@@ -313,6 +327,7 @@ def test_per_step_batch_norm_weights_replace_the_backbones_from_step_one():
         assert torch.allclose(forwards[s](trajectory[s], x), expected, atol=1e-12), s
 
 
+@pytest.mark.slow  # every MAML++ flag at once: the heaviest difference check here
 @pytest.mark.parametrize("batching", ["loop", "vmap"])
 def test_maml_plus_plus_meta_gradient_matches_finite_differences(batching):
     """LSLR, per-step batch-norm weights and multi-step loss together, through conv4."""
@@ -462,8 +477,15 @@ VMAP_VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VMAP_VARIANTS))
-@pytest.mark.parametrize("step", [1, 5])
-@pytest.mark.parametrize("batching", ["threads", "vmap", "vmap:2"])
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 5])
+@pytest.mark.parametrize(
+    "batching",  # the fast suite: vmap; threads and chunks in the full suite
+    [
+        pytest.param("threads", marks=pytest.mark.slow),
+        "vmap",
+        pytest.param("vmap:2", marks=pytest.mark.slow),
+    ],
+)
 def test_per_task_threaded_and_batched_paths_agree(variant, step, batching):
     algo = VMAP_VARIANTS[variant]()
     model, batch = tiny_conv4(algo), image_batch(tasks=3)
@@ -487,6 +509,12 @@ def test_every_meta_optimizer_trains_tests_and_adapts(tmp_path, meta_optimizer):
     mode = cfg.meta_optimizer.bn_mode
     assert json.loads((tmp_path / "results.json").read_text())["bn_mode"] == mode
     assert json.loads((tmp_path / "test" / "results.json").read_text())["bn_mode"] == mode
+    adapted = json.loads((tmp_path / "adapt" / "results.json").read_text())
+    steps = cfg.meta_optimizer.inner_steps_test
+    assert adapted["metric"] == "mse" and adapted["steps"] == list(range(steps + 1))
+    assert adapted["baseline"]["steps"] == adapted["steps"]
+    assert all(math.isfinite(m) for m in adapted["mean"])
+    assert adapted["mean"] != adapted["baseline"]["mean"], "two models, two curves"
     if meta_optimizer == "metasgd":
         saved = checkpoint.load(tmp_path / "checkpoints" / "last.pt")["model"]
         rates = [v for k, v in saved.items() if k.startswith("extras.inner_lr.")]
@@ -495,7 +523,6 @@ def test_every_meta_optimizer_trains_tests_and_adapts(tmp_path, meta_optimizer):
         assert any(not torch.all(r == inner_lr) for r in rates), "learned, and saved"
 
 
-HAS_OMNIGLOT = (data_root() / "omniglot" / "images_background.zip").is_file()
 RESUME = {
     "sinusoid": [
         "meta_optimizer=mamlpp",
@@ -515,12 +542,16 @@ RESUME = {
 }
 
 
-@pytest.mark.parametrize("setup", list(RESUME))
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param(s, marks=[needs_omniglot, pytest.mark.slow] if s == "omniglot" else [])
+        for s in RESUME
+    ],
+)
 def test_resumed_maml_plus_plus_run_matches_an_unbroken_one_bit_for_bit(
     tmp_path, monkeypatch, setup
 ):
-    if setup == "omniglot" and not HAS_OMNIGLOT:
-        pytest.skip(f"Omniglot zips not found under {data_root()}")
     monkeypatch.setenv("MAMLRUN_DATA", str(data_root()))
     common = [
         *RESUME[setup],
