@@ -81,7 +81,8 @@ def test_conv4_meta_gradient_is_the_same_per_task_and_batched():
 )
 def test_the_reference_forward_is_conv4s(settings):
     torch.manual_seed(1)
-    model = conv4((1, 16, 16), 3, filters=3, **settings).double()
+    shape = config.settings("backbone", "conv4", filters=3, **settings)
+    model = conv4((1, 16, 16), 3, **shape).double()
     x = torch.rand(6, 1, 16, 16, dtype=torch.float64)
     p = dict(model.named_parameters())
     assert torch.allclose(references.conv4(p, x, **settings), model(x), atol=1e-12)
