@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -115,15 +116,40 @@ def cli_here(tmp_path, monkeypatch, capfd):
         monkeypatch.chdir(tmp_path)
         monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
         capfd.readouterr()
+        saved = _logging_state()
         try:
             main(list(args))
             code = 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        finally:
+            _restore_logging(saved)
         out, err = capfd.readouterr()
         return subprocess.CompletedProcess(args, code, out, err)
 
     return call
+
+
+def _logging_state() -> dict:
+    """Every logger's handlers, level, propagation and switch: Hydra's job logging rewrites
+    them (file handlers into the run folder, ``disable_existing_loggers``), which a process of
+    its own would simply throw away."""
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    return {lg: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+
+
+def _restore_logging(saved: dict) -> None:
+    for lg in [logging.getLogger()] + list(logging.Logger.manager.loggerDict.values()):
+        if not isinstance(lg, logging.Logger):
+            continue
+        handlers, level, propagate, disabled = saved.get(lg, ([], logging.NOTSET, True, False))
+        for handler in lg.handlers:
+            if handler not in handlers:
+                handler.close()
+        lg.handlers[:] = handlers
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
 
 
 def count_calls(monkeypatch, module, name: str) -> list[int]:
