@@ -34,21 +34,19 @@ OMNIGLOT_MISSING = f"needs the real Omniglot zips in {data_root()}/omniglot"
 needs_omniglot = pytest.mark.skipif(not HAS_OMNIGLOT, reason=OMNIGLOT_MISSING)
 
 
-@pytest.fixture(scope="session")
-def _session_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xdg-cache")
-
-
-@pytest.fixture(autouse=True)
-def _no_leaks(monkeypatch, _session_cache, tmp_path_factory):
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaks(tmp_path_factory):
     """No test reads or writes the user's data or cache: ``$MAMLRUN_DATA`` is the shared data
     when it is there, else an empty folder (so nothing is downloaded into a real place), and
     ``$XDG_CACHE_HOME`` (where ``download.user_cache_dir`` lives) is one temporary folder per
-    session, shared so that the real data's derived caches are built once. Subprocesses
-    inherit both. Tests that need a cache of their own set it themselves."""
+    session, shared so that the real data's derived caches are built once. Session-wide, so
+    that module-scoped fixtures (a training run shared by a file's tests) see them too;
+    subprocesses inherit both. Tests that need a cache of their own set it themselves."""
     root = data_root() if data_root().is_dir() else tmp_path_factory.mktemp("no-data")
-    monkeypatch.setenv("MAMLRUN_DATA", str(root))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(_session_cache))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAMLRUN_DATA", str(root))
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
 
 
 def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") -> dict:
