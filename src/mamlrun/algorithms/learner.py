@@ -412,7 +412,7 @@ def scored(
         with fused_batch_norm() if fused_query else nullcontext():
             outs = [forwards[s](trajectory[s], xq) for s in steps]
         objectives = torch.stack([loss(o, yq) for o in outs])
-        scale = outs[0].shape[-1] if per_output else 1  # losses.loss_scale
+        scale = outs[0].shape[-1] if per_output else 1  # losses.scales_with_outputs
         return objectives, objectives.detach() / scale, torch.stack([metric(o, yq) for o in outs])
 
     return task

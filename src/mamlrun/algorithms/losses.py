@@ -37,23 +37,18 @@ def loss_fn(task_type: str, normalization: str = "mean") -> LossFn:
     raise ValueError(f"unknown task type {task_type!r}")
 
 
-def loss_scale(task_type: str, normalization: str, outputs: int) -> int:
-    """How many mean losses ``loss_fn`` returns for a model with ``outputs`` outputs: N (the
-    ways) under ``tf_maml`` classification, else 1. What is logged is always the plain mean
-    (the objective divided by this), so curves from presets and default runs compare."""
-    return outputs if scales_with_outputs(task_type, normalization) else 1
-
-
 def scales_with_outputs(task_type: str, normalization: str) -> bool:
-    """Whether ``loss_scale`` is the number of outputs (``tf_maml`` classification) or 1."""
+    """Whether ``loss_fn`` returns N mean losses for a model with N outputs (the ways, under
+    ``tf_maml`` classification) rather than one. What is logged is always the plain mean (the
+    objective divided by N), so curves from presets and default runs compare."""
     return task_type == "classification" and normalization == "tf_maml"
 
 
 class Losses(NamedTuple):
     """The loss, the metric and the loss scale of one task type, chosen once for a run
     (``GradientLearner.bind``) rather than on every call: ``loss`` and ``metric`` are the
-    functions ``loss_fn`` and ``metric_fn`` return, and ``per_output`` says whether
-    ``loss_scale`` is the model's number of outputs (else 1)."""
+    functions ``loss_fn`` and ``metric_fn`` return, and ``per_output`` whether the plain mean
+    loss is the objective divided by the model's number of outputs (``scales_with_outputs``)."""
 
     loss: LossFn
     metric: LossFn
