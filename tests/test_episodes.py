@@ -136,19 +136,19 @@ def test_bind_checks_the_batching_once_and_leaves_the_original_unbound():
 
 def test_the_bound_task_type_and_batching_are_the_ones_used(sinusoid, monkeypatch):
     modes, task_types = [], []
-    real_map, real_loss = learner.map_tasks, learner.loss_fn
+    real_map, real_losses = learner.map_tasks, learner.losses_for
 
     def map_tasks(make_fn, model, shared, batch, mode):
         modes.append(mode)
         return real_map(make_fn, model, shared, batch, mode)
 
-    def loss_fn(task_type, *args):
+    def losses_for(task_type, *args):
         task_types.append(task_type)
-        return real_loss(task_type, *args)
+        return real_losses(task_type, *args)
 
     monkeypatch.setattr(learner, "map_tasks", map_tasks)
-    monkeypatch.setattr(learner, "loss_fn", loss_fn)
+    monkeypatch.setattr(learner, "losses_for", losses_for)
     algorithm = sinusoid.algorithm.bind("regression", "vmap")
     evaluate(algorithm, sinusoid.model, sinusoid.source, Evaluation("val", 0, 4, 2, 1))
     assert modes == ["vmap", "vmap"], "one call per batch, in the bound mode"
-    assert set(task_types) == {"regression"}
+    assert task_types == ["regression"], "the losses are chosen once, by bind"

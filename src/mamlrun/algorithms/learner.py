@@ -14,9 +14,11 @@ MAML++'s LSLR), per-step batch-norm weights and statistics (``per_step``, MAML++
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mamlrun.algorithms import learned_lr, per_step, selection
-from mamlrun.algorithms.batching import map_tasks, parse
+from mamlrun.algorithms.batching import map_tasks
 from mamlrun.algorithms.functional import (
     Forward,
     GradFn,
@@ -35,12 +37,12 @@ from mamlrun.algorithms.functional import (
     checkpointed_adapt,
     functional_grad,
 )
-from mamlrun.algorithms.losses import METRIC, loss_fn, loss_scale, metric_fn
+from mamlrun.algorithms.losses import METRIC, Losses, losses_for
 from mamlrun.algorithms.meta_parameters import MetaModel, per_name, split
 from mamlrun.config import ranges
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.errors import MamlrunError
-from mamlrun.models.layers import batch_norm_layers, fused_batch_norm
+from mamlrun.models.layers import batch_norm_layers, changes_over_training, fused_batch_norm
 from mamlrun.models.precision import FP32, Precision
 
 #: The meta-parameters as the inner loop takes them: the backbone's (``theta``) and the
@@ -48,6 +50,39 @@ from mamlrun.models.precision import FP32, Precision
 Meta = dict[str, Params]
 #: One task's inner loop: ``(meta, x, y) -> (trajectory θ_0…θ_S, forward to use with each θ_s)``.
 Adaptation = Callable[[Meta, torch.Tensor, torch.Tensor], tuple[list[Params], list[Forward]]]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What these settings make of one model, the same on every call: worked out on the first
+    call for a model (``GradientLearner.plan``) and reused while it is the same model object
+    with the same parameter names under the same settings, so that an iteration only runs
+    what varies (issue 21: bind constants once). It holds modules and names, never tensors:
+    those are read live on every call, so loading a checkpoint or moving the model is seen.
+
+    Attributes:
+        model: a weak reference to the model planned for (identity, not equality).
+        names: the model's parameter names when planned.
+        settings: the settings the plan depends on, when planned.
+        backbone, extras: ``meta_parameters.split(model)``.
+        adapted: the names the inner loop updates (``selection.adapted_names``), in order.
+        per_step_bn: per-step batch-norm weights or statistics to pick a row of at each step.
+        has_bn: the backbone has batch-norm layers (a fused query pass can make a difference).
+        changes_over_training: the model has layers told the training iteration (DropBlock).
+    """
+
+    model: weakref.ref
+    names: tuple[str, ...]
+    settings: tuple
+    backbone: nn.Module
+    extras: dict[str, nn.Module]
+    adapted: tuple[str, ...]
+    per_step_bn: bool
+    has_bn: bool
+    changes_over_training: bool
+
+    def fits(self, model: nn.Module, names: tuple[str, ...], settings: tuple) -> bool:
+        return self.model() is model and self.names == names and self.settings == settings
 
 
 @dataclass
@@ -104,6 +139,12 @@ class GradientLearner:
     precision: Precision = field(default=FP32, init=False)
     task_type: str | None = field(default=None, init=False)
     batching: str | None = field(default=None, init=False)
+    # What ``bind`` works out once from the two above: the batching parsed (``mode``, and
+    # ``chunk`` for ``vmap:C``) and the task type's loss, metric and scale.
+    mode: str | None = field(default=None, init=False, repr=False, compare=False)
+    chunk: int | None = field(default=None, init=False, repr=False, compare=False)
+    losses: Losses | None = field(default=None, init=False, repr=False, compare=False)
+    _plan: ModelPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The ranges of these settings are checked with the config, before anything is built
@@ -135,7 +176,8 @@ class GradientLearner:
 
     def meta_model(self, backbone: nn.Module) -> nn.Module:
         """The backbone plus these settings' extra meta-parameters (learned rates, per-step
-        batch norm), or the bare backbone when there are none."""
+        batch norm), or the bare backbone when there are none; planned here (``plan``), so
+        that not even the first iteration works out what is constant."""
         theta = dict(backbone.named_parameters())
         adapted = {n: theta[n] for n in self._adapted_names(backbone)}  # fails early if none
         layers = batch_norm_layers(backbone)
@@ -149,7 +191,9 @@ class GradientLearner:
                 extras[name] = per_step.PerStepBatchNormWeights(layers, self.inner_steps)
             else:
                 extras[name] = per_step.PerStepStatistics(layers, self.inner_steps)
-        return MetaModel(backbone, extras) if extras else backbone
+        model = MetaModel(backbone, extras) if extras else backbone
+        self.plan(model)
+        return model
 
     def bind(self, task_type: str, batching: str) -> GradientLearner:
         """A copy for a run on ``task_type`` data with its tasks run as ``batching``
@@ -162,6 +206,8 @@ class GradientLearner:
         self.check_batching(batching)
         bound = copy.copy(self)
         bound.task_type, bound.batching = task_type, batching
+        bound.mode, bound.chunk = ranges.parse_batching(batching)
+        bound.losses = losses_for(task_type, self.loss_normalization)
         return bound
 
     def bound(self) -> tuple[str, str]:
@@ -182,7 +228,7 @@ class GradientLearner:
         meta = {
             g: {k: t.detach() for k, t in ts.items()} for g, ts in self.meta_tensors(model).items()
         }
-        batched = parse(batching)[0] == "vmap"
+        batched = self.mode == "vmap"
 
         def task(m: nn.Module):
             if batched:
@@ -191,7 +237,7 @@ class GradientLearner:
                 adapted = _without_outer_graph(
                     self.adaptation(m, task_type, steps, autograd_grad(False))
                 )
-            return scored(adapted, task_type, self.loss_normalization, range(steps + 1))
+            return scored(adapted, self.losses_of(task_type), range(steps + 1))
 
         with self._evaluation_mode(model), torch.no_grad():
             _, losses, metrics = map_tasks(task, model, meta, batch, batching)
@@ -204,6 +250,28 @@ class GradientLearner:
     def meta_tensors(self, model: nn.Module) -> Meta:
         """The meta-parameters of ``model`` (built by ``meta_model``) as the inner loop takes
         them; live tensors, so the outer gradient reaches them."""
+        plan = self.plan(model)
+        meta: Meta = {"theta": dict(plan.backbone.named_parameters())}
+        for name in ("inner_lr", "bn_weights"):
+            if name in plan.extras:
+                meta[name] = per_name(plan.extras[name])
+        return meta
+
+    def plan(self, model: nn.Module) -> ModelPlan:
+        """``model``'s ``ModelPlan``: the last one if it still fits (same model object, same
+        parameter names, same settings), else a new one. One is kept, not one per model: the
+        copies ``threads`` makes of the model each iteration are planned afresh (as often as
+        before) and none is kept alive by the plan."""
+        names = tuple(dict(model.named_parameters()))
+        settings = (
+            self.adapt_params, self.per_step_bn_weights, self.learned_inner_lr, self.bn_mode
+        )  # fmt: skip
+        plan = self._plan
+        if plan is None or not plan.fits(model, names, settings):
+            plan = self._plan = self._make_plan(model, names, settings)
+        return plan
+
+    def _make_plan(self, model: nn.Module, names: tuple[str, ...], settings: tuple) -> ModelPlan:
         backbone, extras = split(model)
         wanted = self._extra_names(backbone)
         if sorted(extras) != sorted(wanted):
@@ -212,11 +280,20 @@ class GradientLearner:
                 f"backbone, the model has {', '.join(extras) or 'nothing'}: build it with "
                 "algorithm.meta_model(backbone)"
             )
-        meta: Meta = {"theta": dict(backbone.named_parameters())}
-        for name in ("inner_lr", "bn_weights"):
-            if name in extras:
-                meta[name] = per_name(extras[name])
-        return meta
+        return ModelPlan(
+            weakref.ref(model), names, settings, backbone, extras,
+            adapted=tuple(self._adapted_names(backbone)),
+            per_step_bn="bn_weights" in extras or "bn_stats" in extras,
+            has_bn=bool(batch_norm_layers(backbone)),
+            changes_over_training=changes_over_training(model),
+        )  # fmt: skip
+
+    def losses_of(self, task_type: str) -> Losses:
+        """The loss, metric and scale of ``task_type``: those ``bind`` chose for the run's
+        task type, else (an unbound call, from a test say) chosen now."""
+        if task_type == self.task_type and self.losses is not None:
+            return self.losses
+        return losses_for(task_type, self.loss_normalization)
 
     def adaptation(
         self, model: nn.Module, task_type: str, steps: int, grad: GradFn, checkpoint: bool = False
@@ -230,26 +307,35 @@ class GradientLearner:
         SGD) steps during the outer backward pass instead of keeping their graphs (see
         ``inner.checkpointed_adapt``); ``grad`` is then unused.
         """
-        backbone, extras = split(model)
-        adapted = self._adapted_names(backbone)
-        stats = per_name(extras["bn_stats"]) if "bn_stats" in extras else {}
-        loss = loss_fn(task_type, self.loss_normalization)
+        plan = self.plan(model)
+        backbone, adapted, per_step_bn = plan.backbone, plan.adapted, plan.per_step_bn
+        adapting = set(adapted)
+        stats = per_name(plan.extras["bn_stats"]) if "bn_stats" in plan.extras else {}
+        loss = self.losses_of(task_type).loss
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
-        precision = self.precision
+        learned, inner_lr = self.learned_inner_lr, self.inner_lr
+        call = (  # fp32 changes nothing: the plain call, no precision wrapper per forward pass
+            functional_call
+            if self.precision.name == "fp32"
+            else partial(self.precision.forward, functional_call)
+        )
 
         def forward_at(meta: Meta, s: int) -> Forward:
-            fixed = {k: t for k, t in meta["theta"].items() if k not in adapted}
-            params = {**fixed, **per_step.at_inner_step(meta.get("bn_weights", {}), s, first=1)}
-            buffers = per_step.at_inner_step(stats, s)
+            params = {k: t for k, t in meta["theta"].items() if k not in adapting}
+            buffers: Params = {}
+            if per_step_bn:
+                params.update(per_step.at_inner_step(meta.get("bn_weights", {}), s, first=1))
+                buffers = per_step.at_inner_step(stats, s)
 
             def forward(p: Params, inputs: torch.Tensor) -> torch.Tensor:
-                tensors = ({**params, **p}, buffers)
-                return precision.forward(functional_call, backbone, tensors, (inputs,))
+                return call(backbone, ({**params, **p}, buffers), (inputs,))
 
             return forward
 
         def rates(meta: Meta) -> float | Params | list[Params]:
-            return learned_lr.rates(self.learned_inner_lr, self.inner_lr, meta.get("inner_lr"))
+            if learned == "none":
+                return inner_lr
+            return learned_lr.rates(learned, inner_lr, meta.get("inner_lr"))
 
         def run(meta: Meta, x: torch.Tensor, y: torch.Tensor):
             forwards = [forward_at(meta, s) for s in range(steps + 1)]
@@ -309,11 +395,7 @@ def _without_outer_graph(inner: Adaptation) -> Adaptation:
 
 
 def scored(
-    inner: Adaptation,
-    task_type: str,
-    normalization: str,
-    steps: Sequence[int],
-    fused_query: bool = False,
+    inner: Adaptation, losses: Losses, steps: Sequence[int], fused_query: bool = False
 ) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """A task function ``(meta, xs, ys, xq, yq) -> (objectives, losses, metrics)``: for the
     parameters after each of ``steps`` inner steps, the query loss as the inner loop defines
@@ -323,14 +405,14 @@ def scored(
     differentiates them only once, so its untrustworthy second derivative is never used, and
     its first is leaner and faster than the plain-op one (``layers.fused_batch_norm``).
     """
-    loss, metric = loss_fn(task_type, normalization), metric_fn(task_type)
+    loss, metric, per_output = losses
 
     def task(meta: Meta, xs, ys, xq, yq):
         trajectory, forwards = inner(meta, xs, ys)
         with fused_batch_norm() if fused_query else nullcontext():
             outs = [forwards[s](trajectory[s], xq) for s in steps]
         objectives = torch.stack([loss(o, yq) for o in outs])
-        scale = loss_scale(task_type, normalization, outs[0].shape[-1])
+        scale = outs[0].shape[-1] if per_output else 1  # losses.scales_with_outputs
         return objectives, objectives.detach() / scale, torch.stack([metric(o, yq) for o in outs])
 
     return task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +37,30 @@ def loss_fn(task_type: str, normalization: str = "mean") -> LossFn:
     raise ValueError(f"unknown task type {task_type!r}")
 
 
-def loss_scale(task_type: str, normalization: str, outputs: int) -> int:
-    """How many mean losses ``loss_fn`` returns for a model with ``outputs`` outputs: N (the
-    ways) under ``tf_maml`` classification, else 1. What is logged is always the plain mean
-    (the objective divided by this), so curves from presets and default runs compare."""
-    return outputs if task_type == "classification" and normalization == "tf_maml" else 1
+def scales_with_outputs(task_type: str, normalization: str) -> bool:
+    """Whether ``loss_fn`` returns N mean losses for a model with N outputs (the ways, under
+    ``tf_maml`` classification) rather than one. What is logged is always the plain mean (the
+    objective divided by N), so curves from presets and default runs compare."""
+    return task_type == "classification" and normalization == "tf_maml"
+
+
+class Losses(NamedTuple):
+    """The loss, the metric and the loss scale of one task type, chosen once for a run
+    (``GradientLearner.bind``) rather than on every call: ``loss`` and ``metric`` are the
+    functions ``loss_fn`` and ``metric_fn`` return, and ``per_output`` whether the plain mean
+    loss is the objective divided by the model's number of outputs (``scales_with_outputs``)."""
+
+    loss: LossFn
+    metric: LossFn
+    per_output: bool
+
+
+def losses_for(task_type: str, normalization: str) -> Losses:
+    return Losses(
+        loss_fn(task_type, normalization),
+        metric_fn(task_type),
+        scales_with_outputs(task_type, normalization),
+    )
 
 
 def metric_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from mamlrun.algorithms import schedules
 from mamlrun.algorithms.base import Part
-from mamlrun.algorithms.batching import chunks, in_threads, map_tasks, parse
+from mamlrun.algorithms.batching import chunks, in_threads, map_tasks
 from mamlrun.algorithms.functional import autograd_grad, functional_grad
 from mamlrun.algorithms.learner import GradientLearner, scored
 from mamlrun.data.tasks import TaskBatch
@@ -52,33 +52,36 @@ class MAML(GradientLearner):
         is a part, so the loop can free a task's graph before the next one is built. The
         backbone's layers that change over training (DropBlock) are told ``step`` too.
         """
-        task_type, batching = self.bound()
-        tell_training_step(model, step)
-        first_order = schedules.first_order_at(step, self.first_order, self.first_order_until)
+        task_type, _ = self.bound()
+        plan = self.plan(model)
+        if plan.changes_over_training:
+            tell_training_step(model, step)
+        first_order = self.first_order
+        if self.first_order_until > 0 and not first_order:  # derivative-order annealing
+            first_order = schedules.first_order_at(step, first_order, self.first_order_until)
         weights = (
             schedules.msl_weights(step, self.inner_steps, self.msl_iterations)
             if self.multi_step_loss
             else [0.0] * (self.inner_steps - 1) + [1.0]
         )
         scored_steps = [(s + 1, w) for s, w in enumerate(weights) if w != 0]
-        how, chunk = parse(batching)
-        if how == "vmap":
-            yield from self._batched(model, batch, task_type, first_order, scored_steps, chunk)
-        elif how == "threads":
+        if self.mode == "vmap":
+            yield from self._batched(model, batch, task_type, first_order, scored_steps)
+        elif self.mode == "threads":
             yield self._threaded(model, batch, task_type, first_order, scored_steps)
         else:
             yield from self._looped(model, batch, task_type, first_order, scored_steps)
 
-    def _batched(self, model, batch, task_type, first_order, scored_steps, chunk) -> Iterator[Part]:
+    def _batched(self, model, batch, task_type, first_order, scored_steps) -> Iterator[Part]:
         """Under ``vmap``, one part per chunk of tasks (the whole meta-batch without one)."""
         meta, n = self.meta_tensors(model), batch.num_tasks
         steps = [s for s, _ in scored_steps]
 
         def task(m: nn.Module):
             inner = self.adaptation(m, task_type, self.inner_steps, functional_grad(first_order))
-            return scored(inner, task_type, self.loss_normalization, steps)
+            return scored(inner, self.losses_of(task_type), steps)
 
-        for part in chunks(batch, chunk):
+        for part in chunks(batch, self.chunk):
             objectives, losses, metrics = map_tasks(task, model, meta, part, "vmap")
             w = objectives.new_tensor([w for _, w in scored_steps])
             share = part.num_tasks / n
@@ -94,7 +97,8 @@ class MAML(GradientLearner):
             model, task_type, self.inner_steps, autograd_grad(not first_order), checkpoint
         )
         steps = [s for s, _ in scored_steps]
-        task = scored(inner, task_type, self.loss_normalization, steps, fused_query=True)
+        fused = self.plan(model).has_bn  # without batch norm the fused kernel changes nothing
+        task = scored(inner, self.losses_of(task_type), steps, fused_query=fused)
 
         def weighted(meta, xs, ys, xq, yq):
             objectives, losses, metrics = task(meta, xs, ys, xq, yq)

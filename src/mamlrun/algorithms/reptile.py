@@ -19,11 +19,9 @@ import torch
 from torch import nn
 
 from mamlrun.algorithms.base import Part
-from mamlrun.algorithms.batching import map_tasks, parse
+from mamlrun.algorithms.batching import map_tasks
 from mamlrun.algorithms.functional import autograd_grad, functional_grad
 from mamlrun.algorithms.learner import GradientLearner
-from mamlrun.algorithms.losses import loss_fn, loss_scale, metric_fn
-from mamlrun.algorithms.meta_parameters import split
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import tell_training_step
 
@@ -46,12 +44,14 @@ class Reptile(GradientLearner):
         Reptile has no schedule of its own; ``step`` goes to the backbone's layers that
         change over training (DropBlock)."""
         task_type, batching = self.bound()
-        tell_training_step(model, step)
-        theta = dict(split(model)[0].named_parameters())
+        plan = self.plan(model)
+        if plan.changes_over_training:
+            tell_training_step(model, step)
+        theta = dict(plan.backbone.named_parameters())
         meta = {"theta": {k: p.detach() for k, p in theta.items()}}
         x = torch.cat([batch.x_support, batch.x_query], dim=1)
         y = torch.cat([batch.y_support, batch.y_query], dim=1)
-        per_task = parse(batching)[0] != "vmap"
+        per_task = self.mode != "vmap"
         grad = autograd_grad(False) if per_task else functional_grad(True)
         tasks = TaskBatch(x, y, batch.x_query, batch.y_query)
         phis, losses, metrics = map_tasks(
@@ -64,7 +64,7 @@ class Reptile(GradientLearner):
 
     def _task(self, model: nn.Module, task_type: str, grad, per_task: bool):
         inner = self.adaptation(model, task_type, self.inner_steps, grad)
-        loss, metric = loss_fn(task_type, self.loss_normalization), metric_fn(task_type)
+        loss, metric, per_output = self.losses_of(task_type)
 
         def task(meta, x, y, xq, yq):
             if per_task:  # fresh leaves: autograd's inner gradients need θ to require grad
@@ -73,7 +73,7 @@ class Reptile(GradientLearner):
             with torch.no_grad():
                 phi = {k: t.detach() for k, t in trajectory[-1].items()}
                 out = forwards[-1](phi, xq)
-                scale = loss_scale(task_type, self.loss_normalization, out.shape[-1])
+                scale = out.shape[-1] if per_output else 1  # losses.scales_with_outputs
                 return phi, loss(out, yq) / scale, metric(out, yq)
 
         return task

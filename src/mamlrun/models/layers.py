@@ -105,6 +105,12 @@ class ChangesOverTraining(Protocol):
         ...
 
 
+def changes_over_training(model: nn.Module) -> bool:
+    """Whether ``model`` has a layer that ``tell_training_step`` would tell anything (a model
+    without one need not be walked every iteration)."""
+    return any(isinstance(module, ChangesOverTraining) for module in model.modules())
+
+
 def tell_training_step(model: nn.Module, step: int | None) -> None:
     """Pass the training iteration to every layer of ``model`` that declares it cares."""
     for module in model.modules():

@@ -14,7 +14,7 @@ the whole run, so nothing here passes or checks them again.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,20 +34,28 @@ class OuterStep:
     optimizer: torch.optim.Optimizer
     scheduler: Any = None  # a torch LR scheduler, stepped once per iteration
     distributed: Context = SINGLE
+    #: Whether the meta-batch is shared across processes: decided once, here, so that a
+    #: single process never calls into ``distributed`` from the loop.
+    shared: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shared = self.distributed.enabled
 
     def __call__(
         self, model: nn.Module, batch: TaskBatch, iteration: int
     ) -> dict[str, torch.Tensor]:
         """One update on ``batch`` at training iteration ``iteration`` (from 0; the caller's
         step counter, the only one): the mean query ``loss`` and ``metric``, detached."""
-        local = self.distributed.shard(batch)
+        local = self.distributed.shard(batch) if self.shared else batch
         self.optimizer.zero_grad(set_to_none=True)
         loss, metric = backward(self.algorithm.meta_objective(model, local, iteration))
-        loss, metric = self.distributed.average_gradients(
-            model, loss, metric, local.num_tasks, batch.num_tasks
-        )
+        if self.shared:
+            loss, metric = self.distributed.average_gradients(
+                model, loss, metric, local.num_tasks, batch.num_tasks
+            )
         self.optimizer.step()
-        self.distributed.average_buffers(model)
+        if self.shared:
+            self.distributed.average_buffers(model)
         if self.scheduler is not None:
             self.scheduler.step()
         return {"loss": loss, "metric": metric}

@@ -139,6 +139,7 @@ class Trainer:
             ctx,
         )
         self.main = ctx.is_main
+        self.several = ctx.enabled  # processes, agreeing on when to stop (``stop_requests``)
         self.preset = preset  # the experiment preset, as the CLI composed it
         self.metric_name = METRIC[built.source.task_type][0]
         self.last_path = run_dir / resume.LAST
@@ -253,7 +254,7 @@ class Trainer:
         budget = self.cfg.max_minutes
         out_of_time = budget is not None and time.monotonic() - self.started >= 60 * budget
         signalled = flag.signal is not None
-        if self.ctx.enabled:
+        if self.several:
             signalled, out_of_time = self.ctx.any(signalled, self.main and out_of_time)
         return out_of_time, signalled
 
