@@ -12,7 +12,8 @@ saving: the window opens when ``fit`` calls the hook for the first iteration and
 it calls it for the second. The hook is the trainer's method that does one outer step
 (``Trainer.step``: sampling the meta-batch, the inner and outer loops, backward, the
 optimizer and scheduler update); after it the turn logs the training loss (``log_every=1``,
-as every ``log_every``-th turn does: the count of 19 quoted in issue 21 is such a turn) and
+as every ``log_every``-th turn does: issue 21 counted 19 modules in such a turn; since the
+run-constant choices are bound once, 9) and
 updates the progress display. Validation and checkpoints are not due at iteration 1. The
 modules the hook's own call passes through are marked ``step`` in the table.
 
