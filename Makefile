@@ -16,7 +16,7 @@ install:  ## create .venv and install mamlrun with pinned dependencies (CPU or C
 test:  ## run the whole test suite (what CI runs); -rs shows why a test was skipped
 	$(BIN)/python -m pytest -q -rs
 
-test-fast:  ## the tests not marked slow, for the edit loop (~105 s measured on 2 quiet cores)
+test-fast:  ## the tests not marked slow, for the edit loop (79 s on a quiet 2-core machine, 2026-12-04)
 	$(BIN)/python -m pytest -q -rs -m "not slow"
 
 smoke:  ## every experiment preset for a few steps on CPU (debug=smoke): train, test, adapt
