@@ -97,7 +97,7 @@ class GradientLearner:
         first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
         task_batching: ``loop``, ``threads``, ``vmap``, ``vmap:C`` (chunks of C tasks) or
             ``auto`` (measure them at start-up), see ``batching``.
-        loss_normalization: ``mean`` or ``tf_maml`` (see ``metrics.loss_fn``): what the inner
+        loss_normalization: ``mean`` or ``tf_maml`` (see ``losses.loss_fn``): what the inner
             learning rate is relative to.
         adapt_params: ``all``, ``head`` (ANIL) or a list of parameter-name prefixes: which
             parameters the inner loop updates. The others are meta-learned in the outer loop.
@@ -305,7 +305,7 @@ class GradientLearner:
         backbone with the parameters that do not adapt, and per-step batch-norm weights and
         statistics of that step, filled in. ``checkpoint`` recomputes the (second-order,
         SGD) steps during the outer backward pass instead of keeping their graphs (see
-        ``inner.checkpointed_adapt``); ``grad`` is then unused.
+        ``functional.checkpointed_adapt``); ``grad`` is then unused.
         """
         plan = self.plan(model)
         backbone, adapted, per_step_bn = plan.backbone, plan.adapted, plan.per_step_bn
