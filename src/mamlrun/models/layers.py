@@ -151,7 +151,7 @@ class DropBlock(nn.Module):
     The masks come from the global torch generator of the input's device: ``components.build``
     seeds it from ``seed`` and every checkpoint saves and restores it, so a resumed run draws
     the same masks as an uninterrupted one; ``checkpoint_inner``'s recomputation replays its
-    state (``inner._RecomputedStep``). ``vmap`` cannot batch random draws, so in training
+    state (``functional._RecomputedStep``). ``vmap`` cannot batch random draws, so in training
     DropBlock needs ``task_batching=loop`` (``auto`` finds that out by itself).
     """
 
