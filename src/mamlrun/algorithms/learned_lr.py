@@ -30,7 +30,8 @@ def init(mode: str, adapted: Params, inner_lr: float, steps: int) -> nn.Paramete
 
 
 def rates(mode: str, inner_lr: float, learned: Params | None) -> float | Params | list[Params]:
-    """What ``functional.adapt`` takes as ``lr``: a scalar, a per-parameter dict, or one per step."""
+    """What ``functional.adapt`` takes as ``lr``: a scalar, a per-parameter dict, or one per
+    step."""
     if mode == "none":
         return inner_lr
     assert learned is not None
