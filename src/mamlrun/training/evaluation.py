@@ -48,10 +48,6 @@ class Restored:
     path: Path
 
     @property
-    def batching(self) -> str:
-        return batching_of(self.saved)
-
-    @property
     def metric_name(self) -> str:
         return METRIC[self.built.source.task_type][0]
 

@@ -131,13 +131,8 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, built: Components, state: TrainState,
                  ctx: distributed.Context, preset: str | None = None) -> None:  # fmt: skip
-        self.cfg, self.run_dir, self.components, self.state, self.ctx = (
-            cfg,
-            run_dir,
-            built,
-            state,
-            ctx,
-        )
+        self.cfg, self.run_dir, self.state, self.ctx = cfg, run_dir, state, ctx
+        self.components = built
         self.main = ctx.is_main
         self.several = ctx.enabled  # processes, agreeing on when to stop (``stop_requests``)
         self.preset = preset  # the experiment preset, as the CLI composed it
