@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mamlrun import errors
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.training.episodes import backward
 
@@ -46,6 +47,7 @@ def _no_leaks(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAMLRUN_DATA", str(root))
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.setenv(errors.STRICT, "1")  # an object's repr in any message fails its test
         yield
 
 

@@ -60,7 +60,10 @@ def test_check_verifies_what_is_there_and_never_downloads(tmp_path, cli_here):
     empty = tmp_path / "empty"
     out = cli_here("data", "check", "dataset=cifarfs", f"dataset.root={empty}")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
-    assert "cifar-100-python.tar.gz is missing (not downloaded by a check)" in out.stderr
+    assert (
+        f"cifar-100-python.tar.gz is missing from {empty}/cifar100 (a check downloads nothing); "
+        f"`mamlrun data prepare dataset=cifarfs dataset.root={empty}` downloads and verifies it"
+    ) in out.stderr
     assert not empty.exists()
     write_cifar_archive(tmp_path / "data")
     out = cli_here(

@@ -43,12 +43,31 @@ def main(argv: list[str]) -> int:
         )
     node = _dataset_config(overrides)
     if action == "check":
-        with offline():
-            source = config.instantiate(node, device="cpu")
+        source = _checked(node, " ".join(overrides))
     else:
         source = config.instantiate(node, device="cpu")
     print(render(source.describe(), action))
     return 0
+
+
+def _checked(node: Any, overrides: str) -> Any:
+    """The dataset built from what is on disk; files it would download are named, with the
+    command that fetches them, instead of a download error."""
+    with offline() as missing:
+        try:
+            return config.instantiate(node, device="cpu")
+        except MamlrunError as ex:
+            if not missing:
+                raise
+            by_hand = str(ex).split("; ", 1)[-1]  # the loader's way to get the files by hand
+    folders = sorted({str(path.parent) for path in missing})
+    names = " and ".join(path.name for path in missing)
+    verb = "is" if len(missing) == 1 else "are"
+    raise MamlrunError(
+        f"{names} {verb} missing from {' and '.join(folders)} (a check downloads nothing); "
+        f"`mamlrun data prepare {overrides}` downloads and verifies "
+        f"{'it' if verb == 'is' else 'them'} (or {by_hand})"
+    )
 
 
 def _dataset_config(overrides: list[str]) -> Any:

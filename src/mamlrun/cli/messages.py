@@ -12,7 +12,7 @@ import difflib
 import re
 from collections.abc import Callable, Iterable
 
-from mamlrun.errors import MamlrunError
+from mamlrun.errors import MamlrunError, plain
 
 _NOT_FOUND = re.compile(r"Could not find '(?P<path>[^']+)'")
 _NO_OVERRIDE = re.compile(r"Could not override '(?P<key>[^']+)'")
@@ -23,7 +23,12 @@ TRAIN_GROUPS = ("dataset", "backbone", "meta_optimizer", "experiment", "debug", 
 
 
 def one_line(ex: BaseException) -> str:
-    """The first line of the message, plus the first line of its cause when that adds detail."""
+    """The first line of the message, plus the first line of its cause when that adds detail;
+    no object reprs (``errors.plain``)."""
+    return plain(_first_line(ex))
+
+
+def _first_line(ex: BaseException) -> str:
     lines = _lines(ex)
     first = lines[0] if lines else type(ex).__name__
     key = getattr(ex, "full_key", None)

@@ -106,7 +106,8 @@ class TestConfig:
     device: str = MISSING
     precision: str = MISSING  # of the test's forward passes; the checkpoint's is recorded
     eval_batch_size: int = MISSING
-    data_root: str | None = MISSING  # replaces dataset.root of the checkpoint's config
+    data_root: str | None = MISSING  # None: the root the run read (training.provenance)
+    cross_domain: bool = MISSING  # test on data other than the run's (else refused)
     progress_seconds: float = MISSING
 
 

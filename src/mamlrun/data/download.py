@@ -135,18 +135,22 @@ def _stream(url: str, out: BinaryIO, label: str) -> str:
     return digest.hexdigest()
 
 
-#: Off inside ``offline()``: ``mamlrun data check`` verifies what is there and fetches nothing.
-_ALLOWED: ContextVar[bool] = ContextVar("downloads_allowed", default=True)
+#: Inside ``offline()``, the list of files a download would have fetched; None outside, where
+#: downloads are allowed. ``mamlrun data check`` verifies what is there and fetches nothing.
+_NOT_FETCHED: ContextVar[list[Path] | None] = ContextVar("not_fetched", default=None)
 
 
 @contextmanager
-def offline() -> Iterator[None]:
-    """Within this block a missing file is an error instead of a download."""
-    token = _ALLOWED.set(False)
+def offline() -> Iterator[list[Path]]:
+    """Within this block a missing file is an error instead of a download; the list it
+    yields names every file that was missing, so the caller can say what a download would
+    fetch."""
+    missing: list[Path] = []
+    token = _NOT_FETCHED.set(missing)
     try:
-        yield
+        yield missing
     finally:
-        _ALLOWED.reset(token)
+        _NOT_FETCHED.reset(token)
 
 
 def download(url: str, dest: Path, md5: str | None = None, manual: str | None = None) -> Path:
@@ -158,32 +162,53 @@ def download(url: str, dest: Path, md5: str | None = None, manual: str | None = 
     """
     dest = Path(dest)
     manual = manual or f"download {url} by hand and put it at {dest}"
-    if not _ALLOWED.get():
+    not_fetched = _NOT_FETCHED.get()
+    if not_fetched is not None:
+        not_fetched.append(dest)
         raise MamlrunError(f"{dest} is missing (not downloaded by a check); {manual}")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MamlrunError(f"{dest} is missing and cannot be created ({_one_line(e)})") from e
-    if not is_writable_dir(dest.parent):
-        raise MamlrunError(
-            f"{dest} is missing and {dest.parent} is not writable; {manual}, "
-            f"or choose another data root (${ENV_VAR})"
-        )
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            got = _fetch(url, out, dest, manual)
-        if md5 is not None and got != md5:
+    with _folders_kept_only_if_filled(dest.parent):
+        if not is_writable_dir(dest.parent):
             raise MamlrunError(
-                f"{url}: downloaded {dest.name} has md5 {got}, expected {md5}; discarded, {manual}"
+                f"{dest} is missing and {dest.parent} is not writable; {manual}, "
+                f"or choose another data root (${ENV_VAR})"
             )
-        tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared dataset from other users
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                got = _fetch(url, out, dest, manual)
+            if md5 is not None and got != md5:
+                raise MamlrunError(
+                    f"{url}: downloaded {dest.name} has md5 {got}, expected {md5}; discarded, "
+                    f"{manual}"
+                )
+            tmp.chmod(0o644)  # mkstemp's 0600 would hide a shared dataset from other users
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return dest
+
+
+@contextmanager
+def _folders_kept_only_if_filled(directory: Path) -> Iterator[None]:
+    """Create ``directory`` (and its missing parents) for the block; if the block fails, remove
+    the ones it created that are still empty: a failed download leaves no empty
+    ``~/.cache/mamlrun/omniglot`` or ``<root>/cifar100`` that looks like a dataset is there."""
+    created = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MamlrunError(f"{directory} cannot be created ({_one_line(e)})") from e
+    try:
+        yield
+    except BaseException:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (something else was put there) or not ours to remove
+        raise
 
 
 def _fetch(url: str, out: BinaryIO, dest: Path, manual: str) -> str:

@@ -58,9 +58,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mamlrun.data.download import is_writable_dir, user_cache_dir
+from mamlrun.data.fingerprint import Fingerprint, of_classes
 from mamlrun.data.tasks import SPLITS, TaskBatch, check_split
 from mamlrun.errors import MamlrunError
 
@@ -323,6 +324,10 @@ class EpisodicImages:
             **self.info,
         }
 
+    def fingerprint(self) -> Fingerprint:
+        """Every split's classes and image counts: what a test checks it reads the same of."""
+        return of_classes(self.classes, self.counts)
+
     def save_splits(self, directory: Path) -> None:
         """Write ``splits.json``: every split's classes in class-index order and their image
         counts, so a result can be traced to exactly the classes it was trained and tested on."""
@@ -440,6 +445,11 @@ def decode_image(source: str | bytes, size: int, where: str) -> bytes:
             rgb = image.convert("RGB")
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.Resampling.LANCZOS)
+    except UnidentifiedImageError as e:  # its message holds the repr of our BytesIO
+        raise MamlrunError(
+            f"{where}: not a readable image (no image format Pillow knows); replace it with the "
+            "file from your copy of the dataset"
+        ) from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MamlrunError(
             f"{where}: not a readable image ({one_line(e)}); replace it with the file from your "

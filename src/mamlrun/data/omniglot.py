@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mamlrun.data.download import (
     ensure_file,
@@ -158,6 +158,8 @@ def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
                 w, h = image.size
                 raise MamlrunError(f"{path}: {entry} is {w}x{h}, expected {RAW_SIZE}x{RAW_SIZE}")
             small = image.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+    except UnidentifiedImageError as e:  # its message holds the repr of our BytesIO
+        raise MamlrunError(f"{path}: {entry} is not a readable PNG (not an image)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MamlrunError(f"{path}: {entry} is not a readable PNG ({_one_line(e)})") from e
     return small.tobytes()
@@ -498,6 +500,10 @@ class OmniglotTasks:
             "official_zips": self.md5 == OFFICIAL_MD5,
             **({"cache": self.cache} if self.cache else {}),
         }
+
+    def fingerprint(self) -> dict:
+        """Every split's classes (character and rotation) and their image counts."""
+        return self.episodes.fingerprint()
 
     def save_splits(self, directory: Path) -> None:
         """Write ``splits.json``: every split's classes in class-index order, so a result can be

@@ -57,6 +57,11 @@ class TaskSource(Protocol):
         """A small JSON-able summary (name, ways/shots, split sizes) for results files."""
         ...
 
+    def fingerprint(self) -> dict[str, dict[str, int]] | None:
+        """``{split: {class: images}}`` (``data.fingerprint``), what a test compares with the
+        data the run trained on; None for data that files do not define (drawn from seeds)."""
+        ...
+
     def save_splits(self, directory: Path) -> None:
         """Write what defines each split (e.g. class lists) into the run directory."""
         ...

@@ -29,6 +29,7 @@ from mamlrun.results import checkpoint
 from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import TensorBoardLogger
+from mamlrun.training import provenance
 from mamlrun.training.baseline import pretrain_jointly
 from mamlrun.training.components import Components, build, fresh_model, resolve_device
 from mamlrun.training.episodes import Evaluation, evaluate
@@ -46,6 +47,7 @@ class Restored:
     saved: dict[str, Any]
     components: Any  # the checkpoint's component config, to rebuild the baseline from
     path: Path
+    data: dict[str, Any]  # the root read and how its data differs from the run's (results.json)
 
     @property
     def metric_name(self) -> str:
@@ -89,10 +91,13 @@ def restore(settings: config.TestConfig) -> Restored:
         components = OmegaConf.create(saved["config"]["components"])
     except (KeyError, TypeError):
         raise MamlrunError(f"{path} holds no mamlrun config") from None
-    if settings.data_root is not None and "root" in components.dataset:
-        components.dataset.root = settings.data_root
+    root = provenance.choose_root(saved, components.dataset, settings.data_root)
+    if root.root is not None:
+        components.dataset.root = root.root
+        log.info(f"data from {root.root} ({root.reason})")
     components = config.validate(components, config.ComponentsOnly)
     built = build(components, device, seed=0, precision_name=settings.precision)
+    differences = provenance.compare(saved, built.source, root.root, settings.cross_domain)
     try:
         built.model.load_state_dict(saved["model"])
     except RuntimeError as ex:
@@ -100,7 +105,8 @@ def restore(settings: config.TestConfig) -> Restored:
             f"{path}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
         ) from None
     bound = built.algorithm.bind(task_type_of(saved, built), batching_of(saved))
-    return Restored(replace(built, algorithm=bound), saved, components, path)
+    data = {"data_root": root.root, "data_differences": differences}
+    return Restored(replace(built, algorithm=bound), saved, components, path, data)
 
 
 def _steps(settings: config.TestConfig, restored: Restored) -> int:
@@ -150,6 +156,7 @@ def test_checkpoint(
         "checkpoint": str(restored.path),
         "trained_steps": restored.saved.get("progress", {}).get("step"),
         "dataset": restored.built.source.describe(),
+        **restored.data,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
@@ -177,6 +184,7 @@ def adapt_checkpoint(
         "precision": settings.precision,
         "trained_precision": restored.trained_precision,
         **_per_step(_curves(restored, settings, steps, "adapt")),
+        **restored.data,
         "baseline": None,
     }
     if settings.baseline.enabled and restored.built.source.task_type == "regression":
@@ -207,7 +215,7 @@ def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Re
             seed=b.seed,
             on_step=bar.update,
         )
-    return Restored(built, restored.saved, restored.components, restored.path)
+    return replace(restored, built=built)
 
 
 def _per_step(curves: dict[str, torch.Tensor]) -> dict[str, list]:

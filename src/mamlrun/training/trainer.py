@@ -31,7 +31,7 @@ from mamlrun.results import checkpoint
 from mamlrun.results.pictures import task_grid
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
-from mamlrun.training import distributed, resume
+from mamlrun.training import distributed, provenance, resume
 from mamlrun.training.components import Components, build, component_config
 from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
 from mamlrun.training.progress import Progress
@@ -241,7 +241,9 @@ class Trainer:
             "run": OmegaConf.to_container(self.cfg, resolve=True),
         }
         task_type = self.components.source.task_type
-        checkpoint.save(path, {**self.state.state_dict(), "task_type": task_type, "config": config})
+        data = provenance.record(self.cfg.dataset, self.components.source)
+        state = {**self.state.state_dict(), "task_type": task_type, "config": config, "data": data}
+        checkpoint.save(path, state)
 
     def stop_requests(self, flag: StopFlag) -> tuple[bool, bool]:
         """(time budget spent, signal received), agreed by every rank: rank 0's clock and
