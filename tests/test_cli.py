@@ -164,9 +164,12 @@ def test_bad_input_in_a_real_process(cli):
 
 
 @pytest.mark.slow  # a real process: the traceback is what Hydra prints on its way out
-def test_full_traceback_on_request(cli):
+def test_full_traceback_on_request(cli, tmp_path):
     out = cli(*SMOKE, "dataset.shots=0", env={"HYDRA_FULL_ERROR": "1"})
     assert out.returncode != 0 and "Traceback" in out.stderr
+    # The traceback was asked for, not a run: one that failed before doing anything leaves
+    # no folder, as without HYDRA_FULL_ERROR.
+    assert "dataset.shots must be" in out.stderr and not (tmp_path / "outputs").exists()
 
 
 def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli_here, tmp_path):

@@ -219,7 +219,8 @@ def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any
             return commands.train(cfg, run_dir, _launch(cfg, original))
         return getattr(commands, command)(cfg, run_dir)
     except MamlrunError as ex:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback was asked for, not a run
+            _discard(run_dir, fresh, command)
             raise
         _failed(f"mamlrun: error: {messages.one_line(ex)}", run_dir, fresh, command, 2)
     except Interrupted as ex:
@@ -244,21 +245,28 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
 
 def _failed(message: str, run_dir: Path, fresh: bool, command: str, code: int) -> None:
     print(message, file=sys.stderr)
-    if fresh and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{command}.log"}:
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        default_root = Path.cwd().resolve() / "outputs"  # the default outputs/<command>/<date>
-        for parent in run_dir.resolve().parents:
-            if not parent.is_relative_to(default_root) or any(parent.iterdir()):
-                break
-            parent.rmdir()
-    else:
+    if not _discard(run_dir, fresh, command):
         record = logging.makeLogRecord({"name": "mamlrun", "levelno": logging.ERROR,
                                         "levelname": "ERROR", "msg": message})  # fmt: skip
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
     raise SystemExit(code)
+
+
+def _discard(run_dir: Path, fresh: bool, command: str) -> bool:
+    """Remove the folder of a run that failed before doing anything (it holds only Hydra's
+    config and the log), with the empty default ``outputs/<command>/<date>`` above it."""
+    if not fresh or {p.name for p in run_dir.iterdir()} - {".hydra", f"{command}.log"}:
+        return False
+    logging.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    default_root = Path.cwd().resolve() / "outputs"
+    for parent in run_dir.resolve().parents:
+        if not parent.is_relative_to(default_root) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return True
 
 
 def _sweep_job(command: str, cfg: Any, job_dir: Path) -> Any:
