@@ -38,6 +38,26 @@ def test_help_lists_the_subcommands(cli):
         assert command in out.stdout
 
 
+@pytest.mark.parametrize(
+    "gpus, device",
+    [([], "cpu: no CUDA device"), (["NVIDIA H200"], "cuda: NVIDIA H200"),
+     (["NVIDIA H200"] * 2, "cuda: 2 x NVIDIA H200")],
+)  # fmt: skip
+def test_version_is_mamlruns_with_torchs_and_the_device_for_every_command(
+    gpus, device, cli_here, monkeypatch
+):
+    from mamlrun import __version__
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpus[i])
+    expected = f"mamlrun {__version__} (torch {torch.__version__}, {device})\n"
+    for args in (["--version"], ["train", "--version"], ["test", "--version"],
+                 ["adapt", "checkpoint=run", "--version"]):  # fmt: skip
+        out = cli_here(*args)
+        assert (out.returncode, out.stdout, out.stderr) == (0, expected, ""), args
+
+
 def test_unknown_subcommand_is_one_line_and_nonzero(cli):
     out = cli("trian")
     assert out.returncode == 2

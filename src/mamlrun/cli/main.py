@@ -59,7 +59,7 @@ examples:
 
 options:
   -h, --help     show this message
-  --version      print the version
+  --version      print the version of mamlrun and torch, and the CUDA device seen
 """
 
 
@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if args else _exit(2)
-    if args[0] == "--version":
-        print(f"mamlrun {__version__}")
+    if args[0] == "--version" or (args[0] in COMMANDS and "--version" in args[1:]):
+        print(version())  # before Hydra, which would print its own version
         return 0
     if args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
         return _complete(args)
@@ -91,6 +91,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
             raise
         return _error(str(ex))
     return _run_hydra(command, line, original)
+
+
+def version() -> str:
+    """``mamlrun X (torch Y, cuda: GPU)``: what a bug report needs to say which code ran where.
+    Asks torch what it sees; builds nothing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        device = "cpu: no CUDA device"
+    else:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        same = len(names) > 1 and len(set(names)) == 1
+        device = f"cuda: {len(names)} x {names[0]}" if same else f"cuda: {' + '.join(names)}"
+    return f"mamlrun {__version__} (torch {torch.__version__}, {device})"
 
 
 def _tool(command: str, args: list[str]) -> int:
