@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,26 @@ def test_help_lists_the_subcommands(cli):
     assert out.returncode == 0
     for command in ("train", "test", "adapt"):
         assert command in out.stdout
+
+
+@pytest.mark.parametrize(
+    "gpus, device",
+    [([], "cpu: no CUDA device"), (["NVIDIA H200"], "cuda: NVIDIA H200"),
+     (["NVIDIA H200"] * 2, "cuda: 2 x NVIDIA H200")],
+)  # fmt: skip
+def test_version_is_mamlruns_with_torchs_and_the_device_for_every_command(
+    gpus, device, cli_here, monkeypatch
+):
+    from mamlrun import __version__
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(gpus))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: gpus[i])
+    expected = f"mamlrun {__version__} (torch {torch.__version__}, {device})\n"
+    for args in (["--version"], ["train", "--version"], ["test", "--version"],
+                 ["adapt", "checkpoint=run", "--version"]):  # fmt: skip
+        out = cli_here(*args)
+        assert (out.returncode, out.stdout, out.stderr) == (0, expected, ""), args
 
 
 def test_unknown_subcommand_is_one_line_and_nonzero(cli):
@@ -164,9 +185,12 @@ def test_bad_input_in_a_real_process(cli):
 
 
 @pytest.mark.slow  # a real process: the traceback is what Hydra prints on its way out
-def test_full_traceback_on_request(cli):
+def test_full_traceback_on_request(cli, tmp_path):
     out = cli(*SMOKE, "dataset.shots=0", env={"HYDRA_FULL_ERROR": "1"})
     assert out.returncode != 0 and "Traceback" in out.stderr
+    # The traceback was asked for, not a run: one that failed before doing anything leaves
+    # no folder, as without HYDRA_FULL_ERROR.
+    assert "dataset.shots must be" in out.stderr and not (tmp_path / "outputs").exists()
 
 
 def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli_here, tmp_path):
@@ -182,6 +206,53 @@ def test_missing_and_corrupt_checkpoints_are_one_line_errors(cli_here, tmp_path)
 
     out = cli_here("test")
     assert out.returncode == 2 and "test needs checkpoint=PATH" in out.stderr
+
+
+def test_a_run_stopped_before_its_first_validation_points_at_its_last_pt(
+    smoke_run, cli_here, tmp_path
+):
+    """Such a run has checkpoints/last.pt but no best.pt yet: the line says so and gives the
+    command that tests last.pt, which works."""
+    _, run_dir, _ = smoke_run
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run_dir / ".hydra", stopped / ".hydra")
+    last = stopped / "checkpoints" / "last.pt"
+    last.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "last.pt", last)
+
+    out = cli_here("test", f"checkpoint={stopped}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"mamlrun: error: checkpoint={stopped} is a run directory without checkpoints/best.pt "
+        "(it stopped before its first validation); its checkpoints/last.pt is there: "
+        f"mamlrun test checkpoint={last}"
+    ]
+    suggested = out.stderr.strip().rpartition(": mamlrun ")[2].split()
+    tested = cli_here(*suggested, "test_tasks=2", "eval_batch_size=2", "hydra.run.dir=tested")
+    assert tested.returncode == 0, tested.stderr
+    assert (tmp_path / "tested" / "results.json").is_file()
+
+
+def test_a_directory_without_any_checkpoint_says_what_it_is(cli_here, tmp_path):
+    (tmp_path / "unsaved" / ".hydra").mkdir(parents=True)
+    out = cli_here("test", "checkpoint=unsaved")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: checkpoint=unsaved is a run directory without checkpoints/best.pt or "
+        "checkpoints/last.pt: it stopped before it saved any, so there is nothing to test"
+    ]
+
+    run = tmp_path / "runs" / "train" / "2026-01-02" / "03-04-05"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").touch()
+    out = cli_here("adapt", "checkpoint=runs")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: checkpoint=runs is not a run directory (no checkpoints/best.pt or "
+        "checkpoints/last.pt in it): give a run's directory or a .pt file; the newest run "
+        f"below it: checkpoint={Path('runs', 'train', '2026-01-02', '03-04-05')}"
+    ]
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_truncated_checkpoint_is_rejected(smoke_run, cli, tmp_path):

@@ -60,7 +60,7 @@ def test_invalid_settings_are_rejected():
     with pytest.raises(MamlrunError, match="backbone.downsample must be one of stride, max_pool"):
         node = OmegaConf.merge(config.group_config("backbone", "conv4"), {"downsample": "avg"})
         config.validate_component("backbone", node)
-    with pytest.raises(ValueError, match="image inputs"):
+    with pytest.raises(MamlrunError, match="image inputs"):
         conv4((28,), 5, **config.settings("backbone", "conv4"))
 
 

@@ -101,9 +101,9 @@ def test_widths_are_configurable_as_tadams():
 
 
 def test_impossible_settings_are_rejected():
-    with pytest.raises(ValueError, match="image inputs"):
+    with pytest.raises(MamlrunError, match="image inputs"):
         resnet12((28,), 5, **config.settings("backbone", "resnet12"))
-    with pytest.raises(ValueError, match="at least 16x16"):
+    with pytest.raises(MamlrunError, match="at least 16x16"):
         resnet12((3, 8, 8), 5, **config.settings("backbone", "resnet12"))
     with pytest.raises(MamlrunError, match="backbone.widths needs one width per block"):
         node = OmegaConf.merge(config.group_config("backbone", "resnet12"), {"widths": [64, 8, 2]})

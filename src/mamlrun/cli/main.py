@@ -59,7 +59,7 @@ examples:
 
 options:
   -h, --help     show this message
-  --version      print the version
+  --version      print the version of mamlrun and torch, and the CUDA device seen
 """
 
 
@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if args else _exit(2)
-    if args[0] == "--version":
-        print(f"mamlrun {__version__}")
+    if args[0] == "--version" or (args[0] in COMMANDS and "--version" in args[1:]):
+        print(version())  # before Hydra, which would print its own version
         return 0
     if args[0] in ("-sc", "--shell-completion") and any(a.startswith("query=") for a in args):
         return _complete(args)
@@ -91,6 +91,20 @@ def main(argv: Sequence[str] | None = None) -> Any:
             raise
         return _error(str(ex))
     return _run_hydra(command, line, original)
+
+
+def version() -> str:
+    """``mamlrun X (torch Y, cuda: GPU)``: what a bug report needs to say which code ran where.
+    Asks torch what it sees; builds nothing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        device = "cpu: no CUDA device"
+    else:
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        same = len(names) > 1 and len(set(names)) == 1
+        device = f"cuda: {len(names)} x {names[0]}" if same else f"cuda: {' + '.join(names)}"
+    return f"mamlrun {__version__} (torch {torch.__version__}, {device})"
 
 
 def _tool(command: str, args: list[str]) -> int:
@@ -219,7 +233,8 @@ def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any
             return commands.train(cfg, run_dir, _launch(cfg, original))
         return getattr(commands, command)(cfg, run_dir)
     except MamlrunError as ex:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback was asked for, not a run
+            _discard(run_dir, fresh, command)
             raise
         _failed(f"mamlrun: error: {messages.one_line(ex)}", run_dir, fresh, command, 2)
     except Interrupted as ex:
@@ -244,21 +259,28 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
 
 def _failed(message: str, run_dir: Path, fresh: bool, command: str, code: int) -> None:
     print(message, file=sys.stderr)
-    if fresh and {p.name for p in run_dir.iterdir()} <= {".hydra", f"{command}.log"}:
-        logging.shutdown()
-        shutil.rmtree(run_dir, ignore_errors=True)
-        default_root = Path.cwd().resolve() / "outputs"  # the default outputs/<command>/<date>
-        for parent in run_dir.resolve().parents:
-            if not parent.is_relative_to(default_root) or any(parent.iterdir()):
-                break
-            parent.rmdir()
-    else:
+    if not _discard(run_dir, fresh, command):
         record = logging.makeLogRecord({"name": "mamlrun", "levelno": logging.ERROR,
                                         "levelname": "ERROR", "msg": message})  # fmt: skip
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler):
                 handler.handle(record)
     raise SystemExit(code)
+
+
+def _discard(run_dir: Path, fresh: bool, command: str) -> bool:
+    """Remove the folder of a run that failed before doing anything (it holds only Hydra's
+    config and the log), with the empty default ``outputs/<command>/<date>`` above it."""
+    if not fresh or {p.name for p in run_dir.iterdir()} - {".hydra", f"{command}.log"}:
+        return False
+    logging.shutdown()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    default_root = Path.cwd().resolve() / "outputs"
+    for parent in run_dir.resolve().parents:
+        if not parent.is_relative_to(default_root) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return True
 
 
 def _sweep_job(command: str, cfg: Any, job_dir: Path) -> Any:

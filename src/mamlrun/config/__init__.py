@@ -219,18 +219,39 @@ METADATA = ("_preset_",)
 
 
 def instantiate(node: Any, **kwargs: Any) -> Any:
-    """The one place configs become objects, so that errors read the same everywhere."""
+    """The one place configs become objects, so that errors read the same everywhere.
+
+    Hydra wraps whatever a constructor raises in an InstantiationException whose first line
+    only names the target; the constructor's own exception is what the user needs. A
+    MamlrunError (the user can fix it: e.g. a backbone that cannot take the data's shape) is
+    raised as it is; any other exception is a bug in a component and is raised as itself, so
+    that its traceback stays visible. Only Hydra's own complaints become one line here.
+    """
     if isinstance(node, DictConfig) and any(k in node for k in METADATA):
         node = OmegaConf.masked_copy(node, [k for k in node if k not in METADATA])
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as ex:
-        cause = ex.__cause__
-        while cause is not None and not isinstance(cause, MamlrunError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
+        user_error = ex.__cause__
+        while user_error is not None and not isinstance(user_error, MamlrunError):
+            user_error = user_error.__cause__
+        if user_error is not None:
+            raise user_error from None
+        if ex.__cause__ is not None:
+            raise ex.__cause__ from None
         raise MamlrunError(_first_line(ex)) from ex
+
+
+def choice(group: str, node: Any) -> str:
+    """``group=name`` for the one ``conf/<group>/name.yaml`` that builds ``node``'s target, else
+    ``group._target_=...``: a component named in a message as the user picked it."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    names = [
+        path.stem
+        for path in sorted((config_dir() / group).glob("*.yaml"))
+        if OmegaConf.load(path).get("_target_") == target
+    ]
+    return f"{group}={names[0]}" if len(names) == 1 else f"{group}._target_={target}"
 
 
 def build_meta_optimizer(node: DictConfig) -> tuple[Any, Callable[..., Any]]:

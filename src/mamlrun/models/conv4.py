@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import TaskBatchNorm2d
 
 
@@ -28,7 +29,7 @@ def conv4(
     original MAML did. Nothing can leak from one task into another through it.
     """
     if len(in_shape) != 3:
-        raise ValueError(f"conv4 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        raise MamlrunError(f"conv4 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
     channels, height, width = in_shape
     layers: list[nn.Module] = []
     for _ in range(4):
@@ -49,7 +50,7 @@ def conv4(
         layers.append(nn.Flatten(start_dim=-3))
         features = filters * height * width
     if features < 1:
-        raise ValueError(f"input {tuple(in_shape)} is too small for four downsampling blocks")
+        raise MamlrunError(f"input {tuple(in_shape)} is too small for four downsampling blocks")
     layers.append(nn.Linear(features, out_features))
     model = nn.Sequential(*layers)
     for m in model.modules():

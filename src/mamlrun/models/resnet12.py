@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mamlrun.errors import MamlrunError
 from mamlrun.models.layers import DropBlock, TaskBatchNorm2d
 
 #: Four 2×2 poolings: inputs smaller than this leave no pixel for the head.
@@ -38,16 +39,16 @@ def resnet12(
     weights and statistics (MAML++) reach all sixteen of them.
     """
     if len(in_shape) != 3:
-        raise ValueError(f"resnet12 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        raise MamlrunError(f"resnet12 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
     channels, height, width = in_shape
     if min(height, width) < MIN_SIZE:
-        raise ValueError(
+        raise MamlrunError(
             f"resnet12 pools four times: inputs must be at least {MIN_SIZE}x{MIN_SIZE}, "
             f"got {height}x{width}"
         )
     widths = list(widths)
     if out_features < 1:  # the widths and DropBlock's settings: checked with the config
-        raise ValueError(f"resnet12 needs at least one output, got {out_features}")
+        raise MamlrunError(f"resnet12 needs at least one output, got {out_features}")
     drops = [
         DropBlock(drop_block_size, keep_prob, drop_block_ramp) if drop_block and i >= 2 else None
         for i in range(4)

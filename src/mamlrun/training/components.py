@@ -65,9 +65,17 @@ def fresh_model(cfg: DictConfig, built: Components, seed: int) -> torch.nn.Modul
 
 
 def _backbone(cfg: DictConfig, source: TaskSource, device: torch.device) -> torch.nn.Module:
-    return config.instantiate(
-        cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
-    ).to(device)
+    """The backbone for ``source``'s inputs and outputs. What a backbone refuses to build is
+    the pair's incompatibility (its settings were checked with the config), so the message
+    names both choices before the backbone's reason."""
+    try:
+        backbone = config.instantiate(
+            cfg.backbone, in_shape=tuple(source.input_shape), out_features=source.output_size
+        )
+    except MamlrunError as ex:
+        pair = f"{config.choice('backbone', cfg.backbone)} cannot take "
+        raise MamlrunError(f"{pair}{config.choice('dataset', cfg.dataset)}: {ex}") from ex
+    return backbone.to(device)
 
 
 def in_precision(algorithm: Algorithm, chosen: precision.Precision) -> Algorithm:

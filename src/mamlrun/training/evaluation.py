@@ -77,10 +77,33 @@ def checkpoint_path(path: str | Path) -> Path:
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         if not best.is_file():
-            raise MamlrunError(f"checkpoint={path} is a directory without checkpoints/best.pt")
+            raise MamlrunError(_without_best(path))
         log.info(f"checkpoint={path} is a run directory: using {best}")
         return best
     return path
+
+
+def _without_best(path: Path) -> str:
+    """Why a directory names no checkpoint, and what to give instead: its ``last.pt`` (a run
+    stopped before its first validation has no ``best.pt`` yet), or a run below it."""
+    last = path / "checkpoints" / "last.pt"
+    if last.is_file():
+        return (
+            f"checkpoint={path} is a run directory without checkpoints/best.pt (it stopped "
+            f"before its first validation); its checkpoints/last.pt is there: "
+            f"mamlrun test checkpoint={last}"
+        )
+    if (path / ".hydra").is_dir():
+        return (
+            f"checkpoint={path} is a run directory without checkpoints/best.pt or "
+            "checkpoints/last.pt: it stopped before it saved any, so there is nothing to test"
+        )
+    below = sorted(path.glob("**/checkpoints/*.pt"), key=lambda p: p.stat().st_mtime)
+    hint = f"; the newest run below it: checkpoint={below[-1].parent.parent}" if below else ""
+    return (
+        f"checkpoint={path} is not a run directory (no checkpoints/best.pt or "
+        f"checkpoints/last.pt in it): give a run's directory or a .pt file{hint}"
+    )
 
 
 def restore(settings: config.TestConfig) -> Restored:
