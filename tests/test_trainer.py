@@ -5,6 +5,7 @@ scheduler, and that a resumed run goes on from the step it saved."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 
 import pytest
@@ -128,6 +129,19 @@ def test_a_spent_time_budget_stops_the_run_validated_and_saved(tmp_path):
     assert stopped_by == "max_minutes" and t.state.step == 1
     assert [h[0] for h in t.state.history] == [1], "the last step is validated"
     assert checkpoint.load(t.last_path)["progress"]["step"] == 1
+
+
+def test_a_spent_time_budget_is_logged_with_what_was_saved_and_how_to_go_on(tmp_path, caplog):
+    with start(tmp_path, "max_minutes=2", "iterations=60000") as t:
+        t.started -= 121  # two minutes and a second before the first step ends
+        with caplog.at_level(logging.INFO, logger="mamlrun"):
+            fit(t, StopFlag())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped")]
+    assert said == [
+        f"stopped after 2.0 minutes (max_minutes=2) at step 1 of 60,000; saved {t.last_path}; "
+        f"continue with `mamlrun train resume=true hydra.run.dir={tmp_path}`"
+    ]
+    assert checkpoint.load(t.last_path)["progress"]["step"] == 1, "what it says is saved is"
 
 
 def test_the_scheduler_is_stepped_once_per_outer_step_and_checkpointed(tmp_path):

@@ -122,6 +122,7 @@ def fit(t: Trainer, flag: StopFlag) -> str:
             if signalled:
                 raise t.interruption(flag.signal)
             if out_of_time:
+                t.out_of_time()
                 return "max_minutes"
     return "iterations"
 
@@ -264,6 +265,17 @@ class Trainer:
             f"`mamlrun train resume=true hydra.run.dir={self.run_dir}`",
         )
 
+    def out_of_time(self) -> None:
+        """Say why a run stopped short, as a signal's stop says it (``interruption``):
+        otherwise only results.json's ``stopped_by`` would tell."""
+        if self.main:
+            minutes = (time.monotonic() - self.started) / 60
+            log.info(
+                f"stopped after {minutes:.1f} minutes (max_minutes={self.cfg.max_minutes:g}) at "
+                f"step {self.state.step:,} of {self.cfg.iterations:,}; saved {self.last_path}; "
+                f"continue with `mamlrun train resume=true hydra.run.dir={self.run_dir}`"
+            )
+
     def diverged(self, what: str) -> MamlrunError:
         """A NaN run must not end as a "best" result, nor overwrite a good checkpoint."""
         kept = (
@@ -308,15 +320,22 @@ class Trainer:
         }
 
     def log_hparams(self, results: dict[str, Any]) -> None:
-        finals = {f"hparam/best_val_{self.metric_name}": self.state.best}
-        for key in ("test", "reference_test"):
-            if results.get(key):
-                finals[f"hparam/{key}_{self.metric_name}"] = results[key]["mean"]
+        """The HParams row. Every metric in it is this run's own; the paper's numbers are
+        settings beside them (``paper.value``), so the two cannot be read for one another:
+        ``test_<metric>_at_paper_steps`` is our test with the paper's inner steps (the
+        separate test when the preset's differ, else the test itself)."""
+        name = self.metric_name
+        finals = {f"hparam/best_val_{name}": self.state.best}
+        if results.get("test"):
+            finals[f"hparam/test_{name}"] = results["test"]["mean"]
+        at_paper_steps = results.get("reference_test") or results.get("test")
+        if self.cfg.reference is not None and at_paper_steps:
+            finals[f"hparam/test_{name}_at_paper_steps"] = at_paper_steps["mean"]
         run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations", "precision")}
         hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
         hparams["preset"] = self.preset or "none"
         if self.cfg.reference is not None:
-            hparams |= hparams_of({"reference": _plain(self.cfg.reference)})
+            hparams |= hparams_of({"paper": _plain(self.cfg.reference)})
         self.logger.log_hparams(hparams, finals)
 
     def __enter__(self) -> Trainer:
