@@ -10,7 +10,9 @@ import pytest
 from conftest import compose_train, needs_omniglot, run_cli
 from omegaconf import OmegaConf
 
+from mamlrun import config
 from mamlrun.results import reference, report
+from mamlrun.results.stats import format_ci
 
 QUICK = ["iterations=10", "val_every=10", "val_tasks=4", "checkpoint_every=10",
          "final_test=true", "test_tasks=8", "device=cpu"]  # fmt: skip
@@ -24,6 +26,17 @@ QUICK = ["iterations=10", "val_every=10", "val_tasks=4", "checkpoint_every=10",
 )  # fmt: skip
 def test_the_verdict_places_our_interval_against_the_papers(mean, ci, expected):
     assert reference.verdict(mean, ci, 0.987, 0.004) == expected
+
+
+def test_a_run_short_of_its_presets_iterations_is_not_compared_with_the_paper():
+    short = reference.verdict(0.81, 0.04, 0.987, 0.004, trained=300, budget=60000)
+    assert short == "not comparable (300 / 60,000 iterations)"  # not "below"
+    assert reference.verdict(0.81, 0.04, 0.987, 0.004, trained=60000, budget=60000) == "below"
+    assert reference.verdict(0.99, 0.003, 0.987, 0.004, trained=70000, budget=60000) == (
+        reference.INSIDE  # longer than the paper: it had the budget
+    )
+    unknown = reference.verdict(0.99, 0.003, 0.987, 0.004, trained=None, budget=60000)
+    assert unknown == "not comparable (? / 60,000 iterations)"
 
 
 def test_where_data_lives_and_how_tasks_are_batched_do_not_make_runs_incomparable():
@@ -61,6 +74,8 @@ def fake_run(directory: Path, preset: str | None, *overrides: str, results=None,
     cfg = compose_train(*([f"experiment={preset}"] if preset else []), *overrides)
     (directory / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, directory / ".hydra" / "config.yaml")
+    given = [*([f"experiment={preset}"] if preset else []), *overrides]
+    OmegaConf.save(OmegaConf.create(given), directory / ".hydra" / "overrides.yaml")
     choices = {"experiment": preset}
     OmegaConf.save({"hydra": {"runtime": {"choices": choices}, "searchpath": []}},
                    directory / ".hydra" / "hydra.yaml")  # fmt: skip
@@ -81,13 +96,13 @@ def row_of(directory: Path) -> report.Row:
 
 def test_the_latest_test_with_the_papers_inner_steps_is_the_one_compared(tmp_path):
     run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[
-        ("periodic_test/5000", 0.97, 0.006, 10, 4000),
-        ("periodic_test_3steps/5000", 0.96, 0.007, 3, 4000),
-        ("periodic_test_3steps/10000", 0.981, 0.005, 3, 9000),
-        ("periodic_test/10000", 0.99, 0.004, 10, 9000),
+        ("periodic_test/30000", 0.97, 0.006, 10, 24000),
+        ("periodic_test_3steps/30000", 0.96, 0.007, 3, 24000),
+        ("periodic_test_3steps/60000", 0.981, 0.005, 3, 59000),
+        ("periodic_test/60000", 0.99, 0.004, 10, 59000),
     ])  # fmt: skip
     row = row_of(run)
-    assert (row.test.mean, row.test.inner_steps, row.test.step) == (0.981, 3, 9000)
+    assert (row.test.mean, row.test.inner_steps, row.test.step) == (0.981, 3, 59000)
     assert row.verdict == reference.OVERLAP and row.done is None and row.planned == 60000
 
 
@@ -106,7 +121,7 @@ def test_runs_without_a_test_or_without_a_reference_say_so(tmp_path):
 
 
 def test_a_preset_this_mamlrun_does_not_have_makes_the_run_incomparable(tmp_path):
-    run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[("test_3steps", 0.98, 0.01, 3, 1)])
+    run = fake_run(tmp_path / "r", "omniglot_5w1s", tests=[("test_3steps", 0.98, 0.01, 3, 60000)])
     hydra = OmegaConf.load(run / ".hydra" / "hydra.yaml")
     hydra.hydra.runtime.choices.experiment = "omniglot_gone"
     OmegaConf.save(hydra, run / ".hydra" / "hydra.yaml")
@@ -127,6 +142,107 @@ def test_seeds_of_one_setting_are_grouped_with_a_t_interval(tmp_path):
     assert group["ci95"] == pytest.approx(4.303 * 0.002 / 3**0.5, rel=1e-3)
     assert group["verdict"] == reference.INSIDE
     assert "Grouped over seeds" in report.render(rows)
+
+
+def short_run(directory: Path, steps: int, *overrides: str, stopped_by="iterations"):
+    results = {"metric": "accuracy", "steps": steps, "stopped_by": stopped_by}
+    return fake_run(directory, "omniglot_5w1s", *overrides, results=results,
+                    tests=[("test_3steps", 0.81, 0.04, 3, steps)])  # fmt: skip
+
+
+def test_a_shortened_run_is_reported_as_not_comparable_with_its_iterations(tmp_path):
+    row = row_of(short_run(tmp_path / "short", 300, "iterations=300"))
+    assert (row.done, row.planned) == (300, 60000)
+    assert row.verdict == "not comparable (300 / 60,000 iterations)"
+    assert "| 300 / 60,000 |" in report.render([row])
+    smoke = row_of(short_run(tmp_path / "smoke", 20, "debug=smoke"))
+    assert smoke.verdict == "not comparable (20 / 60,000 iterations): meta_batch_size: 32 → 4"
+    out_of_time = row_of(
+        short_run(tmp_path / "timed", 412, "max_minutes=2", stopped_by="max_minutes")
+    )
+    assert out_of_time.verdict == "not comparable (412 / 60,000 iterations)"
+    assert row_of(short_run(tmp_path / "full", 60000)).verdict == reference.BELOW
+
+
+def test_a_periodic_test_is_compared_only_if_made_after_the_whole_budget(tmp_path):
+    done = {"metric": "accuracy", "steps": 60000}
+    early = [("periodic_test_3steps/5000", 0.96, 0.007, 3, 4000)]
+    run = fake_run(tmp_path / "r", "omniglot_5w1s", results=done, tests=early)
+    assert row_of(run).verdict == "not comparable (5,000 / 60,000 iterations)"
+
+
+def test_seeds_are_grouped_per_algorithm_as_in_the_sweeps_csv(tmp_path):
+    for algorithm, seed, mean in [("maml", 0, 5.9), ("fomaml", 0, 5.8), ("maml", 1, 6.1),
+                                  ("fomaml", 1, 6.2)]:  # fmt: skip
+        fake_run(tmp_path / f"{algorithm}{seed}", None, f"meta_optimizer={algorithm}",
+                 f"seed={seed}", tests=[("test", mean, 4.5, 10, 20)])  # fmt: skip
+    groups = report.grouped(report.rows_of([tmp_path]))
+    assert [(g["setting"], g["seeds"]) for g in groups] == [
+        ({"meta_optimizer": "fomaml"}, ["0", "1"]), ({"meta_optimizer": "maml"}, ["0", "1"])
+    ]  # fmt: skip
+    assert [g["mean"] for g in groups] == [pytest.approx(6.0), pytest.approx(6.0)]
+    assert [g["ci95"] for g in groups] == [
+        pytest.approx(12.706 * 0.2, rel=1e-3), pytest.approx(12.706 * 0.1, rel=1e-3)
+    ]  # fmt: skip
+    assert "| - | meta_optimizer=maml | 0, 1 |" in report.render(report.rows_of([tmp_path]))
+
+
+def test_the_one_grouping_keeps_every_swept_key_but_the_seed():
+    from mamlrun.results import sweep
+
+    runs = [{"seed": "0", "meta_optimizer": "maml"}, {"seed": "1", "meta_optimizer": "maml"},
+            {"seed": "0", "meta_optimizer": "fomaml", "meta_batch_size": "8"}]  # fmt: skip
+    groups = sweep.seed_groups(runs, lambda r: r)
+    assert [(setting, [r["seed"] for r in members]) for setting, members in groups] == [
+        ({"meta_optimizer": "maml", "meta_batch_size": ""}, ["0", "1"]),
+        ({"meta_optimizer": "fomaml", "meta_batch_size": "8"}, ["0"]),
+    ]
+
+
+def test_the_hparams_row_holds_our_tests_and_the_papers_number_apart(tmp_path):
+    """Our test with the paper's inner steps is a metric named for what it is, the paper's
+    number a setting named ``paper.``; neither may read as the other."""
+    from mamlrun.training import commands
+
+    cfg = compose_train("iterations=2", "val_every=2", "val_tasks=4", "meta_batch_size=2",
+                        "final_test=true", "test_tasks=4", "eval_batch_size=4", "device=cpu",
+                        "meta_optimizer.inner_steps_test=1")  # fmt: skip
+    cfg.reference = config.Reference("mse", 0.5, 0.1, 2, "a paper")  # a preset's, for a sine
+    commands.train(cfg, run_dir=tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    metrics, settings = hparams_row(tmp_path / "tb")
+    assert set(metrics) == {
+        "hparam/best_val_mse", "hparam/test_mse", "hparam/test_mse_at_paper_steps"
+    }  # fmt: skip
+    assert metrics["hparam/test_mse_at_paper_steps"] == pytest.approx(
+        results["reference_test"]["mean"]  # ours, after the paper's 2 inner steps
+    )
+    assert metrics["hparam/test_mse"] == pytest.approx(results["test"]["mean"])  # after 1
+    assert settings["paper.value"] == pytest.approx(0.5)
+    assert settings["paper.inner_steps"] == 2 and settings["paper.source"] == "a paper"
+    assert not any(k.startswith("reference") for k in [*metrics, *settings])
+
+
+def hparams_row(tb_dir: Path) -> tuple[dict[str, float], dict[str, object]]:
+    """The metrics and the settings of a run's row in TensorBoard's HParams table, read from
+    its event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.util import tensor_util
+
+    metrics, settings = {}, {}
+    for path in tb_dir.rglob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag.startswith("hparam/"):
+                    metrics[value.tag] = float(tensor_util.make_ndarray(value.tensor))
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(
+                        value.metadata.plugin_data.content
+                    )
+                    for k, v in data.session_start_info.hparams.items():
+                        settings[k] = getattr(v, v.WhichOneof("kind"))
+    return metrics, settings
 
 
 @pytest.mark.parametrize(
@@ -171,10 +287,11 @@ def test_report_of_two_presets_fills_every_column(two_runs):
     changed, paper = rows["changed"], rows["paper"]
     assert paper[1:4] == ["omniglot_5w1s", "0", "10 / 60,000"]
     assert paper[4].endswith("(8 tasks, 3 steps, step 10)")  # the paper's 3 steps, not 10
-    assert paper[5] == "98.7 ± 0.4% (3 steps)" and paper[6] == "below"  # 10 iterations
+    assert paper[5] == "98.7 ± 0.4% (3 steps)"
+    assert paper[6] == "not comparable (10 / 60,000 iterations)"  # not "below" after 10
     assert changed[1:4] == ["omniglot_5w5s", "0", "10 / 60,000"]
     assert changed[5] == "99.9 ± 0.1% (3 steps)"
-    assert changed[6] == "not comparable: meta_batch_size: 32 → 4"
+    assert changed[6] == "not comparable (10 / 60,000 iterations): meta_batch_size: 32 → 4"
     assert (two_runs / "report.md").read_text().count("| paper |") == 1
     with (two_runs / "report.csv").open() as f:
         by_run = {r["run"]: r for r in csv.DictReader(f)}
@@ -186,24 +303,31 @@ def test_report_of_two_presets_fills_every_column(two_runs):
 @pytest.mark.slow
 @needs_omniglot
 def test_a_run_records_its_preset_and_reference_in_results_and_hparams(two_runs):
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.plugins.hparams import plugin_data_pb2
 
     results = json.loads((two_runs / "paper" / "results.json").read_text())
     assert results["preset"] == "omniglot_5w1s"
     assert results["reference"]["value"] == 0.987 and results["reference"]["inner_steps"] == 3
     assert results["test"]["inner_steps"] == 10 and results["reference_test"]["inner_steps"] == 3
-    hparams = {}
-    for path in (two_runs / "paper" / "tb").rglob("events.out.tfevents.*"):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.tag == "_hparams_/session_start_info":
-                    data = plugin_data_pb2.HParamsPluginData.FromString(
-                        value.metadata.plugin_data.content
-                    )
-                    hparams = dict(data.session_start_info.hparams)
-    assert hparams["reference.value"].number_value == pytest.approx(0.987)
-    assert hparams["preset"].string_value == "omniglot_5w1s"
+    metrics, settings = hparams_row(two_runs / "paper" / "tb")
+    assert settings["paper.value"] == pytest.approx(0.987)
+    assert settings["preset"] == "omniglot_5w1s"
+    assert metrics["hparam/test_accuracy_at_paper_steps"] == pytest.approx(
+        results["reference_test"]["mean"]
+    )
+
+
+@pytest.mark.slow
+@needs_omniglot
+def test_a_short_run_ends_saying_it_is_not_comparable_with_the_paper(two_runs):
+    results = json.loads((two_runs / "paper" / "results.json").read_text())
+    at_3 = results["reference_test"]
+    ours = format_ci(at_3["mean"], at_3["ci95"], percent=True)
+    log = (two_runs / "paper" / "train.log").read_text()
+    assert (
+        f"test accuracy after 3 inner steps {ours} against 98.7 ± 0.4% in Finn et al. 2017, "
+        "Table 1: MAML, Omniglot 5-way 1-shot, 98.7 ± 0.4%: not comparable (10 / 60,000 "
+        "iterations) (settings checked by `mamlrun report`)"
+    ) in log
 
 
 # --------------------------------------------------------------------------- the curve script
@@ -244,7 +368,8 @@ def test_the_curve_script_says_when_there_is_nothing_to_draw(tmp_path, capsys):
 
 
 def test_a_run_made_before_presets_had_references_is_compared_with_its_presets(tmp_path):
-    run = fake_run(tmp_path / "old", "omniglot_5w1s", tests=[("test_3steps", 0.985, 0.005, 3, 9)])
+    run = fake_run(tmp_path / "old", "omniglot_5w1s",
+                   tests=[("test_3steps", 0.985, 0.005, 3, 60000)])  # fmt: skip
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     del cfg["reference"]
     OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
@@ -261,5 +386,5 @@ def test_a_training_sweep_ends_with_the_report_grouped_over_seeds(tmp_path, caps
     sweep._report(tmp_path)
     out = capsys.readouterr().out
     assert "against the papers (mamlrun report):" in out and "Grouped over seeds" in out
-    assert "| omniglot_5w1s | 0, 1 | 98.7 ± 2.5% |" in out  # t-interval over the two seeds
+    assert "| omniglot_5w1s | - | 0, 1 | 98.7 ± 2.5% |" in out  # t-interval over the two seeds
     assert (tmp_path / "report.md").is_file() and (tmp_path / "report.csv").is_file()

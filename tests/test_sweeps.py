@@ -13,7 +13,7 @@ from conftest import data_root, needs_omniglot, run_cli
 from omegaconf import OmegaConf
 
 from mamlrun.results import sweep
-from mamlrun.results.stats import mean_ci95_t, t_quantile_975
+from mamlrun.results.stats import format_ci, mean_ci95_t, t_quantile_975
 
 pytestmark = pytest.mark.slow  # every test here runs sweeps of real jobs
 
@@ -92,6 +92,22 @@ def test_sweep_prints_the_tables(lr_seed_sweep):
     assert "sweep summary: sweep" in done.stdout
     assert "grouped over seed (mean ± 95% CI, Student's t)" in done.stdout
     assert "common overrides: debug=smoke final_adapt=False" in done.stdout
+
+
+def test_two_algorithms_over_two_seeds_are_two_groups_in_every_table(cli_here, tmp_path):
+    done = cli_here("train", "-m", *QUICK, "seed=0,1", "meta_optimizer=maml,fomaml",
+                    "hydra.sweep.dir=s")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    grouped = {r["meta_optimizer"]: r for r in rows(tmp_path / "s" / "summary_grouped.csv")}
+    assert set(grouped) == {"maml", "fomaml"}
+    assert all(g["jobs"] == "2" and g["failed"] == "0" for g in grouped.values())
+    printed = [line for line in done.stdout.splitlines() if line.startswith("| - | meta_opt")]
+    assert printed == [
+        f"| - | meta_optimizer={algorithm} | 0, 1 | "
+        f"{format_ci(float(g['test_mse']), float(g['test_mse_ci95']))} | - | no reference |"
+        for algorithm, g in grouped.items()
+    ], "the report's table over seeds groups as summary_grouped.csv does"
+    assert "| 0, 0, 1, 1 |" not in done.stdout  # not one group of both algorithms
 
 
 def test_every_job_of_a_sweep_is_a_row_in_tensorboards_hparams_tab(lr_seed_sweep):

@@ -4,6 +4,16 @@ A preset carries the result it targets (``reference:``, see ``config.Reference``
 number can only be held against it when the run computed the same thing: the same dataset,
 network, algorithm and meta-batch as the preset (``differences``) and a test with the same
 number of inner steps as the paper's. Only then does ``verdict`` compare the two intervals.
+
+And only after the same training: a run is compared once it has trained the preset's own
+``iterations`` (the budget of the paper it targets), whatever shortened it (``iterations=``,
+``debug=smoke``, a ``max_minutes`` that ran out, a run still going). Before that it is ``not
+comparable (300 / 60,000 iterations)``. The published number is what the method reached
+after that budget; held against a shortened run, "below" would as often mean "not trained
+yet" as "does not reproduce". No fraction of the budget would do instead: how much the last
+part of training adds differs per benchmark, and where the learning rate is scheduled over
+``iterations`` (Reptile's anneals to zero at the last one) a shortened run does not even
+follow the paper's schedule. A run longer than the preset is compared: it had the budget.
 """
 
 from __future__ import annotations
@@ -56,12 +66,36 @@ def _show(value: Any, missing: object) -> str:
     return "(unset)" if value is missing else str(value)
 
 
-def verdict(mean: float, ci95: float, ref_value: float, ref_ci95: float) -> str:
-    """Where our interval ``mean ± ci95`` lies against the reference's.
+#: The verdicts that hold a result against the paper's (any other says why it is not).
+COMPARISONS = (INSIDE, OVERLAP, BELOW, ABOVE)
+
+
+def short_of_budget(trained: int | None, budget: int | None) -> str | None:
+    """``not comparable (300 / 60,000 iterations)`` while a run has trained less than its
+    preset's ``iterations`` (or nobody knows how long it trained); None once it has them or
+    when there is no budget to hold it to."""
+    if budget is None or (trained is not None and trained >= budget):
+        return None
+    done = "?" if trained is None else f"{trained:,}"
+    return f"not comparable ({done} / {budget:,} iterations)"
+
+
+def verdict(
+    mean: float,
+    ci95: float,
+    ref_value: float,
+    ref_ci95: float,
+    trained: int | None = None,
+    budget: int | None = None,
+) -> str:
+    """Where our interval ``mean ± ci95`` lies against the reference's, for a run that trained
+    ``trained`` iterations of the preset's ``budget`` (not comparable before it has them all).
 
     Inside: our mean lies in the paper's interval. Overlap: the intervals share values, so the
     difference is not significant at this many tasks. Below or above: they are disjoint.
     """
+    if (short := short_of_budget(trained, budget)) is not None:
+        return short
     if abs(mean - ref_value) <= ref_ci95:
         return INSIDE
     if mean + ci95 < ref_value - ref_ci95:

@@ -2,9 +2,10 @@
 
 One row per training run found under the directories (a run, a sweep, ``outputs/train``):
 its preset, iterations done of the preset's, its test result ± 95% CI, the preset's
-reference ± CI and a verdict (``reference``). Printed, and written as ``report.md`` and
-``report.csv``. Runs of one setting that differ only in ``seed`` are also grouped, mean ±
-95% CI (Student's t) over seeds.
+reference ± CI and a verdict (``reference``; a run short of the preset's iterations is not
+compared). Printed, and written as ``report.md`` and ``report.csv``. Runs that differ only in
+``seed`` are also grouped, mean ± 95% CI (Student's t) over seeds, by the sweep summary's
+own grouping (``sweep.seed_groups``).
 
 Everything is read from what runs leave on disk (``.hydra/``, ``results.json``, checkpoints,
 the ``results.json`` of each test inside the run's folder), so a finished, a running and a
@@ -27,7 +28,7 @@ from omegaconf import OmegaConf
 
 from mamlrun import config
 from mamlrun.errors import MamlrunError
-from mamlrun.results import checkpoint, reference
+from mamlrun.results import checkpoint, reference, sweep
 from mamlrun.results.stats import format_ci, mean_ci95_t
 
 USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
@@ -35,8 +36,10 @@ USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
 Reads training runs (a run directory, a sweep, or a folder of runs such as outputs/train)
 and prints one row per run: preset, iterations done / the preset's, test result ± 95% CI,
 the paper's result ± CI and a verdict (inside the reference CI, CIs overlap, below, above,
-not comparable: what differs). Writes report.md and report.csv into --out (default: the
-one DIR given, else the current directory).
+not comparable: what differs). A run is compared only once it has trained its preset's
+iterations (the paper's budget): before that it is "not comparable (300 / 60,000
+iterations)". Writes report.md and report.csv into --out (default: the one DIR given, else
+the current directory).
 """
 
 
@@ -64,6 +67,9 @@ class Row:
     reference: dict[str, Any] | None
     differences: list[str] = field(default_factory=list)
     verdict: str = ""
+    #: What the run was asked for: its overrides (``.hydra/overrides.yaml``), else its whole
+    #: flattened config; runs are grouped over seeds by it (``sweep.seed_groups``).
+    setting: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -129,6 +135,7 @@ def read_run(directory: Path, root: Path) -> Row:
         planned=(preset_flat or flat).get("iterations"),
         test=_pick(tests, ref),
         reference=ref,
+        setting=_setting(directory, flat),
     )
     if preset and preset_flat is None:
         row.differences = [f"preset {preset} is not in this mamlrun's configs"]
@@ -142,6 +149,13 @@ def _name(directory: Path, root: Path) -> str:
     if directory == root:
         return directory.name or str(directory)
     return str(directory.relative_to(root)) if directory.is_relative_to(root) else str(directory)
+
+
+def _setting(directory: Path, flat: dict[str, Any]) -> dict[str, str]:
+    overrides = directory / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        return sweep.read_overrides(directory)
+    return {k: str(v) for k, v in flat.items()}
 
 
 def _preset_of(directory: Path, results: dict | None) -> tuple[str | None, tuple[str, ...]]:
@@ -225,6 +239,16 @@ def tests_in(directory: Path, results: dict | None = None) -> list[Test]:
     return tests
 
 
+def _trained(test: Test, done: int | None) -> int | None:
+    """The iterations the tested model had trained: a periodic test's own count; for the
+    others the furthest step of the run (the final test's best.pt was chosen among all its
+    steps), at least the tested checkpoint's step."""
+    if test.at is not None:
+        return test.at
+    known = [v for v in (done, test.step) if v is not None]
+    return max(known) if known else None
+
+
 def _when(test: Test) -> int:
     """How far training had got: the periodic folder's iterations, else the checkpoint's."""
     return next((v for v in (test.at, test.step) if v is not None), -1)
@@ -245,8 +269,10 @@ def _verdict(row: Row, tests: list[Test]) -> str:
         return "no reference"
     if ref["metric"] != row.metric:
         return f"not comparable: the reference is {ref['metric']}, the run measures {row.metric}"
-    if row.differences:
-        return "not comparable: " + "; ".join(row.differences)
+    if row.differences:  # with the iterations when it is short of them too
+        trained = row.done if row.test is None else _trained(row.test, row.done)
+        short = reference.short_of_budget(trained, row.planned) or "not comparable"
+        return f"{short}: " + "; ".join(row.differences)
     if row.test is None:
         if not tests:
             return "no test"
@@ -256,7 +282,10 @@ def _verdict(row: Row, tests: list[Test]) -> str:
             f"{ref['inner_steps']} (mamlrun test checkpoint={row.directory} "
             f"inner_steps={ref['inner_steps']})"
         )
-    return reference.verdict(row.test.mean, row.test.ci95, ref["value"], ref["ci95"])
+    trained = _trained(row.test, row.done)
+    return reference.verdict(
+        row.test.mean, row.test.ci95, ref["value"], ref["ci95"], trained, row.planned
+    )
 
 
 # --------------------------------------------------------------------------- several runs
@@ -276,25 +305,28 @@ def rows_of(directories: list[Path]) -> list[Row]:
 
 
 def grouped(rows: list[Row]) -> list[dict[str, Any]]:
-    """Runs of one preset and setting that differ only in seed: mean ± t-CI over seeds."""
-    groups: dict[tuple, list[Row]] = {}
-    for row in rows:
-        if row.test is not None:
-            key = (row.preset, tuple(row.differences), row.test.inner_steps)
-            groups.setdefault(key, []).append(row)
+    """Tested runs that differ only in seed: mean ± t-CI over seeds. The groups are the
+    sweep summary's (``sweep.seed_groups``), plus the inner steps of the test compared."""
+    tested = [r for r in rows if r.test is not None]
     out = []
-    for members in groups.values():
+    for setting, members in sweep.seed_groups(tested, _group_setting):
         if len(members) < 2:
             continue
         mean, ci = mean_ci95_t([r.test.mean for r in members])
         first = members[0]
-        verdict = first.verdict
-        if first.reference is not None and not verdict.startswith(("not comparable", "no ")):
+        apart = [r.verdict for r in members if r.verdict not in reference.COMPARISONS]
+        verdict = apart[0] if apart else first.verdict
+        if not apart and first.reference is not None:  # every member trained the budget
             verdict = reference.verdict(mean, ci, first.reference["value"],
                                         first.reference["ci95"])  # fmt: skip
-        out.append({"preset": first.preset, "seeds": sorted(str(r.seed) for r in members),
+        out.append({"preset": first.preset, "setting": setting,
+                    "seeds": sorted(str(r.seed) for r in members),
                     "mean": mean, "ci95": ci, "row": first, "verdict": verdict})  # fmt: skip
     return out
+
+
+def _group_setting(row: Row) -> dict[str, str]:
+    return {**row.setting, "test inner_steps": str(row.test.inner_steps)}
 
 
 # --------------------------------------------------------------------------- writing
@@ -338,12 +370,13 @@ def render(rows: list[Row]) -> str:
     groups = grouped(rows)
     if groups:
         lines += ["", "Grouped over seeds (mean ± 95% CI over the runs, Student's t):", ""]
-        lines += [_md_row(["preset", "seeds", "test", "reference", "verdict"]),
-                  _md_row(["---"] * 5)]  # fmt: skip
+        lines += [_md_row(["preset", "setting", "seeds", "test", "reference", "verdict"]),
+                  _md_row(["---"] * 6)]  # fmt: skip
         for g in groups:
             row = g["row"]
             cells = [
                 g["preset"] or "-",
+                " ".join(f"{k}={v}" for k, v in g["setting"].items() if v) or "-",
                 ", ".join(g["seeds"]),
                 _value(g["mean"], g["ci95"], row.metric),
                 _reference_cell(row),

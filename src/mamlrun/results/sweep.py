@@ -15,9 +15,10 @@ import math
 import re
 import sys
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,7 @@ from mamlrun.results.stats import mean_ci95_t
 
 FAILURE_FILE = "failure.json"
 GROUPED_OVER = "seed"
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,11 +94,17 @@ def job_metrics(results: dict) -> tuple[dict[str, float], list[str]]:
     return metrics, [f"test_{name}"]
 
 
-def read_job(directory: Path, sweep_dir: Path) -> Job:
+def read_overrides(directory: Path) -> dict[str, str]:
+    """The run's command-line overrides (``.hydra/overrides.yaml``) as key → value."""
     overrides = {}
     for item in OmegaConf.load(directory / ".hydra" / "overrides.yaml"):
         key, _, value = str(item).partition("=")
         overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def read_job(directory: Path, sweep_dir: Path) -> Job:
+    overrides = read_overrides(directory)
     name = str(directory.relative_to(sweep_dir))
     results, failure = directory / "results.json", directory / FAILURE_FILE
     if results.exists():
@@ -121,21 +129,38 @@ def summarise(sweep_dir: str | Path) -> Summary:
     )
     jobs = [read_job(d, sweep_dir) for d in found]
     keys = list(dict.fromkeys(k for j in jobs for k in j.overrides))
-    swept = [k for k in keys if len({j.overrides.get(k) for j in jobs}) > 1]
+    swept = swept_keys([j.overrides for j in jobs])
     common = {k: jobs[0].overrides[k] for k in keys if k not in swept} if jobs else {}
-    return Summary(sweep_dir, jobs, swept, common, _group(jobs, swept))
+    return Summary(sweep_dir, jobs, swept, common, _group(jobs))
 
 
-def _group(jobs: list[Job], swept: list[str]) -> list[dict[str, Any]]:
+def swept_keys(settings: Sequence[Mapping[str, str]]) -> list[str]:
+    """The keys whose value is not the same in every run (absent counts as a value)."""
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    return [k for k in keys if len({s.get(k) for s in settings}) > 1]
+
+
+def seed_groups(
+    members: Sequence[T], setting: Callable[[T], Mapping[str, str]]
+) -> list[tuple[dict[str, str], list[T]]]:
+    """Runs that differ only in ``seed``: the one grouping of the sweep's summary and of
+    ``mamlrun report``. A group is fixed by every key that varies between the runs except
+    the seed (a group choice such as ``meta_optimizer=fomaml`` is such a key, so two
+    algorithms are never averaged together); each comes with those keys' values."""
+    settings = [setting(m) for m in members]
+    keys = [k for k in swept_keys(settings) if k != GROUPED_OVER]
+    groups: dict[tuple[str, ...], list[T]] = {}
+    for member, values in zip(members, settings, strict=True):
+        groups.setdefault(tuple(values.get(k, "") for k in keys), []).append(member)
+    return [(dict(zip(keys, values, strict=True)), group) for values, group in groups.items()]
+
+
+def _group(jobs: list[Job]) -> list[dict[str, Any]]:
     """Jobs that differ only in ``seed``, with mean ± 95% CI (Student's t) of each headline."""
-    by_key = [k for k in swept if k != GROUPED_OVER]
-    groups: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        groups.setdefault(tuple(job.overrides.get(k, "") for k in by_key), []).append(job)
     rows = []
-    for values, members in groups.items():
+    for values, members in seed_groups(jobs, lambda j: j.overrides):
         done = [j for j in members if j.status == "ok"]
-        row: dict[str, Any] = dict(zip(by_key, values, strict=True))
+        row: dict[str, Any] = dict(values)
         row["jobs"] = len(members)
         row["failed"] = len(members) - len(done)
         headline = list(dict.fromkeys(h for j in done for h in j.headline))

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mamlrun import config
 from mamlrun.errors import MamlrunError
-from mamlrun.results import reference
+from mamlrun.results import reference, report
 from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci
 from mamlrun.training import distributed
@@ -85,7 +85,8 @@ def _finish(trainer: Trainer, stopped_by: str, flag: StopFlag) -> float | None:
             f"{s.best_step}; results in {run_dir}"
         )
     if cfg.reference is not None and cfg.final_test:
-        _log_against_reference(cfg.reference, results.get("reference_test") or results["test"])
+        test = results.get("reference_test") or results["test"]
+        _log_against_reference(cfg.reference, test, s.step, _budget(trainer))
     return s.best
 
 
@@ -96,11 +97,24 @@ def _reference_steps(cfg: DictConfig, test: dict[str, Any]) -> int | None:
     return ref.inner_steps
 
 
-def _log_against_reference(ref: Any, test: dict[str, Any]) -> None:
+def _budget(trainer: Trainer) -> int:
+    """The iterations a run must train before its test is held against the paper: its
+    preset's, composed as ``mamlrun report`` composes it (a run's ``iterations=`` or
+    ``debug=smoke`` shortens the run, not the paper's budget); without a preset, its own."""
+    if trainer.preset is None:
+        return trainer.cfg.iterations
+    from hydra.core.hydra_config import HydraConfig
+
+    searchpath = HydraConfig.get().searchpath if HydraConfig.initialized() else ()
+    preset = report.preset_config(trainer.preset, tuple(str(p) for p in searchpath))
+    return trainer.cfg.iterations if preset is None else preset["iterations"]
+
+
+def _log_against_reference(ref: Any, test: dict[str, Any], trained: int, budget: int) -> None:
     percent = ref.metric == "accuracy"
     ours = format_ci(test["mean"], test["ci95"], percent=percent)
     theirs = reference.shown(ref.value, ref.ci95, ref.metric)
-    verdict = reference.verdict(test["mean"], test["ci95"], ref.value, ref.ci95)
+    verdict = reference.verdict(test["mean"], test["ci95"], ref.value, ref.ci95, trained, budget)
     log.info(
         f"test {test['metric']} after {test['inner_steps']} inner steps {ours} against "
         f"{theirs} in {ref.source}: {verdict} (settings checked by `mamlrun report`)"
