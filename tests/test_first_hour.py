@@ -201,6 +201,7 @@ def test_results_and_errors_reach_the_runs_log(tmp_path):
         (["test", "experiment=omniglot_5w1s", "checkpoint=x.pt"],
          "test takes dataset, backbone and algorithm from the checkpoint"),
         (["train", "hydra/launcher=paralel"], "did you mean hydra/launcher=parallel"),
+        (["train", "threads=0"], "threads must be positive (or null: torch's default), got 0"),
     ],
 )  # fmt: skip
 def test_a_mistake_is_one_line_that_says_how_to_fix_it(cli_here, args, expected):

@@ -146,6 +146,7 @@ def test_checkpoint(
         "ci95": ci,
         "precision": settings.precision,
         "trained_precision": restored.trained_precision,
+        "threads": torch.get_num_threads(),
         **restored.built.algorithm.describe(),
         "checkpoint": str(restored.path),
         "trained_steps": restored.saved.get("progress", {}).get("step"),
@@ -176,6 +177,7 @@ def adapt_checkpoint(
         "test_seed": settings.test_seed,
         "precision": settings.precision,
         "trained_precision": restored.trained_precision,
+        "threads": torch.get_num_threads(),
         **_per_step(_curves(restored, settings, steps, "adapt")),
         "baseline": None,
     }
