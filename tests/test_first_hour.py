@@ -149,7 +149,8 @@ def test_the_log_file_gets_every_line_and_nested_bars_give_the_console_back(
             assert root.handlers == handlers, "no bar, nothing to write around"
             plain.update(4)
     screen = _screen(capsys.readouterr().err)
-    assert "half of the validation tasks" in screen and "step 1: val mse 0.5" in screen, screen
+    assert screen[:2] == ["half of the validation tasks", "step 1: val mse 0.5"], screen
+    assert screen[2].startswith("train:  20%") and screen[3:] == [""], "the val bar is gone"
     assert log_file.read_text() == "half of the validation tasks\nstep 1: val mse 0.5\n"
 
 

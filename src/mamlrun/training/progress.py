@@ -48,7 +48,9 @@ class Progress:
         self.bar = None
         self._shown = ExitStack()  # while the bar is shown, the log writes above it
         if enabled and self.terminal:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=None
+            )
             self._shown.enter_context(above_the_bar())
 
     def update(self, n: int = 1, **postfix: Any) -> None:
