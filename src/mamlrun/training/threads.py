@@ -1,11 +1,12 @@
 """Torch's intra-op threads for one command: the ``threads`` setting of train, test and adapt.
 
-Torch starts as many threads as the machine has cores; on a small task (sinusoid, Omniglot
-5-way 1-shot) or a machine that other work shares, waiting on each other costs them more than
-the second core gives (README, "Threads"), so the number is a setting, said at start-up and
-recorded in ``results.json``. ``task_batching=threads`` runs that many tasks side by side
-(``algorithms/batching.py``). Inter-op threads are left as torch sets them: mamlrun does not
-use torch's inter-op pool, and torch allows setting it only before its first parallel work.
+Torch starts one thread per core. When other work holds some of the cores, or an operation is
+too small to share, the threads of each operation wait on each other longer than the extra
+cores save (README, "Threads": 3x slower on a 2-core machine with one core busy), so the
+number is a setting, said at start-up and recorded in ``results.json``.
+``task_batching=threads`` runs that many tasks side by side (``algorithms/batching.py``).
+Inter-op threads are left as torch sets them: mamlrun does not use torch's inter-op pool, and
+torch allows setting it only before its first parallel work.
 """
 
 from __future__ import annotations
