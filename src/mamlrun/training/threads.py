@@ -1,9 +1,9 @@
 """Torch's intra-op threads for one command: the ``threads`` setting of train, test and adapt.
 
-Torch starts one thread per core. When other work holds some of the cores, or an operation is
-too small to share, the threads of each operation wait on each other longer than the extra
-cores save (README, "Threads": 3x slower on a 2-core machine with one core busy), so the
-number is a setting, said at start-up and recorded in ``results.json``.
+Torch starts one thread per core. When other work holds some of the cores, the threads of each
+operation wait on each other longer than the extra cores save (README, "Threads": ``debug=smoke``
+3 to 5.6 times slower with two threads than with one on a 2-core machine with one core busy),
+so the number is a setting, said at start-up and recorded in ``results.json``.
 ``task_batching=threads`` runs that many tasks side by side (``algorithms/batching.py``).
 Inter-op threads are left as torch sets them: mamlrun does not use torch's inter-op pool, and
 torch allows setting it only before its first parallel work.
