@@ -51,6 +51,16 @@ def _no_leaks(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept():
+    """Every test starts with torch's own thread count: a test that sets ``threads`` without
+    going through a command (which gives the count back itself) does not slow the rest."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def adapts_after_training(cwd: Path, env: dict | None = None, run: str = "run") -> dict:
     """``mamlrun adapt`` on the training run ``cwd/run`` (its best.pt), on two tasks for two
     steps: the third command of a dataset's smoke cycle (train with final test, then adapt).

@@ -120,6 +120,8 @@ def test_every_yaml_file_in_conf_composes(path):
         (["iterations=0"], "iterations must be positive, got 0"),
         (["progress_seconds=-1"], "progress_seconds must be >= 0, got -1"),
         (["max_minutes=0"], "max_minutes must be positive (or null), got 0"),
+        (["threads=0"], "threads must be positive (or null: torch's default), got 0"),
+        (["threads=-1"], "threads must be positive (or null: torch's default), got -1"),
         (["meta_optimizer.inner_lr=-1"], "meta_optimizer.inner_lr must be positive, got -1"),
         (["meta_optimizer.inner_steps=0"], "meta_optimizer.inner_steps must be >= 1"),
         (["meta_optimizer.bn_mode=batch"], "meta_optimizer.bn_mode must be one of transductive"),
@@ -164,6 +166,10 @@ def test_a_test_command_checks_its_own_ranges():
         cfg = compose("test", overrides=["checkpoint=x.pt", "test_tasks=0"])
     with pytest.raises(MamlrunError, match="test_tasks must be positive, got 0"):
         config.validate(cfg, config.TestConfig)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("adapt", overrides=["checkpoint=x.pt", "threads=0"])
+    with pytest.raises(MamlrunError, match="threads must be positive"):
+        config.validate(cfg, config.AdaptConfig)
 
 
 def test_an_algorithm_built_from_python_gets_the_same_checks():

@@ -4,6 +4,7 @@ that keeps what is needed to fix them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -80,6 +81,79 @@ def test_on_a_terminal_progress_is_a_bar_and_no_log_lines(caplog, capsys):
     assert "10/10" in capsys.readouterr().err
 
 
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows after ``text``: newlines, carriage returns and tqdm's
+    cursor-up (``ESC[A``, for a bar under another) move the cursor; characters overwrite."""
+    rows, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[A|[\r\n]|[^\r\n\x1b]+", text):
+        if token == "\n":
+            row, col = row + 1, 0
+            rows += [""] * (row + 1 - len(rows))
+        elif token == "\r":
+            col = 0
+        elif token == "\x1b[A":
+            row = max(row - 1, 0)
+        else:
+            line = rows[row].ljust(col)
+            rows[row] = line[:col] + token + line[col + len(token) :]
+            col += len(token)
+    return [line.rstrip() for line in rows]
+
+
+@contextlib.contextmanager
+def console_and_file(log_file: Path):
+    """The root logger's handlers as Hydra sets them up: the console (on the terminal the bar
+    is drawn on, here pytest's capture of it) and the run's log file."""
+    root = logging.getLogger()
+    console, file = logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)
+    root.addHandler(console)
+    root.addHandler(file)
+    try:
+        yield root
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(file)
+        file.close()
+
+
+def test_a_log_line_during_a_bar_is_on_its_own_line_and_the_bar_is_drawn_below_it(
+    caplog, capsys, tmp_path
+):
+    with caplog.at_level(logging.INFO, logger="mamlrun"), console_and_file(tmp_path / "log"):
+        with Progress("train", 10, terminal=True) as bar:
+            bar.update(3)
+            logging.getLogger("mamlrun").info("step 3: val mse 0.5")
+            bar.update(1)
+    err = capsys.readouterr().err
+    assert "step 3: val mse 0.5" in _screen(err), "glued onto the bar's text"
+    after = err.split("step 3: val mse 0.5\n", 1)[1]
+    assert re.match(r"\rtrain: +30%.* 3/10", after), "the bar is drawn again below the line"
+
+
+def test_the_log_file_gets_every_line_and_nested_bars_give_the_console_back(
+    caplog, capsys, tmp_path
+):
+    log_file = tmp_path / "train.log"
+    with caplog.at_level(logging.INFO, logger="mamlrun"), console_and_file(log_file) as root:
+        handlers = list(root.handlers)
+        with Progress("train", 10, terminal=True) as bar:
+            bar.update(1)
+            with Progress("val", 4, unit="tasks", terminal=True) as inner:
+                inner.update(2)  # as a validation inside training
+                logging.getLogger("mamlrun").info("half of the validation tasks")
+                inner.update(2)
+            logging.getLogger("mamlrun").info("step 1: val mse 0.5")
+            bar.update(1)
+        assert root.handlers == handlers
+        with Progress("test", 4, terminal=False) as plain:
+            assert root.handlers == handlers, "no bar, nothing to write around"
+            plain.update(4)
+    screen = _screen(capsys.readouterr().err)
+    assert screen[:2] == ["half of the validation tasks", "step 1: val mse 0.5"], screen
+    assert screen[2].startswith("train:  20%") and screen[3:] == [""], "the val bar is gone"
+    assert log_file.read_text() == "half of the validation tasks\nstep 1: val mse 0.5\n"
+
+
 @pytest.mark.slow
 def test_train_test_and_adapt_show_progress_in_a_log_file(tmp_path):
     out = run_cli(
@@ -128,6 +202,7 @@ def test_results_and_errors_reach_the_runs_log(tmp_path):
         (["test", "experiment=omniglot_5w1s", "checkpoint=x.pt"],
          "test takes dataset, backbone and algorithm from the checkpoint"),
         (["train", "hydra/launcher=paralel"], "did you mean hydra/launcher=parallel"),
+        (["train", "threads=0"], "threads must be positive (or null: torch's default), got 0"),
     ],
 )  # fmt: skip
 def test_a_mistake_is_one_line_that_says_how_to_fix_it(cli_here, args, expected):

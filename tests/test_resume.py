@@ -18,6 +18,7 @@ from conftest import run_cli
 from mamlrun.errors import MamlrunError
 from mamlrun.results import checkpoint
 from mamlrun.training import commands
+from mamlrun.training.trainer import Launch
 
 OVERRIDES = [
     "iterations=600",
@@ -128,6 +129,17 @@ def test_resume_can_extend_a_finished_run(tmp_path):
     commands.train(compose_train("iterations=3", "val_every=3"), run_dir=tmp_path)
     commands.train(compose_train("iterations=6", "val_every=3", "resume=true"), run_dir=tmp_path)
     assert final_state(tmp_path)["progress"]["step"] == 6
+
+
+def test_a_resumed_run_may_change_its_threads_and_keeps_its_own_when_not_told(tmp_path):
+    commands.train(compose_train("iterations=3", "val_every=3", "threads=1"), run_dir=tmp_path)
+    more = compose_train("iterations=6", "val_every=3", "resume=true", "threads=2")
+    commands.train(more, run_dir=tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["threads"] == 2
+    again = compose_train("iterations=9", "val_every=3", "resume=true")  # threads: YAML's null
+    told = Launch(changed=frozenset({"iterations", "resume"}))  # as from `mamlrun train ...`
+    commands.train(again, run_dir=tmp_path, launch=told)
+    assert json.loads((tmp_path / "results.json").read_text())["threads"] == 2, "the run's own"
 
 
 def test_resuming_a_finished_run_without_more_iterations_says_how_to_extend_it(tmp_path):

@@ -1,23 +1,26 @@
 """The trainer's contract, stated on a tiny sinusoid run: what a run writes, how it counts its
 steps, when it validates, keeps ``best.pt`` and saves ``last.pt``, how it stops, who steps the
-scheduler, and that a resumed run goes on from the step it saved."""
+scheduler, that a resumed run goes on from the step it saved, and the CPU threads train, test
+and adapt run with."""
 
 from __future__ import annotations
 
 import json
 import logging
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_train
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mamlrun import config
 from mamlrun.algorithms.maml import MAML
 from mamlrun.algorithms.reptile import Reptile
 from mamlrun.results import checkpoint
-from mamlrun.training import commands, distributed, trainer
+from mamlrun.training import commands, distributed, evaluation, trainer
 from mamlrun.training.signals import Interrupted, StopFlag
 from mamlrun.training.trainer import Launch, Trainer, fit
 
@@ -181,3 +184,54 @@ def test_the_final_test_is_mamlrun_test_with_the_runs_own_values_for_the_keys_th
     assert test.checkpoint == str(tmp_path / "best.pt")
     adapt = commands.final_settings("adapt", cfg, tmp_path / "best.pt")
     assert adapt.baseline.steps == 3 and adapt.test_tasks == 7
+
+
+# --------------------------------------------------------------- threads (issue 22)
+def test_threads_are_set_for_the_run_said_recorded_and_given_back(tmp_path, monkeypatch, caplog):
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2  # not what torch uses already
+    during = []
+    real_step = Trainer.step
+    monkeypatch.setattr(Trainer, "step", lambda t: during.append(torch.get_num_threads())
+                        or real_step(t))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="mamlrun"):
+        commands.train(compose_train(*TINY, f"threads={wanted}"), run_dir=tmp_path)
+    assert set(during) == {wanted}, "every step ran with the threads asked for"
+    assert json.loads((tmp_path / "results.json").read_text())["threads"] == wanted
+    assert f"threads: {wanted} (threads={wanted})" in caplog.messages
+    assert torch.get_num_threads() == before, "the caller's own count, given back"
+
+
+@pytest.mark.parametrize("command", ["test", "adapt"])
+def test_test_and_adapt_take_threads_too_and_leave_torchs_default_alone_by_default(
+    tmp_path, monkeypatch, caplog, command
+):
+    commands.train(compose_train(*TINY), run_dir=tmp_path / "run")
+    before = torch.get_num_threads()
+    wanted = 1 if before > 1 else 2
+    during = []
+    real_evaluate = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a: during.append(torch.get_num_threads())
+                        or real_evaluate(*a))  # fmt: skip
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run = getattr(commands, command)
+    with caplog.at_level(logging.INFO, logger="mamlrun"):
+        run(compose_command(command, tmp_path / "run", f"threads={wanted}"), tmp_path / "set")
+        assert during and set(during) == {wanted}
+        during.clear()
+        run(compose_command(command, tmp_path / "run"), tmp_path / "default")
+        assert during and set(during) == {before}
+    assert json.loads((tmp_path / "set" / "results.json").read_text())["threads"] == wanted
+    assert json.loads((tmp_path / "default" / "results.json").read_text())["threads"] == before
+    assert f"threads: {wanted} (threads={wanted})" in caplog.messages
+    assert f"threads: {before} (torch's default; set threads=N)" in caplog.messages
+    assert torch.get_num_threads() == before
+
+
+def compose_command(command: str, checkpoint: Path, *overrides: str):
+    """``mamlrun test`` or ``adapt`` on ``checkpoint``, tiny."""
+    tiny = ["test_tasks=2", "eval_batch_size=2", "inner_steps=1", "device=cpu"]
+    if command == "adapt":
+        tiny.append("baseline.steps=1")
+    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
+        return compose(command, overrides=[f"checkpoint={checkpoint}", *tiny, *overrides])

@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = MISSING
     device: str = MISSING
     precision: str = MISSING  # one of precision.PRECISIONS, checked by ``ranges``
+    threads: int | None = MISSING  # None: torch's default
     iterations: int = MISSING
     meta_batch_size: int = MISSING
     log_every: int = MISSING
@@ -105,6 +106,7 @@ class TestConfig:
     test_seed: int = MISSING
     device: str = MISSING
     precision: str = MISSING  # of the test's forward passes; the checkpoint's is recorded
+    threads: int | None = MISSING  # None: torch's default
     eval_batch_size: int = MISSING
     data_root: str | None = MISSING  # None: the root the run read (training.provenance)
     cross_domain: bool = MISSING  # test on data other than the run's (else refused)

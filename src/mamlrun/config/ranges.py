@@ -69,6 +69,10 @@ def check_command(cfg: Mapping[str, Any], command: str) -> None:
             raise MamlrunError(f"{name} must be >= 0, got {cfg[name]}")
     if cfg.get("max_minutes") is not None and cfg["max_minutes"] <= 0:
         raise MamlrunError(f"max_minutes must be positive (or null), got {cfg['max_minutes']}")
+    if cfg.get("threads") is not None and cfg["threads"] < 1:
+        raise MamlrunError(
+            f"threads must be positive (or null: torch's default), got {cfg['threads']}"
+        )
     if "precision" in cfg:
         precision.check(cfg["precision"])
 

@@ -23,7 +23,7 @@ from mamlrun.errors import MamlrunError
 from mamlrun.results import reference, report
 from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci
-from mamlrun.training import distributed
+from mamlrun.training import distributed, threads
 from mamlrun.training.components import resolve_device
 from mamlrun.training.evaluation import adapt_checkpoint, restore, test_checkpoint
 from mamlrun.training.signals import StopFlag, catch_signals
@@ -57,6 +57,7 @@ def train(
             "processes: give each at least one task"
         )
     with (
+        threads.kept(),  # Trainer.start sets them, once a resume has said which
         catch_signals() as flag,
         distributed.session(resolve_device(cfg.device)) as (ctx, device),
     ):
@@ -174,7 +175,8 @@ def _composed(command: str) -> DictConfig:
 def test(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Meta-test a checkpoint: metric after the test-time inner steps, mean ± 95% CI."""
     settings = _eval_settings(cfg, config.TestConfig, "test")
-    with catch_signals() as flag:
+    with threads.kept(), catch_signals() as flag:
+        threads.use(settings.threads)
         flag.doing = "the test (nothing was written)"
         return test_checkpoint(settings, _made(run_dir, "test"))["mean"]
 
@@ -182,7 +184,8 @@ def test(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
 def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
     """Metric after each inner step 0…S, for the meta-learned model and the baseline."""
     settings = _eval_settings(cfg, config.AdaptConfig, "adapt")
-    with catch_signals() as flag:
+    with threads.kept(), catch_signals() as flag:
+        threads.use(settings.threads)
         flag.doing = "adapt (nothing was written)"
         return adapt_checkpoint(settings, _made(run_dir, "adapt"))["mean"][-1]
 

@@ -3,6 +3,11 @@
 Under nohup, Slurm or CI nobody sees a bar, and validation may be an hour apart; a line every
 ``every_s`` seconds (step, rate, loss, metric, ETA) shows that the run is alive and how far
 it has to go, without flooding the log the way a line per step would.
+
+While a bar is shown, the log's console lines go through tqdm (``above_the_bar``): tqdm
+clears the bar, the line is written on a line of its own, and the bar is drawn again below
+it. Written plainly, a line would start where the bar's text ends. The log file gets every
+line as before.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from tqdm import tqdm
@@ -39,8 +46,12 @@ class Progress:
         self._start_done = initial
         self._start = self._last = time.monotonic()
         self.bar = None
+        self._shown = ExitStack()  # while the bar is shown, the log writes above it
         if enabled and self.terminal:
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=None
+            )
+            self._shown.enter_context(above_the_bar())
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.done += n
@@ -72,12 +83,50 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        self._shown.close()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _AboveTheBar(logging.Handler):
+    """A console handler's lines, written while tqdm has cleared its bars (which it then
+    draws again); level, filters and format stay the console handler's own."""
+
+    def __init__(self, console: logging.StreamHandler) -> None:
+        super().__init__(console.level)
+        self.console = console
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        with tqdm.external_write_mode(file=self.console.stream):
+            return bool(self.console.handle(record))
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    """A handler writing to the terminal: not the log file, nor a capture (pytest's)."""
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return (
+        isinstance(handler, logging.StreamHandler)
+        and not isinstance(handler, logging.FileHandler)
+        and handler.stream in streams
+    )
+
+
+@contextmanager
+def above_the_bar(logger: logging.Logger | None = None) -> Iterator[None]:
+    """While a bar is shown: the console handlers of ``logger`` (the root logger, where Hydra
+    puts them) write through tqdm. Nested bars find them already wrapped and change nothing."""
+    logger = logger or logging.getLogger()
+    wrapped = {id(h): _AboveTheBar(h) for h in logger.handlers if _is_console(h)}
+    logger.handlers = [wrapped.get(id(h), h) for h in logger.handlers]
+    try:
+        yield
+    finally:
+        mine = {id(w): w.console for w in wrapped.values()}
+        logger.handlers = [mine.get(id(h), h) for h in logger.handlers]
 
 
 def _short(value: Any) -> str:

@@ -38,6 +38,7 @@ MAY_CHANGE = (
     "iterations",
     "max_minutes",
     "device",
+    "threads",
     "log_every",
     "progress_seconds",
     "checkpoint_every",

@@ -31,7 +31,7 @@ from mamlrun.results import checkpoint
 from mamlrun.results.pictures import task_grid
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
-from mamlrun.training import distributed, provenance, resume
+from mamlrun.training import distributed, provenance, resume, threads
 from mamlrun.training.components import Components, build, component_config
 from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
 from mamlrun.training.progress import Progress
@@ -165,6 +165,7 @@ class Trainer:
             )
             for line in resumed.changes:
                 log.info(f"resume changes {line}")
+        threads.use(cfg.threads)  # before the `auto` probe, which times them
         built = build(cfg, device, cfg.seed, cfg.precision)
         _check_direction(launch.sweep_direction, built.source.task_type)
         mode = resumed.batching if resumed is not None else built.algorithm.task_batching
@@ -311,6 +312,7 @@ class Trainer:
             "val_inner_steps": self.validation.steps,
             "task_batching": s.batching,
             "precision": self.cfg.precision,
+            "threads": torch.get_num_threads(),
             **self.components.algorithm.describe(),
             "processes": self.ctx.world_size,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
