@@ -103,16 +103,15 @@ def _screen(text: str) -> list[str]:
 @contextlib.contextmanager
 def console_and_file(log_file: Path):
     """The root logger's handlers as Hydra sets them up: the console (on the terminal the bar
-    is drawn on, here pytest's capture of it) and the run's log file."""
+    is drawn on, here pytest's capture of it) and the run's log file, and no others (handlers
+    that earlier tests' runs left on the root logger would write into the captured output)."""
     root = logging.getLogger()
     console, file = logging.StreamHandler(sys.stderr), logging.FileHandler(log_file)
-    root.addHandler(console)
-    root.addHandler(file)
+    before, root.handlers = root.handlers, [console, file]
     try:
         yield root
     finally:
-        root.removeHandler(console)
-        root.removeHandler(file)
+        root.handlers = before
         file.close()
 
 

@@ -49,10 +49,6 @@ class SinusoidTasks:
     def describe(self) -> dict:
         return {"name": "sinusoid", "shots": self.shots, "query": self.query}
 
-    def fingerprint(self) -> None:
-        """None: the tasks are drawn from their ranges and seeds, which the config holds."""
-        return None
-
     def save_splits(self, directory: Path) -> None:
         """Nothing to write: the splits are defined by their seeds, saved with the config."""
 

@@ -7,7 +7,7 @@ time or batched with ``torch.func.vmap`` without caring where they came from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -57,13 +57,20 @@ class TaskSource(Protocol):
         """A small JSON-able summary (name, ways/shots, split sizes) for results files."""
         ...
 
-    def fingerprint(self) -> dict[str, dict[str, int]] | None:
-        """``{split: {class: images}}`` (``data.fingerprint``), what a test compares with the
-        data the run trained on; None for data that files do not define (drawn from seeds)."""
-        ...
-
     def save_splits(self, directory: Path) -> None:
         """Write what defines each split (e.g. class lists) into the run directory."""
+        ...
+
+
+@runtime_checkable
+class Fingerprinted(Protocol):
+    """Optional for a task source: what identifies its data, so that a test of a checkpoint
+    can tell whether it reads the data the run trained on (``training.provenance``). A source
+    without it (a user's own, data drawn from seeds) is tested without that check."""
+
+    def fingerprint(self) -> dict[str, dict[str, int]] | None:
+        """``{split: {class: images}}`` (``data.fingerprint``); None for data that files do
+        not define."""
         ...
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from mamlrun.data import fingerprint
 from mamlrun.data.download import ENV_VAR, resolve_root
-from mamlrun.data.tasks import TaskSource
+from mamlrun.data.tasks import Fingerprinted, TaskSource
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger("mamlrun")
@@ -30,7 +30,11 @@ def record(dataset_cfg: Any, source: TaskSource) -> dict[str, Any]:
     """What a checkpoint keeps of its data: the root read (None for data without files) and
     the fingerprint of what was found there."""
     root = resolve_root(dataset_cfg["root"]) if "root" in dataset_cfg else None
-    return {"root": None if root is None else str(root), "fingerprint": source.fingerprint()}
+    return {"root": None if root is None else str(root), "fingerprint": _fingerprint(source)}
+
+
+def _fingerprint(source: TaskSource) -> fingerprint.Fingerprint | None:
+    return source.fingerprint() if isinstance(source, Fingerprinted) else None
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ def compare(saved: dict[str, Any], source: TaskSource, root: str | None,
     recorded = (saved.get("data") or {}).get("fingerprint")
     if recorded is None:
         return []
-    found = source.fingerprint()
+    found = _fingerprint(source)
     diffs = fingerprint.differences(recorded, found or {})
     if diffs and not cross_domain:
         raise MamlrunError(
