@@ -181,6 +181,7 @@ def test_the_final_test_is_mamlrun_test_with_the_runs_own_values_for_the_keys_th
     assert test.precision == yaml.precision != cfg.precision, "its own arithmetic, not the run's"
     assert test.inner_steps == yaml.inner_steps
     assert test.data_root is None, "the data the run read: the checkpoint's dataset.root"
+    assert test.dataset is None, "the run's own dataset, not a cross-domain test"
     assert test.checkpoint == str(tmp_path / "best.pt")
     adapt = commands.final_settings("adapt", cfg, tmp_path / "best.pt")
     assert adapt.baseline.steps == 3 and adapt.test_tasks == 7

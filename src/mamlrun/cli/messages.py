@@ -19,7 +19,8 @@ _NO_OVERRIDE = re.compile(r"Could not override '(?P<key>[^']+)'")
 _NOT_IN_STRUCT = re.compile(r"Key '(?P<key>[^']+)' is not in struct")
 _NOT_IN_DEFAULTS = "No match in the defaults list"
 #: Groups that ``train`` composes and ``test``/``adapt`` take from the checkpoint.
-TRAIN_GROUPS = ("dataset", "backbone", "meta_optimizer", "experiment", "debug", "hparams_search")
+#: (``dataset`` is one of ``test``'s too: another dataset makes it a cross-domain test.)
+TRAIN_GROUPS = ("backbone", "meta_optimizer", "experiment", "debug", "hparams_search")
 
 
 def one_line(ex: BaseException) -> str:

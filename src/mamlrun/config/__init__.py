@@ -110,6 +110,7 @@ class TestConfig:
     eval_batch_size: int = MISSING
     data_root: str | None = MISSING  # None: the root the run read (training.provenance)
     cross_domain: bool = MISSING  # test on data other than the run's (else refused)
+    dataset: Any = None  # dataset=NAME: a cross-domain test on that dataset's test classes
     progress_seconds: float = MISSING
 
 
@@ -159,7 +160,7 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
         key = getattr(ex, "full_key", None)
         raise MamlrunError(f"{key}: {_first_line(ex)}" if key else _first_line(ex)) from ex
     for group in INJECTED:
-        if group in merged:
+        if merged.get(group) is not None:  # test's dataset is there only when chosen
             validate_component(group, merged[group])
     if issubclass(schema, (TrainConfig, TestConfig)):
         ranges.check_command(merged, "train" if schema is TrainConfig else "test")

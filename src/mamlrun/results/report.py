@@ -228,6 +228,8 @@ def tests_in(directory: Path, results: dict | None = None) -> list[Test]:
         data = _json(path)
         if path.parent == directory or not data or not isinstance(data.get("mean"), int | float):
             continue
+        if data.get("cross_domain"):  # other data than the paper's: never held against it
+            continue
         step = data.get("trained_steps")
         at = int(path.parent.name) if path.parent.name.isdigit() else None  # periodic_test/<at>
         if step is None and at is None and results:  # train's final test of best.pt
@@ -295,13 +297,51 @@ def rows_of(directories: list[Path]) -> list[Row]:
         if not directory.is_dir():
             raise MamlrunError(f"{directory} is not a directory")
         runs = find_runs(directory)
-        if not runs:
+        if not runs and not crossed_in(directory):
             raise MamlrunError(
                 f"no training runs under {directory} (a run's folder holds .hydra/config.yaml "
                 "or checkpoints/ written by mamlrun train)"
             )
         rows += [read_run(run, directory) for run in runs]
     return rows
+
+
+@dataclass
+class Crossed:
+    """A cross-domain test (``mamlrun test checkpoint=RUN dataset=OTHER``): the run's model on
+    another dataset's tasks, shown apart from the paper comparisons."""
+
+    directory: Path
+    results: dict[str, Any]
+
+    @property
+    def verdict(self) -> str:
+        r = self.results
+        return f"cross-domain: no reference for {r.get('trained_on')} → {r.get('tested_on')}"
+
+
+def crossed_in(directory: Path) -> list[Crossed]:
+    """Every cross-domain test at or under ``directory``, inside runs' folders or not."""
+    found = []
+    for path in sorted(directory.glob("**/results.json"), key=lambda p: _natural(str(p))):
+        data = _json(path)
+        if data and data.get("cross_domain") and isinstance(data.get("mean"), int | float):
+            found.append(Crossed(path.parent, data))
+    return found
+
+
+def _crossed_table(crossed: list[Crossed]) -> list[str]:
+    lines = ["", "Cross-domain tests (the model on another dataset's tasks):", ""]
+    header = ["test", "trained on", "tested on", "test", "checkpoint", "verdict"]
+    lines += [_md_row(header), _md_row(["---"] * len(header))]
+    for c in crossed:
+        r = c.results
+        test = f"{_value(r['mean'], r['ci95'], r['metric'])} ({r['test_tasks']} tasks, " \
+               f"{r['inner_steps']} steps)"  # fmt: skip
+        lines.append(_md_row([str(c.directory), str(r.get("trained_on")),
+                              str(r.get("tested_on")), test, str(r.get("checkpoint")),
+                              c.verdict]))  # fmt: skip
+    return lines
 
 
 def grouped(rows: list[Row]) -> list[dict[str, Any]]:
@@ -359,10 +399,11 @@ def _iterations_cell(row: Row) -> str:
     return done if row.planned is None else f"{done} / {row.planned:,}"
 
 
-def render(rows: list[Row]) -> str:
-    """The report as Markdown: the per-run table, the seed groups, the references' sources."""
+def render(rows: list[Row], crossed: list[Crossed] = ()) -> str:
+    """The report as Markdown: the per-run table, the seed groups, the cross-domain tests, the
+    references' sources."""
     header = ["run", "preset", "seed", "iterations", "test", "reference", "verdict"]
-    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    lines = [_md_row(header), _md_row(["---"] * len(header))] if rows else []
     for r in rows:
         cells = [r.run, r.preset or "-", "-" if r.seed is None else str(r.seed),
                  _iterations_cell(r), _test_cell(r), _reference_cell(r), r.verdict]  # fmt: skip
@@ -383,6 +424,8 @@ def render(rows: list[Row]) -> str:
                 g["verdict"],
             ]
             lines.append(_md_row(cells))  # fmt: skip
+    if crossed:
+        lines += _crossed_table(list(crossed))
     sources = dict.fromkeys(r.reference["source"] for r in rows if r.reference)
     if sources:
         lines += ["", "References:", *(f"- {s}" for s in sources)]
@@ -417,18 +460,26 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
     return out
 
 
-def write(rows: list[Row], out_dir: Path) -> tuple[Path, Path]:
+def _crossed_csv(c: Crossed) -> dict[str, Any]:
+    r = c.results
+    return {"run": str(c.directory), "metric": r["metric"], "test_mean": r["mean"],
+            "test_ci95": r["ci95"], "test_inner_steps": r["inner_steps"],
+            "test_tasks": r["test_tasks"], "test_step": r.get("trained_steps"),
+            "verdict": c.verdict, "directory": str(c.directory.resolve())}  # fmt: skip
+
+
+def write(rows: list[Row], out_dir: Path, crossed: list[Crossed] = ()) -> tuple[Path, Path]:
     """``report.md`` and ``report.csv`` in ``out_dir`` (each replaced whole)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md, table = out_dir / "report.md", out_dir / "report.csv"
     tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("# mamlrun report\n\n" + render(rows))
+    tmp.write_text("# mamlrun report\n\n" + render(rows, crossed))
     tmp.replace(md)
     tmp = table.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        writer.writerows(csv_rows(rows))
+        writer.writerows(csv_rows(rows) + [_crossed_csv(c) for c in crossed])
     tmp.replace(table)
     return md, table
 
@@ -451,7 +502,9 @@ def main(argv: list[str]) -> int:
         raise MamlrunError(f"unknown option {unknown[0]} (see mamlrun report --help)")
     directories = [Path(a) for a in args]
     rows = rows_of(directories)
-    print(render(rows), end="")
-    md, table = write(rows, out or (directories[0] if len(directories) == 1 else Path.cwd()))
+    crossed = [c for d in directories for c in crossed_in(d)]
+    print(render(rows, crossed), end="")
+    where = out or (directories[0] if len(directories) == 1 else Path.cwd())
+    md, table = write(rows, where, crossed)
     print(f"written: {md} and {table}")
     return 0

@@ -142,8 +142,9 @@ def _final_evaluation(cfg: DictConfig, best: Path, run_dir: Path) -> dict[str, A
 
 #: Settings of ``test``/``adapt`` that a training run does not pass on to its final test:
 #: the test measures the model in its own arithmetic (``conf/test.yaml``'s fp32), whatever
-#: the run trained with.
-_NOT_FROM_RUN = ("precision",)
+#: the run trained with, and on the run's own data (a ``dataset`` given to ``test`` makes it
+#: a cross-domain test).
+_NOT_FROM_RUN = ("precision", "dataset")
 
 
 def final_settings(command: str, cfg: DictConfig, best: Path) -> Any:

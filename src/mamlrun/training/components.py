@@ -33,16 +33,21 @@ class Components:
 
 
 def build(
-    cfg: DictConfig, device: torch.device, seed: int, precision_name: str = "fp32"
+    cfg: DictConfig,
+    device: torch.device,
+    seed: int,
+    precision_name: str = "fp32",
+    source: TaskSource | None = None,
 ) -> Components:
-    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``.
+    """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``;
+    ``source`` instead of ``cfg.dataset``'s where a test reads other data (cross-domain).
 
     The model is the backbone plus whatever extra meta-parameters the algorithm learns
     (``algorithm.meta_model``), so optimizer and checkpoints cover those too. The algorithm
     runs its forward passes in ``precision_name`` (``with_precision``).
     """
     torch.manual_seed(seed)
-    source = config.instantiate(cfg.dataset, device=device)
+    source = source or config.instantiate(cfg.dataset, device=device)
     backbone = _backbone(cfg, source, device)
     algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
     if not isinstance(algorithm, Algorithm):

@@ -24,6 +24,8 @@ from omegaconf import OmegaConf
 
 from mamlrun import config
 from mamlrun.algorithms.losses import METRIC
+from mamlrun.data.download import resolve_root
+from mamlrun.data.reshaped import Reshaped
 from mamlrun.errors import MamlrunError
 from mamlrun.results import checkpoint
 from mamlrun.results.files import write_json
@@ -114,13 +116,10 @@ def restore(settings: config.TestConfig) -> Restored:
         components = OmegaConf.create(saved["config"]["components"])
     except (KeyError, TypeError):
         raise MamlrunError(f"{path} holds no mamlrun config") from None
-    root = provenance.choose_root(saved, components.dataset, settings.data_root)
-    if root.root is not None:
-        components.dataset.root = root.root
-        log.info(f"data from {root.root} ({root.reason})")
-    components = config.validate(components, config.ComponentsOnly)
-    built = build(components, device, seed=0, precision_name=settings.precision)
-    differences = provenance.compare(saved, built.source, root.root, settings.cross_domain)
+    if settings.dataset is not None:
+        built, data = _across_domains(settings, saved, components, device)
+    else:
+        built, data = _on_its_own_data(settings, saved, components, device)
     try:
         built.model.load_state_dict(saved["model"])
     except RuntimeError as ex:
@@ -128,8 +127,57 @@ def restore(settings: config.TestConfig) -> Restored:
             f"{path}: weights do not fit the backbone: {str(ex).splitlines()[0]}"
         ) from None
     bound = built.algorithm.bind(task_type_of(saved, built), batching_of(saved))
-    data = {"data_root": root.root, "data_differences": differences}
     return Restored(replace(built, algorithm=bound), saved, components, path, data)
+
+
+def _on_its_own_data(settings: config.TestConfig, saved: dict, components: Any,
+                     device: torch.device) -> tuple[Components, dict[str, Any]]:  # fmt: skip
+    """The run's components on the data it read (``provenance``), checked to be that data."""
+    root = provenance.choose_root(saved, components.dataset, settings.data_root)
+    if root.root is not None:
+        components.dataset.root = root.root
+        log.info(f"data from {root.root} ({root.reason})")
+    components = config.validate(components, config.ComponentsOnly)
+    built = build(components, device, seed=0, precision_name=settings.precision)
+    differences = provenance.compare(saved, built.source, root.root, settings.cross_domain)
+    name = config.choice("dataset", components.dataset).removeprefix("dataset=")
+    data = {"data_root": root.root, "data_differences": differences,
+            "cross_domain": bool(differences), "trained_on": name, "tested_on": name}  # fmt: skip
+    return built, data
+
+
+def _across_domains(settings: config.TestConfig, saved: dict, components: Any,
+                    device: torch.device) -> tuple[Components, dict[str, Any]]:  # fmt: skip
+    """The run's model on ``settings.dataset``'s tasks: the run's N-way K-shot, the images
+    brought to the model's input shape (``data.reshaped``)."""
+    shape = (saved.get("data") or {}).get("input_shape")
+    if shape is None:
+        raise MamlrunError(
+            "this checkpoint was written before cross-domain tests (it records no input "
+            "shape); test it on its own dataset, or retrain with this mamlrun"
+        )
+    node = OmegaConf.create(settings.dataset)
+    for key in ("ways", "shots"):  # the model's head and what it was meta-trained for
+        if key in node and key in components.dataset:
+            node[key] = components.dataset[key]
+    if settings.data_root is not None and node.get("root") is None and "root" in node:
+        node.root = settings.data_root
+    config.validate_component("dataset", node)
+    source = config.instantiate(node, device=device)
+    task_type = saved.get("task_type", saved.get("kind"))
+    if source.task_type != task_type:
+        raise MamlrunError(f"the model does {task_type}; that dataset's tasks are "
+                           f"{source.task_type}")  # fmt: skip
+    source = Reshaped(source, tuple(shape))
+    components = config.validate(components, config.ComponentsOnly)
+    built = build(components, device, seed=0, precision_name=settings.precision, source=source)
+    trained = config.choice("dataset", components.dataset).removeprefix("dataset=")
+    tested = config.choice("dataset", node).removeprefix("dataset=")
+    log.info(f"cross-domain test: trained on {trained}, tested on {tested} at {list(shape)}")
+    root = str(resolve_root(node.root)) if "root" in node else None
+    data = {"data_root": root, "data_differences": [], "cross_domain": True,
+            "trained_on": trained, "tested_on": tested}  # fmt: skip
+    return built, data
 
 
 def _steps(settings: config.TestConfig, restored: Restored) -> int:

@@ -30,7 +30,11 @@ def record(dataset_cfg: Any, source: TaskSource) -> dict[str, Any]:
     """What a checkpoint keeps of its data: the root read (None for data without files) and
     the fingerprint of what was found there."""
     root = resolve_root(dataset_cfg["root"]) if "root" in dataset_cfg else None
-    return {"root": None if root is None else str(root), "fingerprint": _fingerprint(source)}
+    return {
+        "root": None if root is None else str(root),
+        "fingerprint": _fingerprint(source),
+        "input_shape": list(source.input_shape),  # what a cross-domain test brings images to
+    }
 
 
 def _fingerprint(source: TaskSource) -> fingerprint.Fingerprint | None:
