@@ -84,7 +84,11 @@ def render(command: str, description: str) -> str:
                 )
         lines.append("")
     if command != "train":
-        lines += ["dataset, backbone and algorithm come from the checkpoint's own config.", ""]
+        lines += [
+            "dataset, backbone and algorithm come from the checkpoint's own config; dataset=NAME",
+            "(one of train's datasets) makes it a cross-domain test on NAME's test classes.",
+            "",
+        ]
     lines.append(f"options (key=value; defaults from conf/{command}.yaml):")
     baseline = options("baseline/default", "baseline.") if command in ("train", "adapt") else []
     for key, value, comment in options(command) + baseline:

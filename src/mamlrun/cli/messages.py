@@ -62,6 +62,11 @@ def composition_error(
         key = bad["key"]
         if command in ("test", "adapt") and key.split(".")[0] in TRAIN_GROUPS:
             return MamlrunError(_not_for_evaluation(command, key, known_keys(key)))
+        if command in ("test", "adapt") and key.startswith("dataset."):
+            return MamlrunError(
+                f"{key}: {command} reads the run's own dataset (data_root=DIR says where its "
+                f"data is now); a cross-domain test names its dataset first: dataset=NAME {key}=…"
+            )
         if _NOT_IN_DEFAULTS in text:
             return MamlrunError(f"{key} is not a config group of {command} ({one_line(ex)})")
         return MamlrunError(unknown_key(key, list(known_keys(key))))
@@ -113,6 +118,6 @@ def unknown_key(key: str, known: list[str]) -> str:
 def _not_for_evaluation(command: str, key: str, known: Iterable[str]) -> str:
     top = sorted({k.split(".")[0] for k in known})
     return (
-        f"{command} takes dataset, backbone and algorithm from the checkpoint, so {key} is not "
+        f"{command} takes backbone and algorithm from the checkpoint, so {key} is not "
         f"one of its settings (its keys: {', '.join(top)})"
     )
