@@ -80,3 +80,16 @@ def test_a_repeated_default_is_caught(tmp_path: Path, monkeypatch):
     assert repeats_and_gaps(node, {"device"}) == (["query"], [])
     node = OmegaConf.create({"_target_": "repeated_default.tasks", "query": 15})
     assert repeats_and_gaps(node, {"device"}) == (["query"], ["shots"])
+
+
+def test_an_algorithm_built_from_python_without_settings_is_its_yamls():
+    """The other direction: what a Python caller leaves out comes from the YAML the class names
+    (``learner.configured``), not from a second set of values."""
+    configured = {}
+    for choice in (c for g, c in component_configs() if g == "meta_optimizer"):
+        target = hydra.utils.get_object(config.group_config("meta_optimizer", choice)._target_)
+        if getattr(target, "configured_by", None) == choice:
+            configured[choice] = target
+    assert {"maml", "reptile"} <= set(configured)
+    for choice, target in configured.items():
+        assert target() == config.algorithm(choice), choice

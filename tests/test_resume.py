@@ -236,3 +236,64 @@ def test_a_time_budget_stops_training_early_but_validates_saves_and_reports(tmp_
     assert state["progress"]["history"][-1][0] == state["progress"]["step"], "validated at the end"
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["stopped_by"] == "max_minutes" and results["steps"] == state["progress"]["step"]
+
+
+#: MAML's flags as every Reptile config held them before each algorithm declared only its own
+#: settings (issue 24), at the one value Reptile allowed.
+REPTILE_WITH_MAMLS_FLAGS = {
+    "learned_inner_lr": "none",
+    "per_step_bn_weights": False,
+    "checkpoint_inner": False,
+    "first_order": True,
+}
+
+
+def with_saved_meta_optimizer(run_dir: Path, **keys) -> None:
+    """Rewrite a run's checkpoints as an older mamlrun wrote them: ``keys`` in both copies of
+    its config (the run's and its components')."""
+    for name in ("last.pt", "best.pt"):
+        path = run_dir / "checkpoints" / name
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for saved in state["config"].values():
+            saved["meta_optimizer"].update(keys)
+        checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
+
+
+def composed_test(run_dir: Path, *extra: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mamlrun import config
+
+    with initialize_config_dir(config_dir=str(config.config_dir()), version_base="1.3"):
+        overrides = [f"checkpoint={run_dir}", "test_tasks=4", "device=cpu", *extra]
+        return hydra_compose("test", overrides)
+
+
+def test_a_reptile_checkpoint_with_mamls_flags_off_still_tests_and_resumes(tmp_path):
+    """A run stopped by its time budget, so that resuming it changes only that budget
+    (Reptile's annealing is over ``iterations``, which it may therefore not change)."""
+    run = tmp_path / "run"
+    reptile = ("meta_optimizer=reptile", "val_every=3", "test_tasks=4", "iterations=6")
+    commands.train(compose_train(*reptile, "max_minutes=0.0001"), run_dir=run)
+    assert final_state(run)["progress"]["step"] < 6
+    with_saved_meta_optimizer(run, **REPTILE_WITH_MAMLS_FLAGS)
+    read = checkpoint.load(run / "checkpoints" / "last.pt")["config"]
+    assert not set(read["run"]["meta_optimizer"]) & set(REPTILE_WITH_MAMLS_FLAGS)
+    assert not set(read["components"]["meta_optimizer"]) & set(REPTILE_WITH_MAMLS_FLAGS)
+    commands.test(composed_test(run), run_dir=tmp_path / "test")
+    commands.train(compose_train(*reptile, "max_minutes=null", "resume=true"), run_dir=run)
+    assert final_state(run)["progress"]["step"] == 6
+
+
+def test_a_reptile_checkpoint_with_a_maml_flag_on_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    reptile = ("meta_optimizer=reptile", "val_every=3", "test_tasks=4", "iterations=3")
+    commands.train(compose_train(*reptile), run_dir=run)
+    flags = {**REPTILE_WITH_MAMLS_FLAGS, "learned_inner_lr": "per_element"}
+    with_saved_meta_optimizer(run, **flags)
+    with pytest.raises(MamlrunError) as error:
+        commands.test(composed_test(run), run_dir=tmp_path / "test")
+    message = str(error.value)
+    assert "meta_optimizer.learned_inner_lr=per_element" in message and "Reptile" in message
+    assert "\n" not in message

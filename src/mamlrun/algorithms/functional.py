@@ -82,6 +82,17 @@ def adam_direction(
 
 T = TypeVar("T")
 
+#: ``(task loss at params, params) -> the loss an inner step differentiates``: the task loss
+#: plus whatever the algorithm's inner problem adds (``GradientLearner.inner_objective``).
+Objective = Callable[[torch.Tensor, Params], torch.Tensor]
+
+
+def inner_loss(
+    task_loss: torch.Tensor, params: Params, objective: Objective | None
+) -> torch.Tensor:
+    """The loss an inner step differentiates: the task loss, or ``objective``'s of it."""
+    return task_loss if objective is None else objective(task_loss, params)
+
 
 def at_step(value: T | Sequence[T], step: int) -> T:
     """``value`` itself, or its entry for ``step`` if it is a per-step list (last one reused)."""
@@ -101,6 +112,7 @@ def adapt(
     steps: int,
     grad: GradFn,
     adam: tuple[float, float] | None = None,
+    objective: Objective | None = None,
 ) -> list[Params]:
     """Run ``steps`` inner steps on one task's support set.
 
@@ -112,12 +124,13 @@ def adapt(
     rates change with the step (MAML++'s per-step batch norm and learned rates); past the end
     of a list its last entry is reused, so evaluation can take more steps than training did.
     ``adam=(β1, β2)`` steps along Adam's direction instead of the gradient (Reptile).
+    ``objective`` turns the task loss into the loss the steps differentiate (``Objective``).
     """
     trajectory = [params]
     moments = None
     for step in range(steps):
         f = at_step(forward, step)
-        grads = grad(lambda p, f=f: loss(f(p, x), y), params)
+        grads = grad(lambda p, f=f: inner_loss(loss(f(p, x), y), p, objective), params)
         if adam is not None:
             grads, moments = adam_direction(grads, moments, step + 1, adam)
         params = sgd_step(params, grads, at_step(lr, step))
@@ -142,6 +155,7 @@ def checkpointed_adapt(
     y: torch.Tensor,
     *,
     steps: int,
+    objective_at: Callable[[Any], Objective] | None = None,
 ) -> list[Params]:
     """Second-order SGD inner loop that keeps only θ₀…θ_steps, not the steps' graphs.
 
@@ -156,12 +170,17 @@ def checkpointed_adapt(
 
     The meta-gradient is the one ``adapt`` gives with ``autograd_grad(create_graph=True)``;
     only ``backward`` (not a higher derivative) may be taken through the result.
+    ``objective_at(meta)`` is ``adapt``'s ``objective`` for these meta-parameters (read from
+    the recomputation's own copies, so that its gradient reaches them too).
     """
 
     def step(tree: tuple[Any, Params], s: int, create_graph: bool) -> Params:
         meta, params = tree
         f = forward_at(meta, s)
-        grads = autograd_grad(create_graph)(lambda p: loss(f(p, x), y), params)
+        objective = objective_at(meta) if objective_at is not None else None
+        grads = autograd_grad(create_graph)(
+            lambda p: inner_loss(loss(f(p, x), y), p, objective), params
+        )
         return sgd_step(params, grads, lr_at(meta, s))
 
     trajectory = [params]

@@ -1,35 +1,41 @@
 """The inner loop every algorithm of the family shares: its settings, and evaluation.
 
-``GradientLearner`` holds how a task is adapted to (step size, steps, which parameters, learned
-rates, batch-norm handling, the inner optimizer) and builds the per-task function that does
-it. MAML (``maml.MAML``) and Reptile (``reptile.Reptile``) are these settings plus their own
-outer update, so neither copies the other's fields, and evaluation (adapt on the support
-set, score the query set after every step) is written once, here.
+``GradientLearner`` holds how a task is adapted to (step size, steps, which parameters,
+batch-norm handling, the inner optimizer) and builds the per-task function that does it.
+MAML (``maml.MAML``) and Reptile (``reptile.Reptile``) extend it with their own settings
+(``configured``) and outer update, so neither copies the other's fields, and evaluation
+(adapt on the support set, score the query set after every step) is written once, here.
 
-The variants are flags on these settings, each implemented by a small function elsewhere:
-which parameters adapt (``selection``, ANIL), learned rates (``learned_lr``, Meta-SGD and
-MAML++'s LSLR), per-step batch-norm weights and statistics (``per_step``, MAML++).
+The variants are flags, each implemented by a small function elsewhere: which parameters
+adapt (``selection``, ANIL), learned rates (``learned_lr``, Meta-SGD and MAML++'s LSLR),
+per-step batch-norm weights and statistics (``per_step``, MAML++). The inner loop reads a
+member's own flags through the hooks ``learned_rates``, ``per_step_weights`` and
+``recomputes_steps``, and the loss its steps take through ``inner_objective``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from mamlrun import config
 from mamlrun.algorithms import learned_lr, per_step, selection
 from mamlrun.algorithms.batching import map_tasks
 from mamlrun.algorithms.functional import (
     Forward,
     GradFn,
+    Objective,
     Params,
     adapt,
     at_step,
@@ -85,37 +91,41 @@ class ModelPlan:
         return self.model() is model and self.names == names and self.settings == settings
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GradientLearner:
-    """How a task is adapted to. The values live in ``conf/meta_optimizer/*.yaml`` (build one
-    from there with ``config.algorithm``); here are the types and what they mean.
+    """What every gradient-based member of the family shares: how a task is adapted to by
+    gradient steps on its support set, and evaluation. The values live in
+    ``conf/meta_optimizer/base/learner.yaml``, which each member's YAML extends (build one with
+    its defaults from Python: ``MAML(inner_lr=0.4)``, see ``configured``); here are the types
+    and what they mean.
+
+    The base holds a setting when the shared inner loop or evaluation reads it for every
+    member: the step size, the steps at training and at test time, the loss the steps take
+    (its normalisation), how batch norm sees a task, how the tasks of a meta-batch run,
+    which parameters adapt, and the inner optimizer with its betas (Reptile's paper adapts
+    with Adam; evaluation runs the same steps as training). A setting that only one member's
+    outer objective reads, or that adds meta-parameters, is that member's own: MAML's first
+    order, learned rates, per-step batch-norm weights, recomputed steps and schedules are
+    ``maml.MAML``'s. The shared inner loop asks a member for those through ``learned_rates``,
+    ``per_step_weights`` and ``recomputes_steps`` (all off here), and for the loss an inner
+    step differentiates through ``inner_objective`` (the task loss here).
 
     Attributes:
         inner_lr: step size α of the inner steps (the initial value when learned).
         inner_steps: inner steps while meta-training.
         inner_steps_test: inner steps at validation and test time (the paper uses more).
-        first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
         task_batching: ``loop``, ``threads``, ``vmap``, ``vmap:C`` (chunks of C tasks) or
             ``auto`` (measure them at start-up), see ``batching``.
         loss_normalization: ``mean`` or ``tf_maml`` (see ``losses.loss_fn``): what the inner
             learning rate is relative to.
         adapt_params: ``all``, ``head`` (ANIL) or a list of parameter-name prefixes: which
             parameters the inner loop updates. The others are meta-learned in the outer loop.
-        learned_inner_lr: ``none``, ``per_element`` (Meta-SGD) or ``per_layer_per_step``
-            (MAML++'s LSLR): inner rates meta-learned with the initialisation.
-        per_step_bn_weights: MAML++'s BNWB: batch-norm gamma/beta per inner step, meta-learned
-            and not adapted.
         bn_mode: ``transductive`` or ``per_step`` (MAML++'s BNRS), see
             ``config.ranges.BN_MODES``. Only ``loop`` batching supports ``per_step``
             (statistics are updated in place).
         inner_optimizer: ``sgd``, or ``adam`` (with ``adam_betas``, fresh state per task;
             first order only, as Adam's square root has no second derivative at a zero gradient).
         adam_betas: Adam's (β1, β2) when ``inner_optimizer=adam``.
-        checkpoint_inner: for second-order training, keep only the parameters after each
-            inner step and recompute a step's graph during the outer backward pass: memory
-            no longer grows with the steps' graphs, for about one more forward and backward
-            of every step. Same meta-gradient. ``loop`` batching only, not with
-            ``bn_mode=per_step`` (the recomputation would update the statistics twice).
         precision: how the network's forward passes run (``precision.Precision``); not a
             setting of ``meta_optimizer`` but the run's top-level ``precision``, handed over
             by the runner through ``with_precision``.
@@ -126,16 +136,12 @@ class GradientLearner:
     inner_lr: float
     inner_steps: int
     inner_steps_test: int
-    first_order: bool
     task_batching: str
     loss_normalization: str
     adapt_params: str | list[str]
-    learned_inner_lr: str
-    per_step_bn_weights: bool
     bn_mode: str
     inner_optimizer: str
     adam_betas: tuple[float, float]
-    checkpoint_inner: bool
     precision: Precision = field(default=FP32, init=False)
     task_type: str | None = field(default=None, init=False)
     batching: str | None = field(default=None, init=False)
@@ -151,10 +157,41 @@ class GradientLearner:
         # (``config.ranges``); here only the YAML's list becomes the tuple the type says.
         self.adam_betas = tuple(self.adam_betas)
 
+    # ------------------------------------------------------------------ what a member adds
+    # The shared inner loop reads a member's own settings only through these; off here.
+    @property
+    def learned_rates(self) -> str:
+        """``none``, or how the inner rates are meta-learned (``learned_lr``)."""
+        return "none"
+
+    @property
+    def per_step_weights(self) -> bool:
+        """Batch-norm weights per inner step, meta-learned and not adapted (``per_step``)."""
+        return False
+
+    @property
+    def recomputes_steps(self) -> bool:
+        """Inner steps recomputed in the outer backward (``functional.checkpointed_adapt``),
+        which limits the batching modes."""
+        return False
+
+    def inner_objective(
+        self, task_loss: torch.Tensor, params: Params, start: Params
+    ) -> torch.Tensor:
+        """The loss an inner step differentiates, given the task's loss on the support set
+        at ``params`` (the adapting parameters at this step) and ``start`` (the same
+        parameters before the first step, the meta-parameters they start from).
+
+        The task loss itself here; a member whose inner problem adds a term (iMAML's
+        proximal λ/2·‖φ − θ‖²) overrides this, and the inner loop, evaluation and recomputed
+        steps all take it from here, differentiated through ``start`` as through the rest.
+        """
+        return task_loss
+
     # ------------------------------------------------------------------ what the runner asks
     @property
     def batching_modes(self) -> tuple[str, ...]:
-        return ranges.batching_modes(self.bn_mode, self.checkpoint_inner)
+        return ranges.batching_modes(self.bn_mode, self.recomputes_steps)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -167,7 +204,7 @@ class GradientLearner:
         """A copy whose forward passes run in ``precision`` (``base.SupportsPrecision``).
 
         Every forward pass of the family goes through ``inner_loop``'s ``forward`` (inner
-        steps, query passes, evaluation, their recomputation under ``checkpoint_inner``),
+        steps, query passes, evaluation, their recomputation under ``recomputes_steps``),
         so that is the one place it is applied.
         """
         changed = copy.copy(self)
@@ -185,7 +222,7 @@ class GradientLearner:
         for name in self._extra_names(backbone):
             if name == "inner_lr":
                 extras[name] = learned_lr.init(
-                    self.learned_inner_lr, adapted, self.inner_lr, self.inner_steps
+                    self.learned_rates, adapted, self.inner_lr, self.inner_steps
                 )
             elif name == "bn_weights":
                 extras[name] = per_step.PerStepBatchNormWeights(layers, self.inner_steps)
@@ -264,7 +301,7 @@ class GradientLearner:
         before) and none is kept alive by the plan."""
         names = tuple(dict(model.named_parameters()))
         settings = (
-            self.adapt_params, self.per_step_bn_weights, self.learned_inner_lr, self.bn_mode
+            self.adapt_params, self.per_step_weights, self.learned_rates, self.bn_mode
         )  # fmt: skip
         plan = self._plan
         if plan is None or not plan.fits(model, names, settings):
@@ -313,7 +350,8 @@ class GradientLearner:
         stats = per_name(plan.extras["bn_stats"]) if "bn_stats" in plan.extras else {}
         loss = self.losses_of(task_type).loss
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
-        learned, inner_lr = self.learned_inner_lr, self.inner_lr
+        learned, inner_lr = self.learned_rates, self.inner_lr
+        objective_at = self._objective_at(adapted)
         call = (  # fp32 changes nothing: the plain call, no precision wrapper per forward pass
             functional_call
             if self.precision.name == "fp32"
@@ -343,28 +381,40 @@ class GradientLearner:
             if checkpoint:
                 rate_at = lambda meta, s: at_step(rates(meta), s)  # noqa: E731
                 trajectory = checkpointed_adapt(
-                    forward_at, rate_at, loss, meta, start, x, y, steps=steps
-                )
+                    forward_at, rate_at, loss, meta, start, x, y, steps=steps,
+                    objective_at=objective_at,
+                )  # fmt: skip
             else:
                 trajectory = adapt(
-                    forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad, adam=adam
-                )
+                    forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad,
+                    adam=adam, objective=objective_at(meta),
+                )  # fmt: skip
             return trajectory, forwards
 
         return run
+
+    def _objective_at(self, adapted: Sequence[str]) -> Callable[[Meta], Objective]:
+        """``inner_objective`` with its ``start`` read from the meta-parameters it is given
+        (a recomputed step gives its own copies, whose gradients must come back)."""
+
+        def at(meta: Meta) -> Objective:
+            start = {k: meta["theta"][k] for k in adapted}
+            return lambda task_loss, p: self.inner_objective(task_loss, p, start)
+
+        return at
 
     def _extra_names(self, backbone: nn.Module) -> list[str]:
         """Which extra meta-parameters these settings learn for this backbone."""
         has_bn = bool(batch_norm_layers(backbone))
         wanted = {
-            "inner_lr": self.learned_inner_lr != "none",
-            "bn_weights": self.per_step_bn_weights and has_bn,
+            "inner_lr": self.learned_rates != "none",
+            "bn_weights": self.per_step_weights and has_bn,
             "bn_stats": self.bn_mode == "per_step" and has_bn,
         }
         return [name for name, on in wanted.items() if on]
 
     def _adapted_names(self, backbone: nn.Module) -> list[str]:
-        bn = batch_norm_layers(backbone) if self.per_step_bn_weights else {}
+        bn = batch_norm_layers(backbone) if self.per_step_weights else {}
         owned = {f"{layer}.{n}" for layer, m in bn.items() for n, _ in m.named_parameters()}
         return selection.adapted_names(backbone, self.adapt_params, exclude=owned)
 
@@ -379,6 +429,54 @@ class GradientLearner:
             yield
         finally:
             model.train(was_training)
+
+
+L = TypeVar("L", bound=GradientLearner)
+
+
+def configured(choice: str) -> Callable[[type[L]], type[L]]:
+    """A member of the family: a keyword-only dataclass configured by
+    ``conf/meta_optimizer/<choice>.yaml``, so that ``MAML(inner_lr=0.4)`` is MAML with that
+    YAML's other settings (its base's included) and a Python caller gets the defaults the
+    command line gets, read from the one place they are written. The signature keeps no
+    defaults (``tests/test_defaults.py``; ``config`` checks a YAML against it), and the
+    values are range-checked as the config's are. An unknown setting is one line with a
+    did-you-mean. ``config.algorithm(choice, **settings)`` still builds any YAML's choice.
+    """
+
+    def wrap(cls: type[L]) -> type[L]:
+        cls = dataclass(kw_only=True)(cls)
+        init, names = cls.__init__, [f.name for f in fields(cls) if f.init]
+
+        @functools.wraps(init)
+        def __init__(self, **settings: Any) -> None:
+            for key in settings:
+                if key not in names:
+                    raise MamlrunError(_unknown_setting(cls, key, names))
+            missing = [n for n in names if n not in settings]
+            if missing:
+                defaults = config.settings("meta_optimizer", choice)
+                absent = [n for n in missing if n not in defaults]
+                if absent:
+                    raise MamlrunError(
+                        f"{cls.__name__} needs {', '.join(absent)}, which "
+                        f"conf/meta_optimizer/{choice}.yaml does not set"
+                    )
+                settings = {**{n: defaults[n] for n in missing}, **settings}
+            ranges.check_meta_optimizer(settings)
+            init(self, **settings)
+
+        cls.__init__ = __init__
+        cls.configured_by = choice
+        return cls
+
+    return wrap
+
+
+def _unknown_setting(cls: type, key: str, names: list[str]) -> str:
+    guess = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {guess[0]}?)" if guess else ""
+    return f"{cls.__name__} has no setting {key}{hint}; its settings: {', '.join(names)}"
 
 
 def _without_outer_graph(inner: Adaptation) -> Adaptation:

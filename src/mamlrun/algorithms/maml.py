@@ -11,7 +11,6 @@ change over training, defined here: the multi-step loss and derivative-order ann
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,16 +19,28 @@ from mamlrun.algorithms import schedules
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import chunks, in_threads, map_tasks
 from mamlrun.algorithms.functional import autograd_grad, functional_grad
-from mamlrun.algorithms.learner import GradientLearner, scored
+from mamlrun.algorithms.learner import GradientLearner, configured, scored
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import tell_training_step
 
 
-@dataclass
+@configured("maml")
 class MAML(GradientLearner):
-    """``GradientLearner``'s settings plus MAML++'s training schedules.
+    """``GradientLearner``'s settings plus MAML's own: its flags (the family's variants) and
+    MAML++'s training schedules. ``MAML(inner_lr=0.4)`` takes the rest from
+    ``conf/meta_optimizer/maml.yaml`` (``configured``).
 
     Attributes:
+        first_order: drop the second-order term (FOMAML): cheaper, usually slightly worse.
+        learned_inner_lr: ``none``, ``per_element`` (Meta-SGD) or ``per_layer_per_step``
+            (MAML++'s LSLR): inner rates meta-learned with the initialisation.
+        per_step_bn_weights: MAML++'s BNWB: batch-norm gamma/beta per inner step, meta-learned
+            and not adapted.
+        checkpoint_inner: for second-order training, keep only the parameters after each
+            inner step and recompute a step's graph during the outer backward pass: memory
+            no longer grows with the steps' graphs, for about one more forward and backward
+            of every step. Same meta-gradient. ``loop`` batching only, not with
+            ``bn_mode=per_step`` (the recomputation would update the statistics twice).
         multi_step_loss: MAML++'s MSL: outer loss over the query losses after every inner
             step, weights annealed to the last step over the first ``msl_iterations``.
         msl_iterations: training iterations over which the MSL weights anneal.
@@ -37,9 +48,26 @@ class MAML(GradientLearner):
             iterations before this one, second order after (0: off).
     """
 
+    first_order: bool
+    learned_inner_lr: str
+    per_step_bn_weights: bool
+    checkpoint_inner: bool
     multi_step_loss: bool
     msl_iterations: int
     first_order_until: int
+
+    # What the shared inner loop asks of a member (``GradientLearner``), from MAML's flags.
+    @property
+    def learned_rates(self) -> str:
+        return self.learned_inner_lr
+
+    @property
+    def per_step_weights(self) -> bool:
+        return self.per_step_bn_weights
+
+    @property
+    def recomputes_steps(self) -> bool:
+        return self.checkpoint_inner
 
     def meta_objective(
         self, model: nn.Module, batch: TaskBatch, step: int | None = None

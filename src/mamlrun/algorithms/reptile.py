@@ -13,7 +13,6 @@ update, so evaluation, the batching choice and batch-norm handling are the same 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,14 +20,16 @@ from torch import nn
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import map_tasks
 from mamlrun.algorithms.functional import autograd_grad, functional_grad
-from mamlrun.algorithms.learner import GradientLearner
+from mamlrun.algorithms.learner import GradientLearner, configured
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import tell_training_step
 
 
-@dataclass
+@configured("reptile")
 class Reptile(GradientLearner):
-    """``GradientLearner``'s settings, used first order; Reptile's outer update.
+    """``GradientLearner``'s settings and nothing more, used first order (Reptile never
+    differentiates through the inner loop); Reptile's outer update. ``Reptile()`` takes its
+    settings from ``conf/meta_optimizer/reptile.yaml`` (``configured``).
 
     Adaptation Adam (``inner_optimizer=adam``, the paper's, with β1 = 0) starts afresh for every
     task (the original code carries its state over from task to task). Each inner step uses

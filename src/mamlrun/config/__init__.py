@@ -304,6 +304,43 @@ def algorithm(choice: str = "maml", **settings: Any) -> Any:
     return build_meta_optimizer(node)[0]
 
 
+#: Keys mamlrun once wrote into every algorithm's config, each at the value that meant "off"
+#: (Reptile's configs held MAML's flags and refused any other value, until each algorithm
+#: declared only its own settings: issue 24). The one place an old config is read forward:
+#: where its algorithm no longer declares such a key, the key is dropped at that value and
+#: refused at any other (no run of that algorithm can have used it).
+RETIRED = {
+    "first_order": True,
+    "learned_inner_lr": "none",
+    "per_step_bn_weights": False,
+    "checkpoint_inner": False,
+}
+
+
+def read_forward(run: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a run's or its components', as plain containers) that this mamlrun's
+    algorithms take: ``meta_optimizer``'s retired keys dropped (``RETIRED``)."""
+    node = run.get("meta_optimizer") if isinstance(run, dict) else None
+    if not isinstance(node, dict) or not any(key in node for key in RETIRED):
+        return run
+    try:
+        params, _ = _signature(hydra.utils.get_object(node["_target_"]))
+    except Exception:  # not importable here: whoever builds it says so, in one line
+        return run
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return run
+    kept = dict(node)
+    for key, off in RETIRED.items():
+        if key in kept and key not in params:
+            if kept[key] != off:
+                raise MamlrunError(
+                    f"meta_optimizer.{key}={kept[key]} in this saved config, which "
+                    f"{node['_target_']} has no setting for (only {off} can be read forward)"
+                )
+            del kept[key]
+    return {**run, "meta_optimizer": kept}
+
+
 def build_scheduler(node: DictConfig) -> Callable[..., Any] | None:
     """A factory ``optimizer -> scheduler`` for the outer learning rate, or None.
 

@@ -121,8 +121,6 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
     """The inner loop's settings, their choices, and the combinations that cannot run. Only
     the keys a node has are checked: an algorithm of one's own may have others."""
     get = node.get
-    if str(get("_target_", "")).endswith(".Reptile"):
-        _check_reptile(node)  # first, as its own flags explain the rest
     if get("inner_lr", 1) <= 0:
         raise MamlrunError(f"meta_optimizer.inner_lr must be positive, got {node['inner_lr']}")
     if get("inner_steps", 1) < 1 or get("inner_steps_test", 0) < 0:
@@ -156,21 +154,6 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
         check_batching(node["task_batching"], modes, get("bn_mode"))
     if get("multi_step_loss") and get("msl_iterations", 0) < 1:
         raise MamlrunError("meta_optimizer.multi_step_loss needs msl_iterations >= 1")
-
-
-def _check_reptile(node: Mapping[str, Any]) -> None:
-    if not node["first_order"]:
-        raise MamlrunError("Reptile is first order: meta_optimizer.first_order must be true")
-    for name, off in (
-        ("learned_inner_lr", "none"),
-        ("per_step_bn_weights", False),
-        ("checkpoint_inner", False),
-    ):
-        if node[name] != off:
-            raise MamlrunError(
-                f"meta_optimizer.{name} has no meaning for Reptile (its outer update only "
-                "moves the initialisation); leave it at its default"
-            )
 
 
 def parse_batching(mode: str) -> tuple[str, int | None]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mamlrun import config
 from mamlrun.errors import MamlrunError
 
 FORMAT = 1
@@ -47,6 +48,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise MamlrunError(msg) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise MamlrunError(f"{path} is not a mamlrun checkpoint (format {FORMAT})")
+    saved = state.get("config")
+    if isinstance(saved, dict):  # written by an older mamlrun: read forward (config.RETIRED)
+        try:
+            state["config"] = {k: config.read_forward(v) for k, v in saved.items()}
+        except MamlrunError as ex:
+            raise MamlrunError(f"{path}: {ex}") from None
     return state
 
 

@@ -91,7 +91,8 @@ def _run_config(directory: Path) -> dict[str, Any] | None:
     """The run's flattened config: ``.hydra/config.yaml``, else the one in its checkpoint."""
     hydra_file = directory / ".hydra" / "config.yaml"
     if hydra_file.is_file():
-        flat = config.flatten(OmegaConf.to_container(OmegaConf.load(hydra_file)))
+        saved = OmegaConf.to_container(OmegaConf.load(hydra_file))
+        flat = config.flatten(config.read_forward(saved))  # as checkpoint.load reads it
     else:
         saved = _checkpoint(directory)
         flat = config.flatten(saved["config"]["run"]) if saved else {}
