@@ -20,7 +20,7 @@ from test_miniimagenet import colour, one_line_error, task_settings
 
 from mamlrun.data import cub, download
 from mamlrun.data.cub import CLASSES, SPLIT_CLASSES, load_cub, split_of
-from mamlrun.data.images import EpisodicImages
+from mamlrun.data.episodic import EpisodicImages
 
 REAL_OPEN_URL = download._open_url
 #: Two species per split, in name order within each split.

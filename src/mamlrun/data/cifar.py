@@ -43,17 +43,11 @@ from mamlrun.data.download import (
     resolve_root,
     tar_gz_files,
 )
-from mamlrun.data.images import (
-    ImageSplit,
-    cached_splits,
-    channel_stats,
-    check_classes,
-    fingerprint,
-    write_splits,
-)
+from mamlrun.data.episodic import channel_stats
 from mamlrun.data.pickles import read_pickle, unpickle
-from mamlrun.data.sources import image_tasks
+from mamlrun.data.sources import check_classes, image_tasks
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import ImageSplit, cached_splits, fingerprint, write_splits
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)

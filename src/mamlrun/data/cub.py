@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mamlrun.data.decode import DecodePool, one_line, resize_files
 from mamlrun.data.download import (
     ensure_file,
     looks_like_html,
@@ -41,20 +42,10 @@ from mamlrun.data.download import (
     resolve_root,
     tar_gz_files,
 )
-from mamlrun.data.images import (
-    CachedSplits,
-    DecodePool,
-    ImageSplit,
-    cached_splits,
-    channel_stats,
-    check_classes,
-    fingerprint,
-    one_line,
-    resize_files,
-    write_splits,
-)
-from mamlrun.data.sources import image_tasks
+from mamlrun.data.episodic import channel_stats
+from mamlrun.data.sources import check_classes, image_tasks
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import CachedSplits, ImageSplit, cached_splits, fingerprint, write_splits
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)

@@ -38,21 +38,20 @@ from pathlib import Path
 
 import torch
 
+from mamlrun.data.decode import one_line, resize_files
 from mamlrun.data.download import resolve_root
-from mamlrun.data.images import (
-    ChannelMoments,
+from mamlrun.data.episodic import ChannelMoments
+from mamlrun.data.pickles import read_pickle
+from mamlrun.data.sources import check_classes as check_class_set
+from mamlrun.data.sources import image_tasks
+from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import (
     ImageCacheWriter,
     ImageSplit,
     cached_splits,
     fingerprint,
-    one_line,
-    resize_files,
     splits_header,
 )
-from mamlrun.data.images import check_classes as check_class_set
-from mamlrun.data.pickles import read_pickle
-from mamlrun.data.sources import image_tasks
-from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
 IMAGE_SIZE = 84

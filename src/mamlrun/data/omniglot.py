@@ -56,8 +56,9 @@ from mamlrun.data.download import (
     resolve_root,
     user_cache_dir,
 )
-from mamlrun.data.images import EpisodicImages, ImageSplit, save_atomic
+from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tasks import SPLITS, TaskBatch
+from mamlrun.data.u8cache import ImageSplit, save_atomic
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)

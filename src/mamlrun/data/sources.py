@@ -9,13 +9,15 @@ signature and ``--help`` documents.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from mamlrun.data.images import EpisodicImages, ImageSplit, normalisation
+from mamlrun.data.episodic import EpisodicImages, normalisation
+from mamlrun.data.u8cache import ImageSplit
+from mamlrun.errors import MamlrunError
 
 
 class ImageData(Protocol):
@@ -72,3 +74,20 @@ def image_tasks(
     tasks.__name__ = tasks.__qualname__ = f"{name}_tasks"
     tasks.__doc__ = f"The task source ``conf/dataset/{name}.yaml`` builds."
     return tasks
+
+
+def check_classes(
+    where: str, split: str, found: Sequence[str], expected: Sequence[str], benchmark: str
+) -> None:
+    """The classes found must be the split's published ones: the first missing or extra one
+    named, so a wrong file or a mixed-up copy is recognised at once."""
+    present = set(found)
+    missing = [c for c in expected if c not in present]
+    extra = sorted(set(found) - set(expected))
+    if not missing and not extra:
+        return
+    first = f"{missing[0]} is missing" if missing else f"{extra[0]} does not belong to it"
+    raise MamlrunError(
+        f"{where}: not the {split} split of {benchmark} ({len(expected)} classes): "
+        f"{first} ({len(missing)} missing, {len(extra)} extra); check that this is the right file"
+    )

@@ -39,19 +39,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mamlrun.data.decode import DecodePool
 from mamlrun.data.download import resolve_root
-from mamlrun.data.images import (
-    ChannelMoments,
-    DecodePool,
+from mamlrun.data.episodic import ChannelMoments
+from mamlrun.data.pickles import read_pickle, stream_list
+from mamlrun.data.sources import image_tasks
+from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import (
     ImageCacheWriter,
     ImageSplit,
     cached_splits,
     fingerprint,
     splits_header,
 )
-from mamlrun.data.pickles import read_pickle, stream_list
-from mamlrun.data.sources import image_tasks
-from mamlrun.data.tasks import SPLITS
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
