@@ -42,8 +42,8 @@ class ImageData:
 
 class Delivery:
     """Where a reader delivers its images as the layer builds a cache: ``append`` (images after
-    the last, split after split in train, val, test order) or ``write`` (at their place, for a
-    reader that knows ``count`` in advance and reads the images out of class order), and
+    the last, split after split in train, val, test order) or ``reserve`` and ``write`` (at
+    their place, for a reader that reads the images out of class order), and
     ``classes`` (each split's class names and image counts, in class order). The training
     split's images are added to its statistics as they pass."""
 
@@ -55,6 +55,9 @@ class Delivery:
     def append(self, split: str, pixels: torch.Tensor) -> None:
         self.writer.append(pixels)
         self._count(split, pixels)
+
+    def reserve(self, count: int) -> None:
+        self.writer.reserve(count)
 
     def write(self, split: str, index: int, pixels: torch.Tensor) -> None:
         self.writer.write(index, pixels)
@@ -88,7 +91,6 @@ class Reading:
     layout: str
     files: list[str]
     deliver: Callable[[Delivery], None]
-    count: int = 0  # images known before reading (for ``Delivery.write``)
 
 
 def cached_images(reading: Reading) -> ImageData:
@@ -96,7 +98,7 @@ def cached_images(reading: Reading) -> ImageData:
     built from ``reading.key``."""
 
     def build(target: Path) -> None:
-        with ImageCacheWriter(target, reading.count, reading.shape) as writer:
+        with ImageCacheWriter(target, 0, reading.shape) as writer:
             delivery = Delivery(writer)
             reading.deliver(delivery)
             missing = [s for s in SPLITS if s not in delivery.parts]

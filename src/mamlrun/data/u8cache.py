@@ -157,6 +157,12 @@ class ImageCacheWriter:
         view = memoryview(pixels.contiguous().numpy()).cast("B")
         self._guard(_pwrite_all, self._file.fileno(), view, index * self._bytes)
 
+    def reserve(self, count: int) -> None:
+        """Room for ``count`` images in all, to be filled with ``write`` at any positions: for
+        a source that knows its size only once it starts reading (tieredImageNet's labels)."""
+        self.count = max(self.count, count)
+        self._guard(self._file.truncate, self.count * self._bytes)
+
     def append(self, pixels: torch.Tensor) -> int:
         """Images after the last one, the cache growing by ``len(pixels)`` (miniImageNet's
         pickles reveal a split's size only once read); returns the index of the first."""
