@@ -12,9 +12,11 @@ results are comparable with published numbers:
 The cache holds one uint8 tensor ``[1623, 20, size, size]`` (0..255, strokes 255; the division
 by 255 happens on the device, which keeps the cache 4× smaller than floats), the character
 names ``Alphabet/characterNN`` (sorted within each zip, background first) and the zip each one
-came from. It is written atomically next to the zips as ``cache_<size>.pt``; where that folder
-is not writable (a shared read-only copy) it goes to ``$XDG_CACHE_HOME/mamlrun/omniglot/`` (or
-``~/.cache/mamlrun/omniglot/``) instead, as ``cache_<size>-<hash of the zips' folder>.pt`` so
+came from. It is the ``.u8`` cache every image dataset uses (``data/u8cache.py``: the images
+mapped, not read, names and zips in its header), written atomically next to the zips as
+``cache_<size>.u8``; where that folder is not writable (a shared read-only copy) it goes to
+``$XDG_CACHE_HOME/mamlrun/omniglot/`` (or ``~/.cache/mamlrun/omniglot/``) instead, as
+``cache_<size>-<hash of the zips' folder>.u8`` so
 that two read-only copies do not overwrite each other's cache. Its key is the zips' sizes and
 mtimes and the image size: touching or replacing a zip rebuilds it, and an unreadable cache
 file is rebuilt rather than reported.
@@ -29,7 +31,6 @@ checks, so one code path serves both.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -54,11 +55,10 @@ from mamlrun.data.download import (
     is_writable_dir,
     md5sum,
     resolve_root,
-    user_cache_dir,
 )
 from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tasks import SPLITS, TaskBatch
-from mamlrun.data.u8cache import ImageSplit, save_atomic
+from mamlrun.data.u8cache import ImageCacheWriter, ImageSplit, cache_locations, read_image_cache
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ MAML_META_TRAIN = 1200  # the MAML paper's meta-training characters, validation 
 MAML_VAL = 100
 VAL_ALPHABETS = 5
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 1: a torch.save file, cache_<size>.pt
 _ENTRY = re.compile(r"(?P<set>[^/]+)/(?P<alphabet>[^/]+)/(?P<character>[^/]+)/[^/]+\.png")
 
 
@@ -228,9 +228,7 @@ def build_omniglot(
 
 def cache_paths(directory: Path, image_size: int) -> tuple[Path, Path]:
     """Where the cache goes: next to the zips, or in the user cache if that is read-only."""
-    name = f"cache_{image_size}"
-    tag = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
-    return directory / f"{name}.pt", user_cache_dir() / "omniglot" / f"{name}-{tag}.pt"
+    return cache_locations(directory, "omniglot", f"cache_{image_size}.u8")
 
 
 def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
@@ -242,34 +240,35 @@ def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
 
 
 def _read_cache(path: Path, key: dict) -> OmniglotData | None:
-    if not path.is_file():
+    """The cache at ``path`` if it holds the data ``key`` names, mapped (not read); None for
+    anything else (absent, of other zips, damaged): rebuilding it fixes it."""
+    cache = read_image_cache(path, key)
+    if cache is None:
         return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] != key:
-            return None
-        data = OmniglotData(blob["images"], blob["names"], blob["sources"], blob["md5"])
-        size = key["image_size"]
-        shape = (len(data.names), DRAWINGS, size, size)
-        if data.images.dtype != torch.uint8 or data.images.shape != shape:
-            raise ValueError(f"images are {data.images.dtype} {tuple(data.images.shape)}")
-        if len(data.sources) != len(data.names):
-            raise ValueError("names and sources differ in length")
-        return data
-    except Exception as e:  # whatever is wrong with a cache, rebuilding it fixes it
-        log.warning("ignoring unreadable cache %s (%s)", path, _one_line(e))
+    header, size = cache.header, key["image_size"]
+    names, sources = list(header.get("names", [])), list(header.get("sources", []))
+    shape = (len(names) * DRAWINGS, size, size, 1)
+    if tuple(cache.images.shape) != shape or len(sources) != len(names):
+        log.warning("ignoring unreadable cache %s (it is not the one its header describes)", path)
         return None
+    images = cache.images.view(len(names), DRAWINGS, size, size)
+    return OmniglotData(images, names, sources, dict(header["md5"]), str(path))
 
 
 def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
-    blob = {
-        "key": key,
-        "images": data.images,
-        "names": data.names,
-        "sources": data.sources,
-        "md5": data.md5,
-    }
-    return save_atomic(path, blob)
+    """The ``.u8`` cache every image dataset uses: the drawings as ``[characters * 20, s, s,
+    1]``, the names, zips and md5s in its header. False (with a warning) where it cannot be
+    written, so that a full or read-only disk costs the next run a rebuild, not this one."""
+    size = data.images.shape[-1]
+    header = {"key": key, "names": data.names, "sources": data.sources, "md5": data.md5}
+    try:
+        with ImageCacheWriter(path, data.images.shape[0] * DRAWINGS, (size, size, 1)) as writer:
+            writer.write(0, data.images.reshape(-1, size, size, 1))
+            writer.commit(header)
+    except MamlrunError as e:
+        log.warning("could not write cache %s (%s)", path, _one_line(e))
+        return False
+    return True
 
 
 def ensure_zips(directory: Path) -> dict[str, Path]:
@@ -309,7 +308,7 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 
     for candidate in (primary, fallback):
         data = _read_cache(candidate, key)
         if data is not None:
-            return dataclasses.replace(data, cache=str(candidate))
+            return data
     log.info("building the Omniglot cache from %s (once; takes a few seconds)", directory)
     start = time.perf_counter()
     data = build_omniglot(paths, image_size)
