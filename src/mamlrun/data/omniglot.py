@@ -30,7 +30,6 @@ checks, so one code path serves both.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import logging
@@ -38,7 +37,6 @@ import multiprocessing
 import os
 import random
 import re
-import time
 import warnings
 import zipfile
 import zlib
@@ -50,15 +48,15 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mamlrun.data.decode import one_line
 from mamlrun.data.download import (
     ensure_file,
-    is_writable_dir,
     md5sum,
     resolve_root,
 )
 from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tasks import SPLITS, TaskBatch
-from mamlrun.data.u8cache import ImageCacheWriter, ImageSplit, cache_locations, read_image_cache
+from mamlrun.data.u8cache import ImageCacheWriter, ImageSplit, MappedCache, cached_file
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -98,17 +96,13 @@ class OmniglotData:
 # Reading and validating the zips
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError as e:
         raise MamlrunError(f"{path}: file not found") from e
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise MamlrunError(f"{path}: not a readable zip file ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: not a readable zip file ({one_line(e)})") from e
 
 
 def list_characters(path: Path, set_name: str) -> dict[str, list[str]]:
@@ -151,7 +145,7 @@ def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
     try:
         raw = zf.read(entry)  # checks the CRC
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
-        raise MamlrunError(f"{path}: cannot read {entry} ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: cannot read {entry} ({one_line(e)})") from e
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
@@ -162,7 +156,7 @@ def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
     except UnidentifiedImageError as e:  # its message holds the repr of our BytesIO
         raise MamlrunError(f"{path}: {entry} is not a readable PNG (not an image)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MamlrunError(f"{path}: {entry} is not a readable PNG ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: {entry} is not a readable PNG ({one_line(e)})") from e
     return small.tobytes()
 
 
@@ -226,11 +220,6 @@ def build_omniglot(
 # Cache
 
 
-def cache_paths(directory: Path, image_size: int) -> tuple[Path, Path]:
-    """Where the cache goes: next to the zips, or in the user cache if that is read-only."""
-    return cache_locations(directory, "omniglot", f"cache_{image_size}.u8")
-
-
 def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
     key: dict = {"format": _CACHE_FORMAT, "image_size": image_size}
     for set_name in SETS:
@@ -239,36 +228,22 @@ def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
     return key
 
 
-def _read_cache(path: Path, key: dict) -> OmniglotData | None:
-    """The cache at ``path`` if it holds the data ``key`` names, mapped (not read); None for
-    anything else (absent, of other zips, damaged): rebuilding it fixes it."""
-    cache = read_image_cache(path, key)
-    if cache is None:
-        return None
-    header, size = cache.header, key["image_size"]
-    names, sources = list(header.get("names", [])), list(header.get("sources", []))
-    shape = (len(names) * DRAWINGS, size, size, 1)
-    if tuple(cache.images.shape) != shape or len(sources) != len(names):
-        log.warning("ignoring unreadable cache %s (it is not the one its header describes)", path)
-        return None
-    images = cache.images.view(len(names), DRAWINGS, size, size)
-    return OmniglotData(images, names, sources, dict(header["md5"]), str(path))
-
-
-def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
+def _write_cache(path: Path, key: dict, data: OmniglotData) -> None:
     """The ``.u8`` cache every image dataset uses: the drawings as ``[characters * 20, s, s,
-    1]``, the names, zips and md5s in its header. False (with a warning) where it cannot be
-    written, so that a full or read-only disk costs the next run a rebuild, not this one."""
+    1]``, the names, zips and md5s in its header."""
     size = data.images.shape[-1]
     header = {"key": key, "names": data.names, "sources": data.sources, "md5": data.md5}
-    try:
-        with ImageCacheWriter(path, data.images.shape[0] * DRAWINGS, (size, size, 1)) as writer:
-            writer.write(0, data.images.reshape(-1, size, size, 1))
-            writer.commit(header)
-    except MamlrunError as e:
-        log.warning("could not write cache %s (%s)", path, _one_line(e))
-        return False
-    return True
+    with ImageCacheWriter(path, data.images.shape[0] * DRAWINGS, (size, size, 1)) as writer:
+        writer.write(0, data.images.reshape(-1, size, size, 1))
+        writer.commit(header)
+
+
+def _from_cache(cache: MappedCache, path: Path, size: int) -> OmniglotData:
+    names, sources = list(cache.header["names"]), list(cache.header["sources"])
+    if tuple(cache.images.shape) != (len(names) * DRAWINGS, size, size, 1):
+        raise MamlrunError(f"{path} is not the cache its header describes; delete it")
+    images = cache.images.view(len(names), DRAWINGS, size, size)
+    return OmniglotData(images, names, sources, dict(cache.header["md5"]), str(path))
 
 
 def ensure_zips(directory: Path) -> dict[str, Path]:
@@ -292,7 +267,7 @@ def ensure_zips(directory: Path) -> dict[str, Path]:
         urls = " and ".join(URL.format(name) for name, _ in failed)
         raise MamlrunError(
             f"{names} are missing from {directory} and could not be downloaded "
-            f"({_one_line(failed[0][1]).split(';')[0]}); download {urls} by hand into "
+            f"({one_line(failed[0][1]).split(';')[0]}); download {urls} by hand into "
             f"{directory}, or set "
             "dataset.root (or $MAMLRUN_DATA) to a folder that holds omniglot/"
         )
@@ -304,20 +279,13 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 
     directory = resolve_root(root) / "omniglot"
     paths = ensure_zips(directory)
     key = _cache_key(paths, image_size)
-    primary, fallback = cache_paths(directory, image_size)
-    for candidate in (primary, fallback):
-        data = _read_cache(candidate, key)
-        if data is not None:
-            return data
-    log.info("building the Omniglot cache from %s (once; takes a few seconds)", directory)
-    start = time.perf_counter()
-    data = build_omniglot(paths, image_size)
-    log.info("built in %.1f s", time.perf_counter() - start)
-    targets = (primary, fallback) if is_writable_dir(directory) else (fallback,)
-    written = next((target for target in targets if _write_cache(target, key, data)), None)
-    if written is None:
-        log.warning("no cache written; the next run will preprocess Omniglot again")
-    return dataclasses.replace(data, cache=str(written) if written else None)
+
+    def build(target: Path) -> None:
+        _write_cache(target, key, build_omniglot(paths, image_size))
+
+    name = f"cache_{image_size}.u8"
+    cache, path = cached_file(directory, "omniglot", name, key, build)
+    return _from_cache(cache, path, image_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -390,17 +390,17 @@ class CachedSplits:
     path: Path
 
 
-def cached_splits(
+def cached_file(
     directory: Path, dataset: str, name: str, key: Mapping, build: Callable[[Path], None]
-) -> CachedSplits:
-    """The splits from the cache ``name`` that matches ``key``, beside the raw files or in the
-    user cache; when there is none, ``build(path)`` writes one (``write_splits`` or an
-    ``ImageCacheWriter``, header from ``splits_header``) where it may."""
+) -> tuple[MappedCache, Path]:
+    """The cache ``name`` that matches ``key``, mapped, and where it is: beside the raw files
+    or in the user cache; when there is none, ``build(path)`` writes one (an
+    ``ImageCacheWriter``) where it may."""
     primary, fallback = cache_locations(directory, dataset, name)
     for candidate in (primary, fallback):
         cache = read_image_cache(candidate, key)
         if cache is not None:
-            return CachedSplits(splits_of(cache, candidate), cache.header, candidate)
+            return cache, candidate
     target = primary if is_writable_dir(directory) else fallback
     log.info("building the %s cache %s (once)", dataset, target)
     start = time.perf_counter()
@@ -409,7 +409,17 @@ def cached_splits(
     cache = read_image_cache(target, key)
     if cache is None:
         raise MamlrunError(f"{target}: the cache just written cannot be read back; delete it")
-    return CachedSplits(splits_of(cache, target), cache.header, target)
+    return cache, target
+
+
+def cached_splits(
+    directory: Path, dataset: str, name: str, key: Mapping, build: Callable[[Path], None]
+) -> CachedSplits:
+    """The splits from the cache ``name`` that matches ``key`` (``cached_file``; ``build``
+    writes it with ``write_splits`` or an ``ImageCacheWriter``, header from
+    ``splits_header``)."""
+    cache, path = cached_file(directory, dataset, name, key, build)
+    return CachedSplits(splits_of(cache, path), cache.header, path)
 
 
 def splits_header(key: Mapping, splits: Mapping[str, ImageSplit | tuple], **fields) -> dict:
