@@ -63,25 +63,36 @@ def _resize_chunk(paths: list[str], size: int) -> bytes:
 
 
 def resize_files(paths: Sequence[str], size: int, workers: int | None = None) -> torch.Tensor:
-    """uint8 ``[len(paths), size, size, 3]``: every image resized, in order.
-
-    Decoded in forked processes (not spawned: the workers need only Pillow, and re-importing
-    torch in each would cost more than it saves); the children never call into torch, which
-    is what makes forking a process with torch's threads safe here.
-    """
+    """uint8 ``[len(paths), size, size, 3]``: every image resized, in order (``forked_map``
+    from ``_PARALLEL_FROM`` images on)."""
     workers = workers or min(4, os.cpu_count() or 1)
     paths = [str(p) for p in paths]
-    if workers > 1 and len(paths) >= _PARALLEL_FROM and "fork" in _start_methods():
+    if workers > 1 and len(paths) >= _PARALLEL_FROM:
         step = -(-len(paths) // (workers * 4))
         chunks = [paths[i : i + step] for i in range(0, len(paths), step)]
+        parts = forked_map(_resize_chunk, chunks, [size] * len(chunks), workers=workers)
+        pixels = b"".join(parts)
+    else:
+        pixels = _resize_chunk(paths, size)
+    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(-1, size, size, 3)
+
+
+def forked_map(function: Callable, *arguments: Sequence, workers: int) -> list:
+    """``function`` over the argument lists, results in order, in ``workers`` forked processes
+    (in this one where there is one worker or no fork).
+
+    Forked, not spawned: the workers need only Pillow (and zipfile), and re-importing torch in
+    each would cost more than it saves. Python 3.12+ warns that forking a process with threads
+    (torch's) may deadlock the child; that risk is in children that use those threads' locks,
+    and these never call into torch.
+    """
+    if workers > 1 and "fork" in _start_methods():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                pixels = b"".join(pool.map(_resize_chunk, chunks, [size] * len(chunks)))
-    else:
-        pixels = _resize_chunk(paths, size)
-    return torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(-1, size, size, 3)
+                return list(pool.map(function, *arguments))
+    return [function(*call) for call in zip(*arguments, strict=True)]
 
 
 def _start_methods() -> list[str]:
@@ -154,7 +165,7 @@ class DecodePool:
 
 
 def _fork_pool(workers: int) -> ProcessPoolExecutor:
-    """Forked, not spawned, for the reason ``resize_files`` gives."""
+    """Forked, not spawned, for the reason ``forked_map`` gives."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
         return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))

@@ -33,22 +33,19 @@ from __future__ import annotations
 import io
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
-import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mamlrun.data.decode import one_line
+from mamlrun.data.decode import forked_map, one_line
 from mamlrun.data.download import (
     ensure_file,
     md5sum,
@@ -171,21 +168,10 @@ def _chunks(items: list[str], parts: int) -> list[list[str]]:
 
 
 def _decode_all(jobs: list[tuple[str, list[str]]], size: int, workers: int) -> bytes:
-    """Decode the jobs' images in order, in ``workers`` processes where fork is available.
-
-    Fork (rather than spawn) because the workers need only Pillow and zipfile, and re-importing
-    torch in every spawned worker would cost more than the parallelism saves. Python 3.12+ warns
-    that forking a process with threads (torch's) may deadlock the child; that risk is in
-    children that use those threads' locks, and these never call into torch.
-    """
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("fork")
-        paths, entries = zip(*jobs, strict=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                return b"".join(pool.map(_decode_chunk, paths, entries, [size] * len(jobs)))
-    return b"".join(_decode_chunk(path, entries, size) for path, entries in jobs)
+    """Decode the jobs' images in order, in ``workers`` forked processes where fork is
+    available (``decode.forked_map``)."""
+    paths, entries = zip(*jobs, strict=True)
+    return b"".join(forked_map(_decode_chunk, paths, entries, [size] * len(jobs), workers=workers))
 
 
 def build_omniglot(
