@@ -392,7 +392,8 @@ def sampling_seconds(s: Setting, query: int, device: torch.device, repeats: int)
 
 
 def _episodic_stand_in(s: Setting, query: int, device: torch.device):
-    from mamlrun.data.images import EpisodicImages, ImageSplit
+    from mamlrun.data.episodic import EpisodicImages
+    from mamlrun.data.u8cache import ImageSplit
 
     channels, height, width = s.image
     per_class = max(20, s.shots + query)

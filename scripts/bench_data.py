@@ -135,7 +135,8 @@ def tiered_storage(directory: Path, batches: int = 200) -> dict:
     """Run in a fresh process: tieredImageNet-sized splits through the layer, as ``splits_of``
     cuts them from a cache: mapped as ``read_image_cache`` maps it, and knowing their place in
     the file, so that ``EpisodicImages`` reads each meta-batch's images with ``pread``."""
-    from mamlrun.data.images import EpisodicImages, ImageFile, ImageSplit, map_for_sampling
+    from mamlrun.data.episodic import EpisodicImages
+    from mamlrun.data.u8cache import ImageFile, ImageSplit, map_for_sampling
 
     peaks = watch_rss()
     splits = {}

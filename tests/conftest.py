@@ -87,9 +87,9 @@ def as_on_an_accelerator(monkeypatch):
     copies each meta-batch's images over, ``storage=device`` reads a cached split whole into
     "device" memory. On a plain CPU both storages are one place and take one path, so a test
     comparing them would compare that path with itself."""
-    from mamlrun.data import images
+    from mamlrun.data import episodic
 
-    monkeypatch.setattr(images, "host_is_device", lambda device: False)
+    monkeypatch.setattr(episodic, "host_is_device", lambda device: False)
 
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):

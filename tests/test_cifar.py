@@ -34,6 +34,7 @@ from test_miniimagenet import colour, one_line_error
 from mamlrun import config
 from mamlrun.data import cifar, download
 from mamlrun.data.cifar import load_cifar
+from mamlrun.data.episodic import channel_stats
 
 REAL_OPEN_URL = download._open_url
 
@@ -125,7 +126,7 @@ def test_tasks_are_32x32_and_normalised_with_the_training_splits_statistics(tmp_
     batch = source.sample("val", 3, torch.Generator().manual_seed(0))
 
     assert batch.x_support.shape == (3, 5, 3, 32, 32) and batch.x_query.shape == (3, 10, 3, 32, 32)
-    stats = cifar.channel_stats(load_cifar("cifarfs", tmp_path).splits["train"].images)
+    stats = channel_stats(load_cifar("cifarfs", tmp_path).splits["train"].images)
     assert source.mean == pytest.approx(stats[0]) and source.std == pytest.approx(stats[1])
     assert source.describe()["classes"] == {"train": 64, "val": 16, "test": 20}
 

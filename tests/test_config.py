@@ -82,7 +82,10 @@ def test_tuple_lengths_are_checked():
 
 
 def every_yaml_in_conf() -> list[str]:
-    return sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+    """Every file but the image datasets' base, which is no dataset of its own: it composes
+    through each dataset that extends it (below)."""
+    paths = (p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+    return sorted(p for p in paths if not p.startswith("dataset/base/"))
 
 
 @pytest.mark.parametrize("path", every_yaml_in_conf())
@@ -193,3 +196,24 @@ def test_the_choices_the_config_checks_are_those_data_and_models_implement():
     for downsample in ranges.DOWNSAMPLE:
         for head in ranges.HEADS:
             conv4((1, 28, 28), 5, filters=2, downsample=downsample, head=head)
+
+
+IMAGE_DATASETS = ("cifarfs", "cub", "fc100", "miniimagenet", "tieredimagenet")
+
+
+@pytest.mark.parametrize("name", IMAGE_DATASETS)
+def test_an_image_dataset_extends_the_one_base_with_only_what_differs(name):
+    base = OmegaConf.load(CONF / "dataset" / "base" / "images.yaml")
+    own = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+    assert list(own.defaults) == ["base/images@_here_", "_self_"]
+    changed = [k for k in own if k not in ("defaults", "_target_", "_preset_")]
+    assert all(k in base and own[k] != base[k] for k in changed), changed
+    composed = config.group_config("dataset", name)
+    assert set(composed) == set(base) | {"_target_", "_preset_"}
+
+
+def test_the_base_of_the_image_datasets_is_no_dataset_choice():
+    from mamlrun.cli import helptext
+
+    names = [name for name, _ in helptext.choices("dataset")]
+    assert set(IMAGE_DATASETS) <= set(names) and not any("base" in n for n in names)

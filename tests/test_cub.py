@@ -18,9 +18,9 @@ from conftest import adapts_after_training, count_calls, run_cli
 from image_fixtures import CUB_CLASSES, SPLITS, write_cub_archive, write_cub_folder
 from test_miniimagenet import colour, one_line_error, task_settings
 
-from mamlrun.data import cub, download
+from mamlrun.data import cub, download, sources
 from mamlrun.data.cub import CLASSES, SPLIT_CLASSES, load_cub, split_of
-from mamlrun.data.images import EpisodicImages
+from mamlrun.data.episodic import EpisodicImages
 
 REAL_OPEN_URL = download._open_url
 #: Two species per split, in name order within each split.
@@ -55,7 +55,7 @@ def per_species(c: int) -> int:
 @pytest.fixture
 def count_builds(monkeypatch) -> list[int]:
     """Each call of the expensive build (which still runs)."""
-    return count_calls(monkeypatch, cub, "write_splits")
+    return count_calls(monkeypatch, sources, "Delivery")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from test_miniimagenet import one_line_error
 
 from mamlrun import config
-from mamlrun.data.images import EpisodicImages, ImageSplit
+from mamlrun.data.episodic import EpisodicImages
+from mamlrun.data.u8cache import ImageSplit
 from mamlrun.errors import MamlrunError
 from mamlrun.training import resume
 

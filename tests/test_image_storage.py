@@ -19,10 +19,11 @@ import torch
 from image_fixtures import encoded, py2_pickle
 from test_miniimagenet import colour, one_line_error
 
-from mamlrun.data import images
-from mamlrun.data.images import (
-    DecodePool,
-    EpisodicImages,
+from mamlrun.data import decode, u8cache
+from mamlrun.data.decode import DecodePool
+from mamlrun.data.episodic import EpisodicImages
+from mamlrun.data.pickles import stream_list
+from mamlrun.data.u8cache import (
     ImageCacheWriter,
     ImageSplit,
     read_image_cache,
@@ -30,7 +31,6 @@ from mamlrun.data.images import (
     splits_of,
     write_splits,
 )
-from mamlrun.data.pickles import stream_list
 from mamlrun.errors import MamlrunError
 
 
@@ -355,7 +355,7 @@ def test_a_split_for_an_accelerator_is_read_in_order_chunk_by_chunk_and_whole(
     images at a time, never through the mapping (whose random-access advice would make a cold
     copy read page by page)."""
     splits = cached(tmp_path)
-    monkeypatch.setattr(images, "_READ_CHUNK", 4 * 12 * 12 * 3 + 1)  # 4 images per read
+    monkeypatch.setattr(u8cache, "_READ_CHUNK", 4 * 12 * 12 * 3 + 1)  # 4 images per read
     path = tmp_path / "cache.u8"
     before = resident_kib(path)
     read = {
@@ -373,7 +373,7 @@ def test_a_split_for_an_accelerator_is_read_in_order_chunk_by_chunk_and_whole(
 @pytest.mark.parametrize("parallel", [False, True])
 def test_encoded_images_are_decoded_in_submission_order(parallel, monkeypatch):
     if parallel:
-        monkeypatch.setattr(images, "_PARALLEL_FROM", 1)
+        monkeypatch.setattr(decode, "_PARALLEL_FROM", 1)
     got: list[tuple[int, torch.Tensor]] = []
     blobs = [encoded(colour(c, 0), (84, 84) if c % 2 else (20, 30), "PNG") for c in range(12)]
     with DecodePool(84, lambda start, px: got.append((start, px)), "x", 12, workers=2) as pool:

@@ -24,7 +24,7 @@ from PIL import Image
 from mamlrun import config
 from mamlrun.cli.overrides import CommandLine, with_dataset_preset
 from mamlrun.data import miniimagenet
-from mamlrun.data.images import EpisodicImages, channel_stats
+from mamlrun.data.episodic import EpisodicImages, channel_stats
 from mamlrun.data.miniimagenet import SPLIT_CLASSES, load_miniimagenet
 from mamlrun.errors import MamlrunError
 

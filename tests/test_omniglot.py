@@ -174,7 +174,7 @@ def test_image_of_wrong_size_is_rejected(tmp_path, small_counts):
 
 def test_second_load_reads_only_the_cache(small_root, monkeypatch):
     first = load_omniglot(small_root)
-    assert (small_root / "omniglot" / "cache_28.pt").is_file()
+    assert (small_root / "omniglot" / "cache_28.u8").is_file()
     forbid_builds(monkeypatch)
     second = load_omniglot(small_root)
     assert torch.equal(first.images, second.images)
@@ -194,7 +194,7 @@ def test_changed_zip_mtime_rebuilds_the_cache(small_root, count_builds):
 
 def test_corrupt_cache_is_rebuilt_not_an_error(small_root, count_builds):
     load_omniglot(small_root)
-    cache = small_root / "omniglot" / "cache_28.pt"
+    cache = small_root / "omniglot" / "cache_28.u8"
     cache.write_bytes(cache.read_bytes()[:1000])
     data = load_omniglot(small_root)
     assert data.images.shape == (10, 20, 28, 28)
@@ -206,7 +206,7 @@ def test_corrupt_cache_is_rebuilt_not_an_error(small_root, count_builds):
 def test_other_image_size_gets_its_own_cache(small_root):
     small = load_omniglot(small_root, image_size=14)
     assert small.images.shape == (10, 20, 14, 14)
-    assert {"cache_14.pt"} <= files_in(small_root / "omniglot")
+    assert {"cache_14.u8"} <= files_in(small_root / "omniglot")
     assert load_omniglot(small_root).images.shape == (10, 20, 28, 28)
 
 
@@ -217,7 +217,7 @@ def test_read_only_data_dir_caches_in_the_user_cache_dir(small_root, tmp_path, m
     try:
         load_omniglot(small_root)
         assert files_in(directory) == before
-        caches = list((tmp_path / "xdg" / "mamlrun" / "omniglot").glob("cache_28-*.pt"))
+        caches = list((tmp_path / "xdg" / "mamlrun" / "omniglot").glob("cache_28-*.u8"))
         assert len(caches) == 1
         forbid_builds(monkeypatch)
         assert load_omniglot(small_root).images.shape == (10, 20, 28, 28)
@@ -256,7 +256,7 @@ def test_download_with_matching_md5_is_accepted(tmp_path, served_zips, small_cou
     assert files_in(directory) == {
         "images_background.zip",
         "images_evaluation.zip",
-        "cache_28.pt",
+        "cache_28.u8",
     }
     for set_name in omniglot.SETS:
         body = served_zips[omniglot.URL.format(set_name)]

@@ -27,7 +27,7 @@ from image_fixtures import (
 from test_miniimagenet import colour, one_line_error, origin, task_settings
 
 from mamlrun.data import tieredimagenet
-from mamlrun.data.images import EpisodicImages
+from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tieredimagenet import SPLIT_SIZES, load_tieredimagenet
 
 

@@ -33,7 +33,7 @@ LOSS_NORMALIZATION = ("mean", "tf_maml")
 LEARNED_LR = ("none", "per_element", "per_layer_per_step")
 #: How the tasks of a meta-batch run (``algorithms/batching.py``); ``vmap:C`` chunks them.
 BATCHING_MODES = ("loop", "threads", "vmap")
-#: Where a dataset's images are kept (``data/images.py``).
+#: Where a dataset's images are kept (``data/episodic.py``).
 STORAGE = ("device", "cpu")
 #: Omniglot's class splits (``data/omniglot.py``, ``character_splits``).
 OMNIGLOT_SPLITS = ("maml", "background_evaluation")

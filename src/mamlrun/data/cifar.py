@@ -43,17 +43,17 @@ from mamlrun.data.download import (
     resolve_root,
     tar_gz_files,
 )
-from mamlrun.data.images import (
-    ImageSplit,
-    cached_splits,
-    channel_stats,
-    check_classes,
-    fingerprint,
-    write_splits,
-)
 from mamlrun.data.pickles import read_pickle, unpickle
-from mamlrun.data.sources import image_tasks
+from mamlrun.data.sources import (
+    Delivery,
+    ImageData,
+    Reading,
+    cached_images,
+    check_classes,
+    image_tasks,
+)
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import ImageSplit, fingerprint
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -179,20 +179,11 @@ BENCHMARKS = {
 }
 
 
-@dataclass(frozen=True)
-class CifarData:
-    splits: dict[str, ImageSplit]
-    layout: str  # "archive" | "pickle"
-    files: list[str]
-    stats: tuple[list[float], list[float]] | None = None
-    cache: Path | None = None  # the memory-mapped cache (archive layout)
-
-
 def load_cifar(
     name: str,
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
-) -> CifarData:
+) -> ImageData:
     """``name`` (``cifarfs`` or ``fc100``) from its pickles in ``<root>/<name>/`` if all three
     are there, else from the official archive in ``<root>/cifar100/`` (downloaded if missing).
     ``split_classes`` defaults to the published split; tests pass small lists."""
@@ -203,7 +194,7 @@ def load_cifar(
     found = [s for s in SPLITS if pickles[s].is_file()]
     if len(found) == len(SPLITS):
         splits = {s: _split_from_pickle(pickles[s], s, expected[s], benchmark) for s in SPLITS}
-        return CifarData(splits, "pickle", [p.name for p in pickles.values()])
+        return ImageData(splits, "pickle", [p.name for p in pickles.values()])
     if found:
         missing = next(pickles[s] for s in SPLITS if s not in found)
         raise MamlrunError(f"{missing} is missing (the other pickles are there); add it")
@@ -213,7 +204,7 @@ def load_cifar(
         f"{benchmark.pickle_name.format('{train,val,test}')} in {base / name}"
     )
     archive = ensure_file(folder / ARCHIVE, URL, MD5, manual)
-    return _from_archive(benchmark, archive, expected, manual)
+    return cached_images(_from_archive(benchmark, archive, expected, manual))
 
 
 #: The ``_target_``s of ``conf/dataset/{cifarfs,fc100}.yaml``.
@@ -272,7 +263,7 @@ _CACHE_FORMAT = 1
 
 def _from_archive(
     benchmark: Benchmark, archive: Path, expected: dict[str, tuple[str, ...]], manual: str
-) -> CifarData:
+) -> Reading:
     key = {
         "format": _CACHE_FORMAT,
         "dataset": benchmark.name,
@@ -280,18 +271,17 @@ def _from_archive(
         "files": fingerprint([archive]),
     }
 
-    def build(target: Path) -> None:
+    def deliver(into: Delivery) -> None:
         if md5sum(archive) != MD5:  # a re-compressed copy is fine once its content checks out
             log.warning("%s is not byte for byte the official archive (md5 %s)", archive, MD5)
         images, labels = read_archive(archive, manual)
-        splits = {s: _grouped(images, labels, expected[s]) for s in SPLITS}
-        stats = channel_stats(splits["train"].images)
-        write_splits(target, key, splits, stats=list(stats), files=[archive.name])
+        for s in SPLITS:
+            into.split(s, _grouped(images, labels, expected[s]))
 
     name = f"cache_{benchmark.name}_{IMAGE_SIZE}.u8"
-    cached = cached_splits(archive.parent, benchmark.name, name, key, build)
-    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
-    return CifarData(cached.splits, "archive", [archive.name], stats, cached.path)
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    files = [archive.name]
+    return Reading(benchmark.name, archive.parent, name, key, shape, "archive", files, deliver)
 
 
 def read_archive(path: Path, manual: str) -> tuple[torch.Tensor, np.ndarray]:

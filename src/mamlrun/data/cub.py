@@ -29,11 +29,11 @@ import os
 import tarfile
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mamlrun.data.decode import DecodePool, one_line, resize_files
 from mamlrun.data.download import (
     ensure_file,
     looks_like_html,
@@ -41,20 +41,16 @@ from mamlrun.data.download import (
     resolve_root,
     tar_gz_files,
 )
-from mamlrun.data.images import (
-    CachedSplits,
-    DecodePool,
-    ImageSplit,
-    cached_splits,
-    channel_stats,
+from mamlrun.data.sources import (
+    Delivery,
+    ImageData,
+    Reading,
+    cached_images,
     check_classes,
-    fingerprint,
-    one_line,
-    resize_files,
-    write_splits,
+    image_tasks,
 )
-from mamlrun.data.sources import image_tasks
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import ImageSplit, fingerprint
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -287,21 +283,13 @@ SPLIT_CLASSES: dict[str, tuple[str, ...]] = {
 }
 BENCHMARK = "Chen et al. 2019 (CUB)"
 _CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class CubData:
-    splits: dict[str, ImageSplit]
-    layout: str  # "folder" | "archive"
-    files: list[str]
-    stats: tuple[list[float], list[float]] | None
-    cache: Path | None = None
+_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
 def load_cub(
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
-) -> CubData:
+) -> ImageData:
     """CUB from ``<root>/cub/``: the extracted folder if it is there, else the archive
     (downloaded when missing). ``split_classes`` defaults to Chen et al.'s split; tests pass
     small lists."""
@@ -309,13 +297,13 @@ def load_cub(
     expected = {s: tuple((split_classes or SPLIT_CLASSES)[s]) for s in SPLITS}
     extracted = directory / EXTRACTED
     if (extracted / "images").is_dir() or any((extracted / n).is_file() for n in LISTINGS):
-        return _from_folder(extracted, expected)
+        return cached_images(_from_folder(extracted, expected))
     manual = (
         f"download {URL} (md5 {MD5}) by hand into {directory}, or extract it there "
         f"({EXTRACTED}/ with images/, {', '.join(LISTINGS)})"
     )
     archive = ensure_file(directory / ARCHIVE, URL, MD5, manual)
-    return _from_archive(archive, expected, manual)
+    return cached_images(_from_archive(archive, expected, manual))
 
 
 #: The ``_target_`` of ``conf/dataset/cub.yaml``.
@@ -384,16 +372,11 @@ def _key(expected: Mapping[str, tuple[str, ...]], layout: str, files: list[Path]
     return {"format": _CACHE_FORMAT, "layout": layout, "classes": classes, "files": digest}
 
 
-def _loaded(cached: CachedSplits, layout: str, files: list) -> CubData:
-    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
-    return CubData(cached.splits, layout, files, stats, cached.path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The extracted folder
 
 
-def _from_folder(folder: Path, expected: Mapping[str, tuple[str, ...]]) -> CubData:
+def _from_folder(folder: Path, expected: Mapping[str, tuple[str, ...]]) -> Reading:
     texts = {}
     for name in LISTINGS:
         try:
@@ -408,25 +391,28 @@ def _from_folder(folder: Path, expected: Mapping[str, tuple[str, ...]]) -> CubDa
     listed = [folder / n for n in LISTINGS] + [p for s in SPLITS for p in paths[s]]
     key = _key(expected, "folder", listed)
 
-    def build(target: Path) -> None:
-        splits = {
-            s: ImageSplit(resize_files(paths[s], IMAGE_SIZE), counts[s], list(expected[s]))
-            for s in SPLITS
-        }
-        write_splits(target, key, splits, stats=list(channel_stats(splits["train"].images)))
+    def deliver(into: Delivery) -> None:
+        for s in SPLITS:
+            into.split(
+                s, ImageSplit(resize_files(paths[s], IMAGE_SIZE), counts[s], list(expected[s]))
+            )
 
-    cached = cached_splits(folder.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
-    return _loaded(cached, "folder", [f"{EXTRACTED}/{n}" for n in LISTINGS])
+    named = [f"{EXTRACTED}/{n}" for n in LISTINGS]
+    return _reading(folder.parent, key, "folder", named, deliver)
+
+
+def _reading(directory: Path, key: dict, layout: str, files: list[str], deliver) -> Reading:
+    return Reading(FOLDER, directory, f"cache_{IMAGE_SIZE}.u8", key, _SHAPE, layout, files, deliver)
 
 
 # ---------------------------------------------------------------------------------------------
 # The archive, read in one pass
 
 
-def _from_archive(archive: Path, expected: Mapping[str, tuple[str, ...]], manual: str) -> CubData:
+def _from_archive(archive: Path, expected: Mapping[str, tuple[str, ...]], manual: str) -> Reading:
     key = _key(expected, "archive", [archive])
 
-    def build(target: Path) -> None:
+    def deliver(into: Delivery) -> None:
         if md5sum(archive) != MD5:  # a re-compressed copy is fine once its content checks out
             log.warning("%s is not byte for byte the official archive (md5 %s)", archive, MD5)
         texts, names, images = read_archive(archive, manual)
@@ -439,19 +425,11 @@ def _from_archive(archive: Path, expected: Mapping[str, tuple[str, ...]], manual
                 f"{archive}: {EXTRACTED}/images/{missing} is listed in images.txt but not in "
                 f"the archive; {manual}"
             )
-        splits = {
-            s: ImageSplit(
-                images[torch.tensor([row[p] for p in order[s]], dtype=torch.long)],
-                counts[s],
-                list(expected[s]),
-            )
-            for s in SPLITS
-        }
-        stats = list(channel_stats(splits["train"].images))
-        write_splits(target, key, splits, stats=stats, files=[archive.name])
+        for s in SPLITS:
+            chosen = images[torch.tensor([row[p] for p in order[s]], dtype=torch.long)]
+            into.split(s, ImageSplit(chosen, counts[s], list(expected[s])))
 
-    cached = cached_splits(archive.parent, FOLDER, f"cache_{IMAGE_SIZE}.u8", key, build)
-    return _loaded(cached, "archive", [archive.name])
+    return _reading(archive.parent, key, "archive", [archive.name], deliver)
 
 
 def read_archive(path: Path, manual: str) -> tuple[dict[str, str], list[str], torch.Tensor]:

@@ -32,27 +32,20 @@ from __future__ import annotations
 import csv
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from mamlrun.data.decode import one_line, resize_files
 from mamlrun.data.download import resolve_root
-from mamlrun.data.images import (
-    ChannelMoments,
-    ImageCacheWriter,
-    ImageSplit,
-    cached_splits,
-    fingerprint,
-    one_line,
-    resize_files,
-    splits_header,
-)
-from mamlrun.data.images import check_classes as check_class_set
 from mamlrun.data.pickles import read_pickle
-from mamlrun.data.sources import image_tasks
+from mamlrun.data.sources import Delivery, ImageData, Reading, cached_images, image_tasks
+from mamlrun.data.sources import check_classes as check_class_set
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import (
+    fingerprint,
+)
 from mamlrun.errors import MamlrunError
 
 IMAGE_SIZE = 84
@@ -111,22 +104,10 @@ _SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 3)
 _RESIZE_BATCH = 4096
 
 
-@dataclass(frozen=True)
-class MiniImageNetData:
-    """The three splits (views of the memory-mapped cache), the layout they came from, the
-    training split's channel statistics (taken once, as the cache was written) and the cache."""
-
-    splits: dict[str, ImageSplit]
-    layout: str  # "pickle" | "ravi"
-    files: list[str]
-    stats: tuple[list[float], list[float]] | None = field(default=None)
-    cache: Path | None = None
-
-
 def load_miniimagenet(
     root: str | os.PathLike[str] | None = None,
     split_classes: Mapping[str, Sequence[str]] | None = None,
-) -> MiniImageNetData:
+) -> ImageData:
     """Find the layout in ``<root>/miniimagenet/`` (pickles win when both are there: they need
     no decoding) and map its cache, writing it first where the files changed. ``split_classes``
     defaults to ``SPLIT_CLASSES``; tests pass small lists so their fixtures stay small."""
@@ -135,10 +116,10 @@ def load_miniimagenet(
     pickles = {s: _first_existing(directory, PICKLES[s]) for s in SPLITS}
     found = {s: p for s, p in pickles.items() if p is not None}
     if len(found) == len(SPLITS):
-        return _load_pickles(found, expected)
+        return cached_images(_load_pickles(found, expected))
     csvs = [directory / CSVS[s] for s in SPLITS]
     if all(p.is_file() for p in csvs) and (directory / IMAGES).is_dir():
-        return _load_ravi(directory, expected)
+        return cached_images(_load_ravi(directory, expected))
     if found:
         missing = next(s for s in SPLITS if s not in found)
         raise MamlrunError(
@@ -176,48 +157,35 @@ def check_classes(where: str, split: str, found: Sequence[str], expected: Sequen
 # Pickles (Ren et al.), read by data/pickles.py: arrays only
 
 
-def _load_pickles(paths: dict[str, Path], expected: dict[str, tuple[str, ...]]) -> MiniImageNetData:
+def _load_pickles(paths: dict[str, Path], expected: dict[str, tuple[str, ...]]) -> Reading:
     key = _key("pickle", expected, [paths[s] for s in SPLITS])
+    files = [paths[s].name for s in SPLITS]
 
-    def build(target: Path) -> None:
-        build_from_pickles(target, key, paths, expected)
+    def deliver(into: Delivery) -> None:
+        build_from_pickles(into, paths, expected)
 
-    return _cached(paths["train"].parent, key, build)
+    return _reading(paths["train"].parent, key, "pickle", files, deliver)
 
 
 def build_from_pickles(
-    target: Path, key: Mapping, paths: Mapping[str, Path], expected: Mapping[str, tuple[str, ...]]
+    into: Delivery, paths: Mapping[str, Path], expected: Mapping[str, tuple[str, ...]]
 ) -> None:
-    """Write the pickles' images into the cache at ``target``, split after split: each pickle
-    is read, checked, written class by class and dropped before the next is read (its locals
-    die with ``_append_pickle``), so the build holds one split at most, the training split's
-    813 MB (a protocol-2 pickle briefly two or three copies of it, which unpickling makes)."""
-    moments = ChannelMoments(3)
-    with ImageCacheWriter(target, 0, _SHAPE) as writer:
-        parts = {
-            s: _append_pickle(writer, paths[s], s, expected[s], moments if s == "train" else None)
-            for s in SPLITS
-        }
-        files = [paths[s].name for s in SPLITS]
-        stats = list(moments.result())
-        writer.commit(splits_header(key, parts, layout="pickle", files=files, stats=stats))
+    """The pickles' images, split after split: each pickle is read, checked, delivered class
+    by class and dropped before the next is read (its locals die with ``_append_pickle``), so
+    the build holds one split at most, the training split's 813 MB (a protocol-2 pickle
+    briefly two or three copies of it, which unpickling makes)."""
+    for s in SPLITS:
+        into.classes(s, *_append_pickle(into, paths[s], s, expected[s]))
 
 
 def _append_pickle(
-    writer: ImageCacheWriter,
-    path: Path,
-    split: str,
-    expected: tuple[str, ...],
-    moments: ChannelMoments | None,
+    into: Delivery, path: Path, split: str, expected: tuple[str, ...]
 ) -> tuple[list[str], list[int]]:
-    """One pickle's images appended class by class in the published class order (the
-    training split's also added to ``moments``); returns the classes and their counts."""
+    """One pickle's images delivered class by class in the published class order; returns
+    the classes and their counts."""
     images, members = read_pickle_split(path, split, expected)
     for indices in members:
-        pixels = _class_images(images, indices)
-        writer.append(pixels)
-        if moments is not None:
-            moments.add(pixels)
+        into.append(split, _class_images(images, indices))
     return list(expected), [len(m) for m in members]
 
 
@@ -305,7 +273,7 @@ def _ravi_files(
     return files, counts
 
 
-def _load_ravi(directory: Path, expected: dict[str, tuple[str, ...]]) -> MiniImageNetData:
+def _load_ravi(directory: Path, expected: dict[str, tuple[str, ...]]) -> Reading:
     files, counts = _ravi_files(directory, expected)
     listed = [directory / CSVS[s] for s in SPLITS] + [p for s in SPLITS for p in files[s]]
     try:
@@ -316,33 +284,25 @@ def _load_ravi(directory: Path, expected: dict[str, tuple[str, ...]]) -> MiniIma
             f"of train.csv, val.csv and test.csv in {directory / IMAGES}"
         ) from e
 
-    def build(target: Path) -> None:
-        build_ravi(target, key, files, counts, expected)
+    def deliver(into: Delivery) -> None:
+        build_ravi(into, files, counts, expected)
 
-    return _cached(directory, key, build)
+    named = [CSVS[s] for s in SPLITS] + [IMAGES]
+    return _reading(directory, key, "ravi", named, deliver)
 
 
 def build_ravi(
-    target: Path,
-    key: Mapping,
+    into: Delivery,
     files: Mapping[str, list[Path]],
     counts: Mapping[str, list[int]],
     expected: Mapping[str, tuple[str, ...]],
 ) -> None:
-    """Decode and resize every listed image into the cache at ``target`` (the slow path the
-    cache avoids), a batch of images at a time."""
-    moments = ChannelMoments(3)
-    with ImageCacheWriter(target, 0, _SHAPE) as writer:
-        for s in SPLITS:
-            for start in range(0, len(files[s]), _RESIZE_BATCH):
-                pixels = resize_files(files[s][start : start + _RESIZE_BATCH], IMAGE_SIZE)
-                writer.append(pixels)
-                if s == "train":
-                    moments.add(pixels)
-        parts = {s: (expected[s], counts[s]) for s in SPLITS}
-        listed = [CSVS[s] for s in SPLITS] + [IMAGES]
-        stats = list(moments.result())
-        writer.commit(splits_header(key, parts, layout="ravi", files=listed, stats=stats))
+    """Decode and resize every listed image (the slow path the cache avoids), a batch of
+    images at a time."""
+    for s in SPLITS:
+        for start in range(0, len(files[s]), _RESIZE_BATCH):
+            into.append(s, resize_files(files[s][start : start + _RESIZE_BATCH], IMAGE_SIZE))
+        into.classes(s, expected[s], counts[s])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,11 +321,5 @@ def _key(layout: str, expected: Mapping[str, tuple[str, ...]], files: list[Path]
     }
 
 
-def _cached(directory: Path, key: dict, build: Callable[[Path], None]) -> MiniImageNetData:
-    """The splits from the cache matching ``key`` (``build`` writes it where there is none)."""
-    cached = cached_splits(directory, "miniimagenet", CACHE, key, build)
-    header = cached.header
-    stats = (list(header["stats"][0]), list(header["stats"][1]))
-    return MiniImageNetData(
-        cached.splits, header["layout"], list(header["files"]), stats, cached.path
-    )
+def _reading(directory: Path, key: dict, layout: str, files: list[str], deliver) -> Reading:
+    return Reading("miniimagenet", directory, CACHE, key, _SHAPE, layout, files, deliver)

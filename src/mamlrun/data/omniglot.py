@@ -12,9 +12,11 @@ results are comparable with published numbers:
 The cache holds one uint8 tensor ``[1623, 20, size, size]`` (0..255, strokes 255; the division
 by 255 happens on the device, which keeps the cache 4× smaller than floats), the character
 names ``Alphabet/characterNN`` (sorted within each zip, background first) and the zip each one
-came from. It is written atomically next to the zips as ``cache_<size>.pt``; where that folder
-is not writable (a shared read-only copy) it goes to ``$XDG_CACHE_HOME/mamlrun/omniglot/`` (or
-``~/.cache/mamlrun/omniglot/``) instead, as ``cache_<size>-<hash of the zips' folder>.pt`` so
+came from. It is the ``.u8`` cache every image dataset uses (``data/u8cache.py``: the images
+mapped, not read, names and zips in its header), written atomically next to the zips as
+``cache_<size>.u8``; where that folder is not writable (a shared read-only copy) it goes to
+``$XDG_CACHE_HOME/mamlrun/omniglot/`` (or ``~/.cache/mamlrun/omniglot/``) instead, as
+``cache_<size>-<hash of the zips' folder>.u8`` so
 that two read-only copies do not overwrite each other's cache. Its key is the zips' sizes and
 mtimes and the image size: touching or replacing a zip rebuilds it, and an unreadable cache
 file is rebuilt rather than reported.
@@ -28,36 +30,30 @@ checks, so one code path serves both.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import random
 import re
-import time
-import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from mamlrun.data.decode import forked_map, one_line
 from mamlrun.data.download import (
     ensure_file,
-    is_writable_dir,
     md5sum,
     resolve_root,
-    user_cache_dir,
 )
-from mamlrun.data.images import EpisodicImages, ImageSplit, save_atomic
+from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tasks import SPLITS, TaskBatch
+from mamlrun.data.u8cache import ImageCacheWriter, ImageSplit, MappedCache, cached_file
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -78,7 +74,7 @@ MAML_META_TRAIN = 1200  # the MAML paper's meta-training characters, validation 
 MAML_VAL = 100
 VAL_ALPHABETS = 5
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 1: a torch.save file, cache_<size>.pt
 _ENTRY = re.compile(r"(?P<set>[^/]+)/(?P<alphabet>[^/]+)/(?P<character>[^/]+)/[^/]+\.png")
 
 
@@ -97,17 +93,13 @@ class OmniglotData:
 # Reading and validating the zips
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except FileNotFoundError as e:
         raise MamlrunError(f"{path}: file not found") from e
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise MamlrunError(f"{path}: not a readable zip file ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: not a readable zip file ({one_line(e)})") from e
 
 
 def list_characters(path: Path, set_name: str) -> dict[str, list[str]]:
@@ -150,7 +142,7 @@ def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
     try:
         raw = zf.read(entry)  # checks the CRC
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
-        raise MamlrunError(f"{path}: cannot read {entry} ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: cannot read {entry} ({one_line(e)})") from e
     try:
         with Image.open(io.BytesIO(raw)) as image:
             image.load()
@@ -161,7 +153,7 @@ def _load_png(zf: zipfile.ZipFile, path: str, entry: str, size: int) -> bytes:
     except UnidentifiedImageError as e:  # its message holds the repr of our BytesIO
         raise MamlrunError(f"{path}: {entry} is not a readable PNG (not an image)") from e
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise MamlrunError(f"{path}: {entry} is not a readable PNG ({_one_line(e)})") from e
+        raise MamlrunError(f"{path}: {entry} is not a readable PNG ({one_line(e)})") from e
     return small.tobytes()
 
 
@@ -176,21 +168,10 @@ def _chunks(items: list[str], parts: int) -> list[list[str]]:
 
 
 def _decode_all(jobs: list[tuple[str, list[str]]], size: int, workers: int) -> bytes:
-    """Decode the jobs' images in order, in ``workers`` processes where fork is available.
-
-    Fork (rather than spawn) because the workers need only Pillow and zipfile, and re-importing
-    torch in every spawned worker would cost more than the parallelism saves. Python 3.12+ warns
-    that forking a process with threads (torch's) may deadlock the child; that risk is in
-    children that use those threads' locks, and these never call into torch.
-    """
-    if workers > 1 and "fork" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("fork")
-        paths, entries = zip(*jobs, strict=True)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                return b"".join(pool.map(_decode_chunk, paths, entries, [size] * len(jobs)))
-    return b"".join(_decode_chunk(path, entries, size) for path, entries in jobs)
+    """Decode the jobs' images in order, in ``workers`` forked processes where fork is
+    available (``decode.forked_map``)."""
+    paths, entries = zip(*jobs, strict=True)
+    return b"".join(forked_map(_decode_chunk, paths, entries, [size] * len(jobs), workers=workers))
 
 
 def build_omniglot(
@@ -225,13 +206,6 @@ def build_omniglot(
 # Cache
 
 
-def cache_paths(directory: Path, image_size: int) -> tuple[Path, Path]:
-    """Where the cache goes: next to the zips, or in the user cache if that is read-only."""
-    name = f"cache_{image_size}"
-    tag = hashlib.sha1(str(directory.resolve()).encode()).hexdigest()[:10]
-    return directory / f"{name}.pt", user_cache_dir() / "omniglot" / f"{name}-{tag}.pt"
-
-
 def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
     key: dict = {"format": _CACHE_FORMAT, "image_size": image_size}
     for set_name in SETS:
@@ -240,35 +214,22 @@ def _cache_key(paths: dict[str, Path], image_size: int) -> dict:
     return key
 
 
-def _read_cache(path: Path, key: dict) -> OmniglotData | None:
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob["key"] != key:
-            return None
-        data = OmniglotData(blob["images"], blob["names"], blob["sources"], blob["md5"])
-        size = key["image_size"]
-        shape = (len(data.names), DRAWINGS, size, size)
-        if data.images.dtype != torch.uint8 or data.images.shape != shape:
-            raise ValueError(f"images are {data.images.dtype} {tuple(data.images.shape)}")
-        if len(data.sources) != len(data.names):
-            raise ValueError("names and sources differ in length")
-        return data
-    except Exception as e:  # whatever is wrong with a cache, rebuilding it fixes it
-        log.warning("ignoring unreadable cache %s (%s)", path, _one_line(e))
-        return None
+def _write_cache(path: Path, key: dict, data: OmniglotData) -> None:
+    """The ``.u8`` cache every image dataset uses: the drawings as ``[characters * 20, s, s,
+    1]``, the names, zips and md5s in its header."""
+    size = data.images.shape[-1]
+    header = {"key": key, "names": data.names, "sources": data.sources, "md5": data.md5}
+    with ImageCacheWriter(path, data.images.shape[0] * DRAWINGS, (size, size, 1)) as writer:
+        writer.write(0, data.images.reshape(-1, size, size, 1))
+        writer.commit(header)
 
 
-def _write_cache(path: Path, key: dict, data: OmniglotData) -> bool:
-    blob = {
-        "key": key,
-        "images": data.images,
-        "names": data.names,
-        "sources": data.sources,
-        "md5": data.md5,
-    }
-    return save_atomic(path, blob)
+def _from_cache(cache: MappedCache, path: Path, size: int) -> OmniglotData:
+    names, sources = list(cache.header["names"]), list(cache.header["sources"])
+    if tuple(cache.images.shape) != (len(names) * DRAWINGS, size, size, 1):
+        raise MamlrunError(f"{path} is not the cache its header describes; delete it")
+    images = cache.images.view(len(names), DRAWINGS, size, size)
+    return OmniglotData(images, names, sources, dict(cache.header["md5"]), str(path))
 
 
 def ensure_zips(directory: Path) -> dict[str, Path]:
@@ -292,7 +253,7 @@ def ensure_zips(directory: Path) -> dict[str, Path]:
         urls = " and ".join(URL.format(name) for name, _ in failed)
         raise MamlrunError(
             f"{names} are missing from {directory} and could not be downloaded "
-            f"({_one_line(failed[0][1]).split(';')[0]}); download {urls} by hand into "
+            f"({one_line(failed[0][1]).split(';')[0]}); download {urls} by hand into "
             f"{directory}, or set "
             "dataset.root (or $MAMLRUN_DATA) to a folder that holds omniglot/"
         )
@@ -304,20 +265,13 @@ def load_omniglot(root: str | os.PathLike[str] | None = None, image_size: int = 
     directory = resolve_root(root) / "omniglot"
     paths = ensure_zips(directory)
     key = _cache_key(paths, image_size)
-    primary, fallback = cache_paths(directory, image_size)
-    for candidate in (primary, fallback):
-        data = _read_cache(candidate, key)
-        if data is not None:
-            return dataclasses.replace(data, cache=str(candidate))
-    log.info("building the Omniglot cache from %s (once; takes a few seconds)", directory)
-    start = time.perf_counter()
-    data = build_omniglot(paths, image_size)
-    log.info("built in %.1f s", time.perf_counter() - start)
-    targets = (primary, fallback) if is_writable_dir(directory) else (fallback,)
-    written = next((target for target in targets if _write_cache(target, key, data)), None)
-    if written is None:
-        log.warning("no cache written; the next run will preprocess Omniglot again")
-    return dataclasses.replace(data, cache=str(written) if written else None)
+
+    def build(target: Path) -> None:
+        _write_cache(target, key, build_omniglot(paths, image_size))
+
+    name = f"cache_{image_size}.u8"
+    cache, path = cached_file(directory, "omniglot", name, key, build)
+    return _from_cache(cache, path, image_size)
 
 
 # ---------------------------------------------------------------------------------------------

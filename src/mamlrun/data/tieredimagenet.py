@@ -39,19 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mamlrun.data.decode import DecodePool
 from mamlrun.data.download import resolve_root
-from mamlrun.data.images import (
-    ChannelMoments,
-    DecodePool,
-    ImageCacheWriter,
-    ImageSplit,
-    cached_splits,
-    fingerprint,
-    splits_header,
-)
 from mamlrun.data.pickles import read_pickle, stream_list
-from mamlrun.data.sources import image_tasks
+from mamlrun.data.sources import Delivery, ImageData, Reading, cached_images, image_tasks
 from mamlrun.data.tasks import SPLITS
+from mamlrun.data.u8cache import (
+    fingerprint,
+)
 from mamlrun.errors import MamlrunError
 
 log = logging.getLogger(__name__)
@@ -68,6 +63,8 @@ LAYOUT = (
     "tiered-imagenet.tar, extracted)"
 )
 _CACHE_FORMAT = 1
+CACHE = f"cache_{IMAGE_SIZE}.u8"
+LAYOUT_NAME = "png_pickles"  # Ren et al.'s pickles are the one layout read
 
 
 @dataclass(frozen=True)
@@ -80,15 +77,6 @@ class Labels:
     categories: list[str]
     counts: list[int]
     position: np.ndarray  # image i of the file → its index in the split's cache segment
-
-
-@dataclass(frozen=True)
-class TieredData:
-    splits: dict[str, ImageSplit]
-    files: list[str]
-    stats: tuple[list[float], list[float]] | None
-    cache: Path | None = None
-    layout: str = "png_pickles"  # Ren et al.'s pickles are the one layout read
 
 
 def find_files(root: str | os.PathLike[str] | None) -> dict[str, tuple[Path, Path]]:
@@ -112,7 +100,7 @@ def find_files(root: str | os.PathLike[str] | None) -> dict[str, tuple[Path, Pat
 def load_tieredimagenet(
     root: str | os.PathLike[str] | None = None,
     split_sizes: Mapping[str, tuple[int, int]] | None = None,
-) -> TieredData:
+) -> ImageData:
     """The three splits from the cache, building it from the pickles when they changed.
     ``split_sizes`` ((classes, categories) per split) defaults to the published ones; tests
     pass small ones so their fixtures stay small."""
@@ -122,13 +110,13 @@ def load_tieredimagenet(
     listed = [p for s in SPLITS for p in files[s]]
     key = {"format": _CACHE_FORMAT, "sizes": sizes, "files": fingerprint(listed)}
 
-    def build(target: Path) -> None:
-        build_cache(target, key, files, sizes)
+    def deliver(into: Delivery) -> None:
+        build_cache(into, files, sizes)
 
-    name = f"cache_{IMAGE_SIZE}.u8"
-    cached = cached_splits(directory, "tieredimagenet", name, key, build)
-    stats = tuple(cached.header["stats"]) if "stats" in cached.header else None
-    return TieredData(cached.splits, [p.name for p in listed], stats, cached.path)
+    names = [p.name for p in listed]
+    shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    reading = Reading(FOLDER, directory, CACHE, key, shape, LAYOUT_NAME, names, deliver)
+    return cached_images(reading)
 
 
 #: The ``_target_`` of ``conf/dataset/tieredimagenet.yaml``.
@@ -136,42 +124,31 @@ tieredimagenet_tasks = image_tasks("tieredimagenet", load_tieredimagenet, "ren20
 
 
 def build_cache(
-    target: Path,
-    key: Mapping,
-    files: Mapping[str, tuple[Path, Path]],
-    sizes: Mapping[str, tuple[int, int]],
+    into: Delivery, files: Mapping[str, tuple[Path, Path]], sizes: Mapping[str, tuple[int, int]]
 ) -> None:
-    """Decode every PNG into the cache at ``target``, split after split, streaming: the slow
-    path (minutes for the full dataset) that the cache exists to avoid."""
+    """Decode every PNG into the cache, split after split, streaming: the slow path (minutes
+    for the full dataset) that the cache exists to avoid."""
     labels = {s: read_labels(files[s][1], s, sizes[s]) for s in SPLITS}
     check_disjoint(labels)
-    totals = {s: len(labels[s].position) for s in SPLITS}
-    moments = ChannelMoments(3)
-    shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
-    with ImageCacheWriter(target, sum(totals.values()), shape) as writer:
-        base = 0
-        for s in SPLITS:
-            stream_images(files[s][0], labels[s], writer, base, moments if s == "train" else None)
-            base += totals[s]
-        parts = {s: (labels[s].classes, labels[s].counts) for s in SPLITS}
-        writer.commit(splits_header(key, parts, stats=list(moments.result())))
+    into.reserve(sum(len(labels[s].position) for s in SPLITS))
+    base = 0
+    for s in SPLITS:
+        stream_images(files[s][0], labels[s], into, s, base)
+        into.classes(s, labels[s].classes, labels[s].counts)
+        base += len(labels[s].position)
 
 
-def stream_images(
-    path: Path, labels: Labels, writer: ImageCacheWriter, base: int, moments: ChannelMoments | None
-) -> None:
+def stream_images(path: Path, labels: Labels, into: Delivery, split: str, base: int) -> None:
     """The PNGs of one split, decoded in parallel and written to their class-ordered places."""
     total = len(labels.position)
 
     def deliver(start: int, pixels: torch.Tensor) -> None:
         places = labels.position[start : start + len(pixels)]
         if len(places) and places[-1] - places[0] == len(places) - 1 and _rising(places):
-            writer.write(base + int(places[0]), pixels)  # the usual case: already in order
+            into.write(split, base + int(places[0]), pixels)  # the usual case: in order
         else:
             for place, image in zip(places, pixels, strict=True):
-                writer.write(base + int(place), image[None])
-        if moments is not None:
-            moments.add(pixels)
+                into.write(split, base + int(place), image[None])
 
     with DecodePool(IMAGE_SIZE, deliver, str(path), expected=total) as pool:
 
