@@ -59,6 +59,11 @@ def test_the_yaml_tree_is_the_class_tree():
     """base/learner.yaml holds the base's settings once; maml.yaml and reptile.yaml extend it
     with their own keys only (Reptile changes values, it adds no key and refuses none)."""
     assert own_keys(CONF / "base" / "learner.yaml") == settings_of(GradientLearner)
+    for member in ("maml", "reptile"):
+        assert list(OmegaConf.load(CONF / f"{member}.yaml").defaults) == [
+            "base/learner@_here_",
+            "_self_",
+        ]
     assert own_keys(CONF / "maml.yaml") == settings_of(MAML) - settings_of(GradientLearner)
     assert settings_of(Reptile) == settings_of(GradientLearner)
     assert own_keys(CONF / "reptile.yaml") <= settings_of(GradientLearner)
@@ -69,8 +74,8 @@ def test_the_yaml_tree_is_the_class_tree():
 def test_the_base_is_not_offered_as_a_choice():
     from mamlrun.cli.helptext import choices
 
-    assert "base" not in {name for name, _ in choices("meta_optimizer")}
-    assert not list(CONF.glob("base.yaml"))
+    names = [name for name, _ in choices("meta_optimizer")]
+    assert "maml" in names and not any("base" in n for n in names)
 
 
 # ---------------------------------------------------------------------- from Python
