@@ -135,7 +135,7 @@ def _provenance(described: dict[str, Any]) -> str:
         return "verified: the zips differ from the official ones (md5), their content is valid"
     layout, split = described.get("layout", "?"), described.get("split", "?")
     if "split_rule" in described:  # dataset=images: a folder of the user's, split by a rule
-        return f"read: {described['root']}, layout {layout}; split by {described['split_rule']}"
+        return f"read: {described['root']}, layout {layout}; split rule: {described['split_rule']}"
     return f"verified: layout {layout}; every split's classes match the {split} split lists"
 
 

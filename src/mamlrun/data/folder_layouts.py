@@ -168,10 +168,7 @@ def seeded_split(
 
 def seeded_rule(count: int, fractions: Sequence[float], seed: int) -> str:
     shares = "/".join(f"{100 * f:g}" for f in fractions)
-    return (
-        f"seeded: {shares}% of the {count} classes (dataset.split_fractions), shuffled with "
-        f"dataset.split_seed={seed}"
-    )
+    return f"seeded, {shares}% of the {count} classes (dataset.split_fractions, split_seed={seed})"
 
 
 def _from_csv(root: Path, path: Path, fractions: Sequence[float], seed: int) -> Layout:

@@ -145,8 +145,8 @@ def check_counts(counts: Mapping[str, Mapping[str, int]], ways: int, per_class: 
         if len(counts[s]) < ways:
             have = named(list(counts[s])) or "none"
             raise MamlrunError(
-                f"the {s} split has {len(counts[s])} classes ({have}; split by {rule}), "
-                f"{ways}-way tasks need {ways}: add classes, or lower dataset.ways"
+                f"the {s} split has {len(counts[s])} classes ({have}), {ways}-way tasks need "
+                f"{ways} (split rule: {rule}): add classes to it, or lower dataset.ways"
             )
     short = [f"{c} in {s} has {n}" for s in SPLITS for c, n in counts[s].items() if n < per_class]
     if short:
@@ -169,8 +169,8 @@ def load_folder(
     path = cache_locations(folder, NAME, f"cache_{look.size}x{look.channels}_{look.resize}.u8")[1]
     key = cache_key(layout, look, skip)
     cache = read_image_cache(path, key)
+    log.info("%s: %s; split rule: %s", folder, layout.kind, layout.rule)
     if cache is None:
-        log.info("%s: %s, split by %s", folder, layout.kind, layout.rule)
         log.info("building the images cache %s", path)
         build_cache(path, key, layout, look, skip, task)
         cache = read_image_cache(path, key)
