@@ -22,7 +22,6 @@ from PIL import Image
 from mamlrun import config
 from mamlrun.data import folders
 from mamlrun.data.folder_layouts import seeded_split
-from mamlrun.errors import MamlrunError
 
 #: Mode and format of the i-th image of a class, in turn: every mode and format mixed.
 KINDS = (("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "gif"), ("RGB", "bmp"),
@@ -114,7 +113,7 @@ def test_each_layout_trains_tests_and_adapts_in_one_command_each(layout, tmp_pat
                   cwd=tmp_path, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "1 files do not decode and are left out (dataset.skip_unreadable=true): " in log
+    assert "1 file that does not decode is left out (dataset.skip_unreadable=true): " in log
     assert "broken.jpg" in log and "split rule: " in log
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["dataset"]["layout"] == layout
@@ -130,3 +129,202 @@ def test_each_layout_trains_tests_and_adapts_in_one_command_each(layout, tmp_pat
     assert {s: len(c) for s, c in splits["classes"].items()} == {
         "train": train_classes, "val": 2, "test": 2}  # fmt: skip
     assert listing(root) == before  # nothing written into the user's folder, nothing deleted
+
+
+# ------------------------------------------------------------------------------ the images
+
+
+def stripes(size: tuple[int, int]) -> Image.Image:
+    """Red, green and blue thirds, left to right."""
+    image = Image.new("RGB", size, (255, 0, 0))
+    third = size[0] // 3
+    image.paste((0, 255, 0), (third, 0, 2 * third, size[1]))
+    image.paste((0, 0, 255), (2 * third, 0, size[0], size[1]))
+    return image
+
+
+def pixels(path: Path, size: int, resize: str, channels: int) -> torch.Tensor:
+    raw = folders.decode(str(path), folders.Look(size, resize, channels))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(size, size, channels)
+
+
+def test_crop_keeps_the_middle_of_the_longer_side_and_pad_keeps_everything_on_black(tmp_path):
+    stripes((90, 30)).save(tmp_path / "wide.png")
+    cropped = pixels(tmp_path / "wide.png", 15, "crop", 3)
+    green = torch.tensor([0, 255, 0])
+    assert (cropped[:, 3:-3].int() - green).abs().max() < 16  # Lanczos rings a little at edges
+    padded = pixels(tmp_path / "wide.png", 15, "pad", 3)
+    assert (padded[0] == 0).all() and (padded[-1] == 0).all()  # black bars above and below
+    middle = padded[7]
+    assert middle[0, 0] > 200 and middle[7, 1] > 200 and middle[-1, 2] > 200  # all three kept
+
+
+def test_every_mode_and_format_is_converted_to_the_channels_asked_for(tmp_path):
+    paths = write_class(tmp_path, 3, len(KINDS))
+    assert {Image.open(p).mode for p in paths} == {"RGB", "L", "RGBA", "P"}
+    assert {p.suffix for p in paths} == {".jpg", ".png", ".gif", ".bmp", ".webp"}
+    for channels in (1, 3):
+        for path in paths:
+            assert pixels(path, 20, "crop", channels).shape == (20, 20, channels)
+
+
+def test_a_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ((250, 0, 0), (0, 0, 250))]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    first = pixels(tmp_path / "moving.gif", 16, "crop", 3).float().mean((0, 1))
+    assert first[0] > 200 and first[2] < 50
+
+
+# ------------------------------------------------------------------------- splits and cache
+
+
+def test_without_lists_the_classes_are_split_64_16_20_by_a_seed_and_the_split_is_saved(tmp_path):
+    root = class_folders(tmp_path / "mine", classes=25)
+    first = source(root)
+    assert {s: len(c) for s, c in first.classes.items()} == {"train": 16, "val": 4, "test": 5}
+    assert first.classes == source(root).classes  # the same seed, the same split
+    assert seeded_split([f"class{c:02d}" for c in range(25)], [0.64, 0.16, 0.2], 0) == {
+        s: sorted(c) for s, c in first.classes.items()}  # fmt: skip
+    saved = json.loads(Path(first.describe()["split_file"]).read_text())  # beside the cache
+    assert saved["classes"] == first.classes and saved["rule"].startswith("seeded, 64/16/20% of")
+    other = source(root, split_seed=1, split_fractions=[0.6, 0.2, 0.2])
+    assert {s: len(c) for s, c in other.classes.items()} == {"train": 15, "val": 5, "test": 5}
+    assert other.classes["test"] != first.classes["test"]
+
+
+def test_class_lists_split_the_class_folders_and_unlisted_classes_are_left_out(tmp_path, caplog):
+    root = class_folders(tmp_path / "mine", classes=7)
+    for s, names in (("train", "class00\nclass01\nclass02\n"), ("val", "class03\nclass04"),
+                     ("test", "\nclass05\nclass06\n")):  # fmt: skip
+        (root / f"{s}.txt").write_text(names)
+    (root / "class07").mkdir()
+    write_class(root / "class07", 7, 3)
+    tasks = source(root)
+    assert tasks.classes == {
+        "train": ["class00", "class01", "class02"],
+        "val": ["class03", "class04"],
+        "test": ["class05", "class06"],
+    }
+    assert "1 class folders are in no list and left out: class07" in caplog.text
+    assert tasks.describe()["split_rule"] == "the class lists train.txt, val.txt and test.txt"
+
+
+def test_the_cache_is_rebuilt_when_a_file_changes_and_reused_otherwise(tmp_path):
+    root = class_folders(tmp_path / "mine")
+    before = listing(root)
+    cache = Path(source(root).describe()["cache"])
+    assert cache.is_relative_to(tmp_path.parent) and not cache.is_relative_to(root)
+    built = cache.stat()
+    source(root)
+    assert (cache.stat().st_ino, cache.stat().st_mtime_ns) == (built.st_ino, built.st_mtime_ns)
+    image = root / "class04" / "img1.jpg"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: rebuilt
+    source(root)
+    assert cache.stat().st_ino != built.st_ino
+    write_class(root / "class04", 4, 1, start=3)  # a file added: rebuilt, with it
+    assert source(root).counts["train" if "class04" in source(root).classes["train"] else "val"]
+    assert sum(sum(c) for c in source(root).counts.values()) == 12 * 3 + 1
+    assert set(listing(root)) == set(before) | {"class04/img3.png"}
+
+
+def test_data_check_shows_the_table_the_split_rule_and_the_files_left_out(tmp_path, cli_here):
+    root = class_folders(tmp_path / "mine")
+    corrupt(root / "class02" / "broken.png")
+    out = cli_here("data", "check", "dataset=images", f"dataset.root={root}", *TINY[:4],
+                   "dataset.skip_unreadable=true")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:5] == [
+        "images: checked",
+        "  split  classes  images  image size",
+        "  train  8        24      3×28×28",
+        "  val    2        6       3×28×28",
+        "  test   2        6       3×28×28",
+    ]
+    assert lines[5] == (
+        f"  read: {root}, layout class folders; split rule: seeded, 64/16/20% of the 12 "
+        "classes (dataset.split_fractions, split_seed=0)"
+    )
+    assert lines[6].startswith("  classes of each split: ") and lines[6].endswith(".splits.json")
+    assert lines[7] == "  left out, 1 file that does not decode (skip_unreadable):"
+    assert lines[8].startswith(f"    {root}/class02/broken.png (cannot identify image file")
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def duplicated(root: Path) -> Path:
+    split_folders(root)
+    write_class(root / "val" / "train_class1", 1, 3)
+    return root
+
+
+def listed_but_absent(root: Path) -> Path:
+    class_folders(root)
+    for s, names in (("train", "class00\nclass01\nclass99"), ("val", "class02\nclass03"),
+                     ("test", "class04\nclass05")):  # fmt: skip
+        (root / f"{s}.txt").write_text(names)
+    return root
+
+
+def short_class(root: Path) -> Path:
+    class_folders(root)
+    for path in sorted((root / "class05").iterdir())[1:]:
+        path.unlink()
+    return root
+
+
+def missing_row(root: Path) -> Path:
+    csv_layout(root)
+    with open(root / "labels.csv", "a") as f:
+        f.write("pictures/gone.png,label0,train\n")
+    return root
+
+
+BAD = {
+    "a missing folder": (lambda root: root, (),
+        "dataset.root={root} does not exist; point it at your folder of images"),
+    "an empty folder": (lambda root: root.mkdir() or root, (),
+        "{root} holds no class folders of images (.png, .jpg, .jpeg, .bmp, .webp, .gif); put "
+        "each class's images in {root}/<class>/ or {root}/{{train,val,test}}/<class>/, or name "
+        "a CSV of filename,label[,split] rows with dataset.csv"),
+    "a split with fewer classes than N-way": (class_folders, ("dataset.ways=3",),
+        "the val split has 2 classes (class01, class03), 3-way tasks need 3 (split rule: seeded,"
+        " 64/16/20% of the 12 classes (dataset.split_fractions, split_seed=0)): add classes to "
+        "it, or lower dataset.ways"),
+    "a class with fewer images than K-shot plus query": (short_class, (),
+        "1 class has fewer than the 2 images a task takes from each (dataset.shots + "
+        "dataset.query): class05 in train has 1; add images, or lower dataset.shots or "
+        "dataset.query"),
+    "a file that does not decode": (lambda root: corrupt(class_folders(root) / "class00" / "x.jpg")
+                                    and root, (),
+        "1 file does not decode as an image: {root}/class00/x.jpg (cannot identify image file "),
+    "a CSV row naming a missing file": (missing_row, ("dataset.csv=labels.csv",),
+        "{root}/labels.csv, line 26: pictures/gone.png is not a file in {root}; fix the row or "
+        "add the file (filenames are relative to dataset.root)"),
+    "the same class in two splits": (duplicated, (),
+        "class train_class1 is in the train and the val split ({root}/train/train_class1 and "
+        "{root}/val/train_class1): a class belongs to one split; rename or remove one of them"),
+    "a class list naming a class that is not there": (listed_but_absent, (),
+        "{root}/train.txt, line 3: class class99 is not a folder of images in {root}; fix the "
+        "name or add the folder"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_one_line_naming_the_file_or_class_and_leaves_nothing(
+    case, tmp_path, cli_here
+):
+    make, extra, expected = BAD[case]
+    root = make(tmp_path / "mine")
+    before = listing(root) if root.exists() else None
+    out = cli_here("train", "dataset=images", f"dataset.root={root}", *TINY, *extra, *QUICK,
+                   "hydra.run.dir=run")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("mamlrun: error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert expected.format(root=root) in out.stderr
+    assert not (tmp_path / "run").exists()  # no run folder left behind
+    assert (listing(root) if root.exists() else None) == before  # the folder untouched
+    check = cli_here("data", "check", "dataset=images", f"dataset.root={root}", *TINY[:4], *extra)
+    assert check.returncode == 2 and expected.format(root=root) in check.stderr

@@ -147,6 +147,7 @@ def _own_folder(described: dict[str, Any]) -> list[str]:
     left_out = described.get("unreadable") or []
     lines = [f"classes of each split: {described['split_file']}"]
     if left_out:
-        lines.append(f"left out, {len(left_out)} files that do not decode (skip_unreadable):")
+        files = "1 file that does" if len(left_out) == 1 else f"{len(left_out)} files that do"
+        lines.append(f"left out, {files} not decode (skip_unreadable):")
         lines += [f"  {name}" for name in left_out]
     return lines

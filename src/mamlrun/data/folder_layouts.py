@@ -48,6 +48,13 @@ class Layout:
     files: dict[str, dict[str, list[Path]]]  # split → class → files
 
 
+def counted(count: int, noun: str) -> str:
+    """``1 file``, ``2 files``; ``class`` → ``classes``."""
+    return (
+        f"{count} {noun}" if count == 1 else f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
+    )
+
+
 def named(items: Sequence[str], shown: int = SHOWN) -> str:
     """``a, b, c`` or ``a, b, c, ... and 7 more``: a message names the first few."""
     head = ", ".join(str(i) for i in items[:shown])

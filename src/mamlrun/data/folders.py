@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from mamlrun.data.folder_layouts import Layout, named, read_layout
+from mamlrun.data.folder_layouts import Layout, counted, named, read_layout
 from mamlrun.data.images import (
     ChannelMoments,
     EpisodicImages,
@@ -151,9 +151,9 @@ def check_counts(counts: Mapping[str, Mapping[str, int]], ways: int, per_class: 
     short = [f"{c} in {s} has {n}" for s in SPLITS for c, n in counts[s].items() if n < per_class]
     if short:
         raise MamlrunError(
-            f"{len(short)} classes have fewer than the {per_class} images a task takes from each "
-            f"(dataset.shots + dataset.query): {named(short, 20)}; add images, or lower "
-            "dataset.shots or dataset.query"
+            f"{counted(len(short), 'class')} {'has' if len(short) == 1 else 'have'} fewer than "
+            f"the {per_class} images a task takes from each (dataset.shots + dataset.query): "
+            f"{named(short, 20)}; add images, or lower dataset.shots or dataset.query"
         )
 
 
@@ -228,7 +228,8 @@ def build_cache(
         _flush(writer, batch, shape, moments if current == "train" else None)
         if unreadable and not skip:
             raise MamlrunError(
-                f"{len(unreadable)} files do not decode as images: {named(unreadable, 20)}; "
+                f"{counted(len(unreadable), 'file')} {'does' if len(unreadable) == 1 else 'do'} "
+                f"not decode as an image: {named(unreadable, 20)}; "
                 "replace or remove them, or set dataset.skip_unreadable=true to leave them out"
             )
         if unreadable:
@@ -254,8 +255,10 @@ def _flush(writer: ImageCacheWriter, batch: list[bytes], shape, moments) -> None
 
 def warn_unreadable(unreadable: Sequence[str]) -> None:
     log.warning(
-        "%d files do not decode and are left out (dataset.skip_unreadable=true): %s",
-        len(unreadable),
+        "%s that do%s not decode %s left out (dataset.skip_unreadable=true): %s",
+        counted(len(unreadable), "file"),
+        "es" if len(unreadable) == 1 else "",
+        "is" if len(unreadable) == 1 else "are",
         named(list(unreadable)),
     )
 
