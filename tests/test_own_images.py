@@ -22,6 +22,7 @@ from PIL import Image
 from mamlrun import config
 from mamlrun.data import folders
 from mamlrun.data.folder_layouts import seeded_split
+from mamlrun.errors import MamlrunError
 
 #: Mode and format of the i-th image of a class, in turn: every mode and format mixed.
 KINDS = (("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "gif"), ("RGB", "bmp"),
@@ -85,8 +86,8 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(root.rglob("*"))}  # fmt: skip
 
 
-def source(root: Path, **changes):
-    settings = {**config.settings("dataset", "images"), "root": str(root), "ways": 2,
+def source(root: Path | None, **changes):
+    settings = {**config.settings("dataset", "images"), "root": root and str(root), "ways": 2,
                 "shots": 1, "query": 1, "image_size": 28, **changes}  # fmt: skip
     settings.pop("_preset_", None)
     settings.pop("_target_", None)
@@ -328,3 +329,37 @@ def test_bad_input_is_one_line_naming_the_file_or_class_and_leaves_nothing(
     assert (listing(root) if root.exists() else None) == before  # the folder untouched
     check = cli_here("data", "check", "dataset=images", f"dataset.root={root}", *TINY[:4], *extra)
     assert check.returncode == 2 and expected.format(root=root) in check.stderr
+
+
+def test_a_csv_without_a_split_column_is_split_by_the_seeded_rule(tmp_path):
+    root = csv_layout(tmp_path / "mine", with_split=False)
+    tasks = source(root, csv="labels.csv", split_fractions=[0.5, 0.25, 0.25])
+    assert {s: len(c) for s, c in tasks.classes.items()} == {"train": 4, "val": 2, "test": 2}
+    assert tasks.describe()["split_rule"].startswith("seeded, 50/25/25% of the 8 classes")
+    absolute = source(root, csv=str(root / "labels.csv"), split_fractions=[0.5, 0.25, 0.25])
+    assert absolute.classes == tasks.classes
+
+
+def test_one_channel_and_padding_reach_the_network_as_asked(tmp_path):
+    root = class_folders(tmp_path / "mine")
+    tasks = source(root, channels=1, resize="pad", image_size=20)
+    assert tasks.input_shape == (1, 20, 20) and len(tasks.mean) == 1
+    batch = tasks.sample("test", 2, torch.Generator().manual_seed(0))
+    assert batch[0].shape == (2, 2, 1, 20, 20)
+
+
+@pytest.mark.parametrize(
+    "make,changes,expected",
+    [(lambda root: None, {}, "dataset=images needs dataset.root=DIR"),
+     (lambda root: split_folders(root) and __import__("shutil").rmtree(root / "val") or root, {},
+      "{root} has train/ and test/ but no val/: give every split its folder"),
+     (lambda root: csv_layout(root) and (root / "labels.csv").write_text("a.png,x,train,9\n")
+      and root, {"csv": "labels.csv"}, "{root}/labels.csv, line 1: 4 columns, expected"),
+     (lambda root: csv_layout(root), {"csv": "nothing.csv"},
+      "dataset.csv: {root}/nothing.csv does not exist")],
+)  # fmt: skip
+def test_more_folder_mistakes_are_one_line_too(make, changes, expected, tmp_path):
+    root = make(tmp_path / "mine")
+    with pytest.raises(MamlrunError) as raised:
+        source(root, **changes)
+    assert expected.format(root=root) in str(raised.value)
