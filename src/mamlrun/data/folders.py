@@ -141,12 +141,14 @@ def layout_counts(layout: Layout) -> dict[str, dict[str, int]]:
 def check_counts(counts: Mapping[str, Mapping[str, int]], ways: int, per_class: int, rule: str):
     """Every split needs ``ways`` classes and every class ``per_class`` images (K-shot plus
     query): all the classes that fall short are named in one line, with their counts."""
+    seeded = rule.startswith("seeded")
     for s in SPLITS:
         if len(counts[s]) < ways:
             have = named(list(counts[s])) or "none"
             raise MamlrunError(
                 f"the {s} split has {len(counts[s])} classes ({have}), {ways}-way tasks need "
                 f"{ways} (split rule: {rule}): add classes to it, or lower dataset.ways"
+                + (", or give it a larger share in dataset.split_fractions" if seeded else "")
             )
     short = [f"{c} in {s} has {n}" for s in SPLITS for c, n in counts[s].items() if n < per_class]
     if short:
