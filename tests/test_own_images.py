@@ -169,6 +169,17 @@ def test_every_mode_and_format_is_converted_to_the_channels_asked_for(tmp_path):
             assert pixels(path, 20, "crop", channels).shape == (20, 20, channels)
 
 
+def test_a_photo_is_turned_upright_as_its_exif_orientation_says(tmp_path):
+    image = Image.new("RGB", (40, 20), (250, 0, 0))
+    image.paste((0, 0, 250), (20, 0, 40, 20))  # stored: red left, blue right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: red on top, blue below
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    upright = pixels(tmp_path / "phone.jpg", 40, "pad", 3).int()
+    assert upright[2, 20, 0] > 200 and upright[-3, 20, 2] > 200  # red top, blue bottom
+    assert (upright[:, :5] == 0).all()  # black bars left and right of the tall image
+
+
 def test_a_gif_gives_its_first_frame(tmp_path):
     frames = [Image.new("RGB", (16, 16), colour) for colour in ((250, 0, 0), (0, 0, 250))]
     frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])

@@ -56,7 +56,7 @@ from mamlrun.errors import MamlrunError
 log = logging.getLogger(__name__)
 
 NAME = "images"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: EXIF orientation applied
 #: Images per decoding job; below ``_PARALLEL_FROM`` images one process decodes them all.
 _CHUNK = 64
 _PARALLEL_FROM = 256
@@ -281,10 +281,12 @@ def write_split_file(path: Path, layout: Layout, counts: Mapping[str, Mapping[st
 
 
 def decode(path: str, look: Look) -> bytes:
-    """One file as ``look`` says: its first frame, converted, fitted, raw bytes in HWC order."""
+    """One file as ``look`` says: its first frame, turned upright (a camera's EXIF orientation,
+    as every image viewer shows it), converted, fitted, raw bytes in HWC order."""
     with Image.open(path) as image:
         image.seek(0)
         image.load()
+        image = ImageOps.exif_transpose(image)
         if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
             image = image.convert("RGBA")  # palette transparency resolved before dropping it
         image = image.convert("L" if look.channels == 1 else "RGB")
