@@ -271,7 +271,7 @@ def write_split_file(path: Path, layout: Layout, counts: Mapping[str, Mapping[st
     document = {"layout": layout.kind, "rule": layout.rule,
                 "classes": {s: list(counts[s]) for s in SPLITS},
                 "images_per_class": {s: list(counts[s].values()) for s in SPLITS}}  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two builds never share one
     tmp.write_text(json.dumps(document, indent=1) + "\n")
     os.replace(tmp, path)
 
