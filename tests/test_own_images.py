@@ -269,6 +269,7 @@ def test_data_check_shows_the_table_the_split_rule_and_the_files_left_out(tmp_pa
 def duplicated(root: Path) -> Path:
     split_folders(root)
     write_class(root / "val" / "train_class1", 1, 3)
+    write_class(root / "test" / "train_class2", 2, 3)
     return root
 
 
@@ -317,7 +318,8 @@ BAD = {
         "add the file (filenames are relative to dataset.root)"),
     "the same class in two splits": (duplicated, (),
         "class train_class1 is in the train and the val split ({root}/train/train_class1 and "
-        "{root}/val/train_class1): a class belongs to one split; rename or remove one of them"),
+        "{root}/val/train_class1; also train_class2 (train, test)): a class belongs to one split; "
+        "rename or remove one of them"),
     "a class list naming a class that is not there": (listed_but_absent, (),
         "{root}/train.txt, line 3: class class99 is not a folder of images in {root}; fix the "
         "name or add the folder"),

@@ -119,16 +119,18 @@ def _from_split_folders(root: Path) -> Layout:
 
 
 def in_two(files: Mapping[str, Mapping[str, object]], where) -> None:
-    """The same class in two splits would test on classes the model trained on."""
-    for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1 :]:
-            both = [c for c in files[a] if c in files[b]]
-            if both:
-                raise MamlrunError(
-                    f"class {both[0]} is in the {a} and the {b} split ({where(both[0], a, b)}"
-                    f"{f'; {len(both) - 1} more classes too' if len(both) > 1 else ''}): a class "
-                    "belongs to one split; rename or remove one of them"
-                )
+    """The same class in two splits would test on classes the model trained on: the first
+    such class named with where it is, then every other one with its two splits."""
+    both = [(c, a, b) for i, a in enumerate(SPLITS) for b in SPLITS[i + 1 :]
+            for c in files[a] if c in files[b]]  # fmt: skip
+    if both:
+        name, a, b = both[0]
+        others = [f"{c} ({x}, {y})" for c, x, y in both[1:]]
+        raise MamlrunError(
+            f"class {name} is in the {a} and the {b} split ({where(name, a, b)}"
+            f"{f'; also {named(others)}' if others else ''}): a class belongs to one split; "
+            "rename or remove one of them"
+        )
 
 
 def _from_lists(root: Path, classes: Mapping[str, list[Path]]) -> Layout:
