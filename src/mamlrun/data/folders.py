@@ -232,10 +232,9 @@ def build_cache(
             raise MamlrunError(
                 f"{counted(len(unreadable), 'file')} {'does' if len(unreadable) == 1 else 'do'} "
                 f"not decode as an image: {named(unreadable, 20)}; "
-                "replace or remove them, or set dataset.skip_unreadable=true to leave them out"
+                f"replace or remove {'it' if len(unreadable) == 1 else 'them'}, or set "
+                "dataset.skip_unreadable=true to leave such files out"
             )
-        if unreadable:
-            warn_unreadable(unreadable)
         check_counts(counts, task[0], task[1], layout.rule)
         splits = {s: (list(counts[s]), list(counts[s].values())) for s in SPLITS}
         writer.commit(splits_header(key, splits, stats=list(moments.result()),
@@ -308,7 +307,7 @@ def _decode_chunk(paths: list[str], look: Look) -> list[bytes | str]:
                 warnings.simplefilter("ignore")  # Pillow's notes on palettes and EXIF
                 out.append(decode(path, look))
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            out.append(one_line(e))
+            out.append(one_line(e).replace(f" '{path}'", ""))  # the path is named once
     return out
 
 
