@@ -378,3 +378,15 @@ def test_more_folder_mistakes_are_one_line_too(make, changes, expected, tmp_path
     with pytest.raises(MamlrunError) as raised:
         source(root, **changes)
     assert expected.format(root=root) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "setting,expected",
+    [("dataset.channels=2", "dataset.channels must be 1 or 3, got 2"),
+     ("dataset.resize=stretch", "dataset.resize must be one of crop, pad, got 'stretch'"),
+     ("dataset.split_fractions=[0.5,0.5,0.5]", "dataset.split_fractions must be three shares "
+      "(train, val, test) adding up to 1, got [0.5, 0.5, 0.5]")],
+)  # fmt: skip
+def test_settings_out_of_range_are_refused_before_the_folder_is_read(setting, expected, cli_here):
+    out = cli_here("train", "dataset=images", "dataset.root=/nowhere", setting)
+    assert out.returncode == 2 and out.stderr == f"mamlrun: error: {expected}\n"
