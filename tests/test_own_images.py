@@ -390,3 +390,14 @@ def test_more_folder_mistakes_are_one_line_too(make, changes, expected, tmp_path
 def test_settings_out_of_range_are_refused_before_the_folder_is_read(setting, expected, cli_here):
     out = cli_here("train", "dataset=images", "dataset.root=/nowhere", setting)
     assert out.returncode == 2 and out.stderr == f"mamlrun: error: {expected}\n"
+
+
+def test_a_class_short_once_unreadable_files_are_left_out_is_named_from_the_cache_too(tmp_path):
+    root = class_folders(tmp_path / "mine", per_class=4)
+    sorted((root / "class00").iterdir())[0].unlink()
+    corrupt(root / "class00" / "broken.jpg")  # class00: 4 files, 3 of them images
+    source(root, skip_unreadable=True)  # builds the cache, 1 + 1 images a task
+    for _ in range(2):  # the first reads the cache; a build would say the same
+        with pytest.raises(MamlrunError, match="1 class has fewer than the 4 images .*: class00 "
+                           "in train has 3; add images"):  # fmt: skip
+            source(root, skip_unreadable=True, query=3)

@@ -93,6 +93,10 @@ def images_tasks(
     check_counts(layout_counts(layout), ways, shots + query, layout.rule)
     look = Look(image_size, resize, channels)
     data = load_folder(folder, layout, look, skip_unreadable, (ways, shots + query))
+    kept = {
+        s: dict(zip(data.splits[s].classes, data.splits[s].counts, strict=True)) for s in SPLITS
+    }
+    check_counts(kept, ways, shots + query, layout.rule)  # a cache may have left files out
     mean, std = normalisation(data.stats, mean, std)
     info = {"layout": layout.kind, "split_rule": layout.rule, "root": str(folder),
             "resize": resize, "cache": str(data.cache), "split_file": str(splits_file(data.cache)),
