@@ -4,6 +4,13 @@ meta-iteration, and peak memory with a full-size miniImageNet and with tieredIma
 storage. No real data is needed: the splits are synthetic, in the published formats and sizes.
 
     OMP_NUM_THREADS=1 python scripts/bench_data.py [--dir DIR] [--iterations 5] [--keep]
+    python scripts/bench_data.py --folder [--images 60000] [--dir DIR]
+
+``--folder`` measures only ``dataset=images``: it writes a folder of ``--images`` 84×84 JPEGs
+(100 classes, as miniImageNet's 60,000 images), then, in a fresh process, builds the ``.u8``
+cache from it as ``mamlrun data prepare dataset=images`` does, and reports images per second
+and the peak memory of the build (the builder and its decoding workers together, by
+proportional set size, so pages they share are counted once), against the target of 1.5 GB.
 
 1. writes ``DIR/miniimagenet/mini-imagenet-cache-{train,val,test}.pkl`` with the published
    class names and 600 random 84×84×3 images per class (38,400 / 9,600 / 12,000 images,
@@ -22,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -162,6 +171,106 @@ def tiered_storage(directory: Path, batches: int = 200) -> dict:
             "train_split_gib": TIERED["train"][1] * 84 * 84 * 3 / 2**30}  # fmt: skip
 
 
+def write_folder(root: Path, images: int, classes: int = 100) -> Path:
+    """``images`` 84×84 JPEGs (quality 90, a colour gradient with noise, about a photo's size
+    on disk) in ``classes`` class folders; kept when already there."""
+    from PIL import Image
+
+    folder = root / f"folder-{images}"
+    if (folder / ".complete").is_file():
+        return folder
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 84, dtype=np.float32)
+    for i in range(images):
+        c = i % classes
+        d = folder / f"class{c:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        base = np.stack([ramp[:, None] + 0 * ramp, ramp[None, :] + 0 * ramp[:, None],
+                         np.full((84, 84), 2.5 * c)], -1)  # fmt: skip
+        pixels = np.clip(base + rng.normal(0, 20, (84, 84, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(d / f"{i:06d}.jpg", quality=90)
+    (folder / ".complete").touch()
+    return folder
+
+
+def pss_mib(pid: int) -> float:
+    """A process's proportional set size: its pages, each shared one divided among its users."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def watch_family_pss(every_s: float = 0.05) -> dict[str, float]:
+    """The largest summed PSS of this process and its children (the decoding workers) seen so
+    far, kept up to date by a daemon thread."""
+    peak = {"pss": 0.0}
+    me = os.getpid()
+
+    def children() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                    found.append(int(entry.name))
+        return found
+
+    def poll() -> None:
+        while True:
+            total = pss_mib(me) + sum(pss_mib(p) for p in children())
+            peak["pss"] = max(peak["pss"], total)
+            time.sleep(every_s)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return peak
+
+
+def build_folder_cache(folder: Path) -> dict:
+    """In a fresh process (``--child folder``): the cache of ``folder`` built as a run builds
+    it, timed, with the peak memory of the build."""
+    from mamlrun import config
+    from mamlrun.data import folders
+
+    peak = watch_family_pss()
+    settings = {**config.settings("dataset", "images"), "root": str(folder), "storage": "cpu"}
+    settings = {k: v for k, v in settings.items() if not k.startswith("_")}
+    start = time.perf_counter()
+    source = folders.images_tasks(**settings, device="cpu")
+    seconds = time.perf_counter() - start
+    time.sleep(0.2)  # one more reading of the watcher
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    images = sum(sum(c) for c in source.counts.values())
+    return {"images": images, "seconds": seconds, "peak_pss_mib": peak["pss"],
+            "builder_peak_rss_mib": peak_rss_mib(), "worker_peak_rss_mib": children,
+            "cache": source.describe()["cache"]}  # fmt: skip
+
+
+def folder_benchmark(root: Path, images: int) -> None:
+    start = time.perf_counter()
+    folder = write_folder(root, images)
+    print(f"{images:,} JPEGs of 84×84 in {folder} (written in {time.perf_counter() - start:.0f} s)")
+    env_cache = root / "xdg"
+    shutil.rmtree(env_cache, ignore_errors=True)
+    os.environ["XDG_CACHE_HOME"] = str(env_cache)
+    built = in_child("--child", "folder", "--dir", str(folder))
+    peak_gb = built["peak_pss_mib"] * 2**20 / 1e9
+    verdict = "pass" if peak_gb <= 1.5 else "FAIL"
+    print(f"built the cache of {built['images']:,} images in {built['seconds']:.1f} s: "
+          f"{built['images'] / built['seconds']:,.0f} images/s, {os.cpu_count()} CPUs; peak "
+          f"memory {peak_gb:.2f} GB (PSS of the builder and its workers; builder peak RSS "
+          f"{built['builder_peak_rss_mib']:.0f} MiB, largest worker "
+          f"{built['worker_peak_rss_mib']:.0f} MiB): {verdict} (target <= 1.5 GB)")  # fmt: skip
+    again = in_child("--child", "folder", "--dir", str(folder))
+    print(f"a second run, from the cache: {again['seconds']:.2f} s")
+
+
 def in_child(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -173,8 +282,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, help="where the synthetic data goes (default: temp)")
     parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--child", choices=["mini", "tiered"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", action="store_true", help="only dataset=images' cache build")
+    parser.add_argument("--images", type=int, default=60_000, help="JPEGs in the --folder test")
+    parser.add_argument("--child", choices=["mini", "tiered", "folder"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "folder":
+        print(json.dumps(build_folder_cache(args.dir)))
+        return 0
+    if args.folder:
+        folder_benchmark(args.dir or Path(tempfile.mkdtemp(prefix="mamlrun-bench-data-")),
+                         args.images)  # fmt: skip
+        return 0
     if args.child == "mini":
         print(json.dumps(time_miniimagenet(args.dir, args.iterations)))
         return 0

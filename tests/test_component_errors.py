@@ -31,6 +31,7 @@ IMAGE_INPUTS = {
     "cub": (3, 84, 84),
     "miniimagenet": (3, 84, 84),
     "tieredimagenet": (3, 84, 84),
+    "images": (3, 84, 84),  # a user's folder at the default image_size and channels
 }
 
 

@@ -59,8 +59,8 @@ def test_every_image_preset_names_its_paper_and_sinusoid_has_none():
     presets = Path(__file__).resolve().parents[1].glob("conf/experiment/*.yaml")
     for preset in presets:
         ref = compose_train(f"experiment={preset.stem}").reference
-        if preset.stem.startswith("sinusoid"):
-            assert ref is None  # the paper shows curves, no number
+        if preset.stem.startswith(("sinusoid", "images")):
+            assert ref is None  # the paper shows curves, no number; a user's data has none
             continue
         assert ref.metric == "accuracy" and 0.2 < ref.value < 1 and 0 < ref.ci95 < 0.02
         assert ref.inner_steps >= 1 and "Table" in ref.source

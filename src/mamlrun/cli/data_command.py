@@ -111,6 +111,7 @@ def render(described: dict[str, Any], action: str) -> str:
     lines = [f"{name}: {'ready' if action == 'prepare' else 'checked'}"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.append("  " + _provenance(described))
+    lines += [f"  {line}" for line in _own_folder(described)]
     if "cache" in described:
         lines.append("  " + _cache(Path(described["cache"])))
     return "\n".join(line.rstrip() for line in lines)
@@ -133,4 +134,20 @@ def _provenance(described: dict[str, Any]) -> str:
             return "verified: both zips have the official md5"
         return "verified: the zips differ from the official ones (md5), their content is valid"
     layout, split = described.get("layout", "?"), described.get("split", "?")
+    if "split_rule" in described:  # dataset=images: a folder of the user's, split by a rule
+        return f"read: {described['root']}, layout {layout}; split rule: {described['split_rule']}"
     return f"verified: layout {layout}; every split's classes match the {split} split lists"
+
+
+def _own_folder(described: dict[str, Any]) -> list[str]:
+    """For a folder of the user's (``dataset=images``): where the split is written down, and
+    every file that was left out because it does not decode."""
+    if "split_file" not in described:
+        return []
+    left_out = described.get("unreadable") or []
+    lines = [f"classes of each split: {described['split_file']}"]
+    if left_out:
+        files = "1 file that does" if len(left_out) == 1 else f"{len(left_out)} files that do"
+        lines.append(f"left out, {files} not decode (skip_unreadable):")
+        lines += [f"  {name}" for name in left_out]
+    return lines

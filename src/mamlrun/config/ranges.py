@@ -37,6 +37,10 @@ BATCHING_MODES = ("loop", "threads", "vmap")
 STORAGE = ("device", "cpu")
 #: Omniglot's class splits (``data/omniglot.py``, ``character_splits``).
 OMNIGLOT_SPLITS = ("maml", "background_evaluation")
+#: How ``dataset=images`` fits an image to its size, and the channels it converts to
+#: (``data/folders.py``).
+IMAGE_RESIZE = ("crop", "pad")
+IMAGE_CHANNELS = (1, 3)
 #: conv4's downsampling and head (``models/conv4.py``).
 DOWNSAMPLE = ("stride", "max_pool")
 HEADS = ("mean", "flatten")
@@ -84,6 +88,17 @@ def check_dataset(node: Mapping[str, Any]) -> None:
             raise MamlrunError(f"dataset.{key} must be a positive integer, got {node[key]!r}")
     _one_of(node, "dataset", "storage", STORAGE)
     _one_of(node, "dataset", "split", OMNIGLOT_SPLITS)
+    _one_of(node, "dataset", "resize", IMAGE_RESIZE)
+    if "channels" in node and node["channels"] not in IMAGE_CHANNELS:
+        raise MamlrunError(f"dataset.channels must be 1 or 3, got {node['channels']!r}")
+    fractions = node.get("split_fractions")
+    if fractions is not None and (
+        len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1)
+    ):
+        raise MamlrunError(
+            f"dataset.split_fractions must be three shares (train, val, test) adding up to 1, "
+            f"got {list(fractions)}"
+        )
     if node.get("crop_padding", 0) < 0:
         raise MamlrunError(
             f"dataset.crop_padding must be a non-negative integer, got {node['crop_padding']!r}"
