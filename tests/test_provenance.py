@@ -128,6 +128,19 @@ def test_the_root_a_test_reads(case, tmp_path, monkeypatch):
     assert chosen.root == str(tmp_path / expected)
 
 
+def test_a_relative_data_root_is_recorded_as_the_folder_it_named(tmp_path, monkeypatch):
+    from mamlrun.training.provenance import record
+
+    class Files:
+        input_shape = (3, 8, 8)
+
+        def fingerprint(self):
+            return {}
+
+    monkeypatch.chdir(tmp_path)
+    assert record({"root": "data"}, Files())["root"] == str(tmp_path / "data")
+
+
 def test_a_recorded_root_missing_here_asks_for_data_root(tmp_path):
     saved = {"data": {"root": str(tmp_path / "cluster" / "data")}}
     with pytest.raises(MamlrunError, match="is not on this machine; pass data_root=DIR"):

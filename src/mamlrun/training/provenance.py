@@ -30,6 +30,7 @@ def record(dataset_cfg: Any, source: TaskSource) -> dict[str, Any]:
     """What a checkpoint keeps of its data: the root read (None for data without files) and
     the fingerprint of what was found there."""
     root = resolve_root(dataset_cfg["root"]) if "root" in dataset_cfg else None
+    root = None if root is None else root.absolute()  # a test may run from another folder
     return {
         "root": None if root is None else str(root),
         "fingerprint": _fingerprint(source),
