@@ -132,7 +132,7 @@ def test_every_yaml_file_in_conf_composes(path):
         (["meta_optimizer.loss_normalization=sum"], "loss_normalization must be one of mean"),
         (["meta_optimizer.learned_inner_lr=all"], "learned_inner_lr must be one of none"),
         (["meta_optimizer.inner_optimizer=adam"], "inner_optimizer=adam needs first_order=true"),
-        (["meta_optimizer.adapt_params=body"], "adapt_params must be all, head or a list"),
+        (["meta_optimizer.adapt_params=neck"], "adapt_params must be all, head, body or a list"),
         (["meta_optimizer.task_batching=vmap:0"], "task_batching: unknown task batching"),
         (
             ["meta_optimizer.bn_mode=per_step", "meta_optimizer.task_batching=threads"],

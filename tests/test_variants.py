@@ -585,3 +585,18 @@ def test_resumed_maml_plus_plus_run_matches_an_unbroken_one_bit_for_bit(
     lr = a["optimizer"]["param_groups"][0]["lr"]
     expected = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * 6 / 6)) / 2
     assert lr == pytest.approx(expected), "cosine-annealed to eta_min at the last iteration"
+
+
+def test_body_selects_every_parameter_but_the_heads_on_any_backbone():
+    from mamlrun.algorithms.selection import adapted_names
+    from mamlrun.models.conv4 import conv4
+
+    mlp = tiny_mlp(maml())
+    assert adapted_names(mlp, "body") == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert adapted_names(mlp, "head") == ["4.weight", "4.bias"]
+    net = conv4(
+        in_shape=(1, 28, 28), out_features=5, filters=8, downsample="max_pool", head="flatten"
+    )
+    body, head = adapted_names(net, "body"), adapted_names(net, "head")
+    assert set(body) | set(head) == {n for n, _ in net.named_parameters()}
+    assert not set(body) & set(head) and len(head) == 2

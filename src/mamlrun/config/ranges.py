@@ -149,9 +149,9 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
     _one_of(node, "meta_optimizer", "inner_optimizer", INNER_OPTIMIZERS)
     adapt = get("adapt_params", "all")
     prefixes = not isinstance(adapt, str) and isinstance(adapt, Sequence)
-    if adapt not in ("all", "head") and not prefixes:
+    if adapt not in ("all", "head", "body") and not prefixes:
         raise MamlrunError(
-            f"meta_optimizer.adapt_params must be all, head or a list of name prefixes, "
+            f"meta_optimizer.adapt_params must be all, head, body or a list of name prefixes, "
             f"got {adapt!r}"
         )
     if get("inner_optimizer") == "adam" and not get("first_order", True):
