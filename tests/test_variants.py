@@ -461,6 +461,7 @@ VMAP_VARIANTS = {
     "maml": lambda: maml(inner_lr=0.3, inner_steps=2),
     "fomaml": lambda: maml(inner_lr=0.3, inner_steps=2, first_order=True),
     "anil": lambda: maml(inner_lr=0.3, inner_steps=2, adapt_params="head"),
+    "boil": lambda: maml(inner_lr=0.3, inner_steps=2, adapt_params="body"),
     "metasgd": lambda: maml(inner_lr=0.3, inner_steps=2, learned_inner_lr="per_element"),
     "mamlpp_without_running_statistics": lambda: maml(
         inner_lr=0.3,
