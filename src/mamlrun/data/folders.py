@@ -38,8 +38,9 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from mamlrun.data.decode import one_line
-from mamlrun.data.episodic import ChannelMoments, EpisodicImages, normalisation
+from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.folder_layouts import Layout, counted, named, read_layout
+from mamlrun.data.sources import Delivery, served
 from mamlrun.data.tasks import SPLITS
 from mamlrun.data.u8cache import (
     ImageCacheWriter,
@@ -95,24 +96,12 @@ def images_tasks(
         s: dict(zip(data.splits[s].classes, data.splits[s].counts, strict=True)) for s in SPLITS
     }
     check_counts(kept, ways, shots + query, layout.rule)  # a cache may have left files out
-    mean, std = normalisation(data.stats, mean, std)
     info = {"layout": layout.kind, "split_rule": layout.rule, "root": str(folder),
             "resize": resize, "cache": str(data.cache), "split_file": str(splits_file(data.cache)),
             "unreadable": data.unreadable}  # fmt: skip
-    return EpisodicImages(
-        NAME,
-        data.splits,
-        ways=ways,
-        shots=shots,
-        query=query,
-        storage=storage,
-        mean=mean,
-        std=std,
-        device=device,
-        info=info,
-        augment=augment,
-        crop_padding=crop_padding,
-    )
+    task = {"ways": ways, "shots": shots, "query": query, "storage": storage, "device": device,
+            "augment": augment, "crop_padding": crop_padding}  # fmt: skip
+    return served(NAME, data.splits, data.stats, (mean, std), info, **task)
 
 
 @dataclass(frozen=True)
@@ -215,9 +204,10 @@ def build_cache(
     decode fail the build (or, with ``skip``, are left out with a warning)."""
     jobs = [(s, c, f) for s in SPLITS for c, files in layout.files[s].items() for f in files]
     counts = {s: dict.fromkeys(layout.files[s], 0) for s in SPLITS}
-    moments, unreadable = ChannelMoments(look.channels), []
+    unreadable: list[str] = []
     shape = (look.size, look.size, look.channels)
     with ImageCacheWriter(path, 0, shape) as writer:
+        delivery = Delivery(writer)  # the layer's writes and training-split statistics
         batch: list[bytes] = []
         current = "train"  # the split of the images in ``batch``
         for (split, name, file), pixels in decoded(jobs, look):
@@ -225,11 +215,11 @@ def build_cache(
                 unreadable.append(f"{file} ({pixels})")
                 continue
             if split != current or len(batch) == _CHUNK:
-                _flush(writer, batch, shape, moments if current == "train" else None)
+                _flush(delivery, current, batch, shape)
                 current = split
             counts[split][name] += 1
             batch.append(pixels)
-        _flush(writer, batch, shape, moments if current == "train" else None)
+        _flush(delivery, current, batch, shape)
         if unreadable and not skip:
             raise MamlrunError(
                 f"{counted(len(unreadable), 'file')} {'does' if len(unreadable) == 1 else 'do'} "
@@ -239,20 +229,17 @@ def build_cache(
             )
         check_counts(counts, task[0], task[1], layout.rule)
         splits = {s: (list(counts[s]), list(counts[s].values())) for s in SPLITS}
-        writer.commit(splits_header(key, splits, stats=list(moments.result()),
+        writer.commit(splits_header(key, splits, stats=list(delivery.moments.result()),
                                     unreadable=unreadable))  # fmt: skip
     write_split_file(splits_file(path), layout, counts)
 
 
-def _flush(writer: ImageCacheWriter, batch: list[bytes], shape, moments) -> None:
-    """The decoded images in ``batch`` appended to the cache (and to the training split's
-    statistics when ``moments`` is given); the batch is emptied."""
+def _flush(delivery: Delivery, split: str, batch: list[bytes], shape) -> None:
+    """The decoded images of ``split`` in ``batch`` delivered to the cache; the batch is
+    emptied."""
     if batch:
         images = torch.frombuffer(bytearray(b"".join(batch)), dtype=torch.uint8)
-        images = images.view(len(batch), *shape)
-        writer.append(images)
-        if moments is not None:
-            moments.add(images)
+        delivery.append(split, images.view(len(batch), *shape))
         batch.clear()
 
 

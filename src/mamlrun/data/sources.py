@@ -117,6 +117,22 @@ def cached_images(reading: Reading) -> ImageData:
     return ImageData(cached.splits, reading.layout, reading.files, stats, cached.path)
 
 
+def served(
+    name: str,
+    splits: Mapping[str, ImageSplit],
+    stats: tuple[list[float], list[float]] | None,
+    normalise: tuple[list[float] | None, list[float] | None],
+    info: Mapping,
+    **task: object,
+) -> EpisodicImages:
+    """A dataset's splits served as tasks: normalised by the setting ``normalise`` (mean, std)
+    or, where null, the training split's ``stats``, and sampled by ``EpisodicImages`` with the
+    ``task`` settings (ways, shots, query, storage, device, augmentation): the one place every
+    image dataset, the benchmarks and ``dataset=images`` alike, becomes a task source."""
+    mean, std = normalisation(stats, *normalise)
+    return EpisodicImages(name, splits, mean=mean, std=std, info=info, **task)
+
+
 def image_tasks(
     name: str, load: Callable[[str | None], ImageData], split: str
 ) -> Callable[..., EpisodicImages]:
@@ -137,24 +153,12 @@ def image_tasks(
         crop_padding: int,
     ) -> EpisodicImages:
         data = load(root)
-        mean, std = normalisation(data.stats, mean, std)
         info = {"layout": data.layout, "files": data.files, "split": split}
         if data.cache is not None:
             info["cache"] = str(data.cache)
-        return EpisodicImages(
-            name,
-            data.splits,
-            ways=ways,
-            shots=shots,
-            query=query,
-            storage=storage,
-            mean=mean,
-            std=std,
-            device=device,
-            info=info,
-            augment=augment,
-            crop_padding=crop_padding,
-        )
+        task = {"ways": ways, "shots": shots, "query": query, "storage": storage,
+                "device": device, "augment": augment, "crop_padding": crop_padding}  # fmt: skip
+        return served(name, data.splits, data.stats, (mean, std), info, **task)
 
     tasks.__name__ = tasks.__qualname__ = f"{name}_tasks"
     tasks.__doc__ = f"The task source ``conf/dataset/{name}.yaml`` builds."
