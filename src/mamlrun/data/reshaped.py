@@ -53,10 +53,6 @@ class Reshaped:
     def describe(self) -> dict:
         return {**self.source.describe(), "resized_to": list(self.input_shape)}
 
-    def fingerprint(self) -> dict | None:
-        inner = getattr(self.source, "fingerprint", None)
-        return inner() if inner is not None else None
-
     def save_splits(self, directory: Path) -> None:
         self.source.save_splits(directory)
 
