@@ -205,3 +205,83 @@ def test_the_default_inner_objective_changes_no_bit_of_the_meta_gradient(batchin
             assert torch.equal(a, b.grad)
         else:  # the batched paths sum in another order: equal to rounding
             torch.testing.assert_close(a, b.grad, rtol=1e-12, atol=1e-15)
+
+
+class Scaled(MAML):
+    """A member that meta-learns one positive scale per adapted parameter tensor and steps
+    along the gradient times it: what Meta-Curvature does with matrices, in one number."""
+
+    def own_meta_parameters(self, backbone, adapted):
+        return {
+            "scale": torch.nn.ParameterDict(
+                {
+                    k.replace(".", ":"): torch.nn.Parameter(torch.full((), 1.5).to(p))
+                    for k, p in adapted.items()
+                }
+            )
+        }
+
+    def inner_direction(self, meta):
+        scales = {k.replace(":", "."): s for k, s in meta["scale"].items()}
+        return lambda grads, step: {k: scales[k] * g for k, g in grads.items()}
+
+
+def scaled(**changes) -> Scaled:
+    return Scaled(**config.settings("meta_optimizer", "maml", **changes))
+
+
+def test_a_members_own_meta_parameters_live_in_the_model_and_its_checkpoint():
+    algo = scaled(inner_lr=ALPHA, inner_steps=STEPS)
+    model = tiny_mlp(algo)
+    assert {k for k in model.state_dict() if k.startswith("extras.scale.")} == {
+        "extras.scale.0:weight", "extras.scale.0:bias", "extras.scale.2:weight",
+        "extras.scale.2:bias", "extras.scale.4:weight", "extras.scale.4:bias",
+    }  # fmt: skip
+    assert set(algo.meta_tensors(model)) == {"theta", "scale"}
+
+
+def test_an_inner_direction_steps_along_the_transformed_gradient():
+    algo = scaled(inner_lr=ALPHA / 1.5, inner_steps=STEPS)
+    model = tiny_mlp(algo)
+    batch = sinusoid_batch()
+    inner = algo.adaptation(model, "regression", STEPS, autograd_grad(False))
+    meta = algo.meta_tensors(model)
+    meta = {**meta, "theta": {k: p.detach().requires_grad_() for k, p in meta["theta"].items()}}
+    trajectory, _ = inner(meta, batch.x_support[0], batch.y_support[0])
+    expected = by_hand(model.backbone, batch.x_support[0], batch.y_support[0], prox=False)
+    for ours, theirs in zip(trajectory[1:], expected[1:], strict=True):
+        for k in theirs:  # α/1.5 along 1.5·g is α along g
+            torch.testing.assert_close(ours[k].detach(), theirs[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("batching", ["loop", "recomputed", "threads", "vmap"])
+def test_the_meta_gradient_reaches_what_the_inner_direction_reads(batching):
+    """∂/∂scale of the query loss after the steps, against central differences; the same in
+    every batching mode and with recomputed steps (their copies of ``scale`` count too)."""
+    algo = scaled(inner_lr=ALPHA, inner_steps=2, checkpoint_inner=batching == "recomputed")
+    model = tiny_mlp(algo)
+    batch = sinusoid_batch()
+    meta_gradient(
+        algo, model, batch, "regression", "loop" if batching == "recomputed" else batching
+    )
+    scales = list(model.extras["scale"].values())
+    exact = torch.stack([s.grad for s in scales])
+    assert exact.abs().min() > 1e-6
+
+    def loss() -> float:
+        with torch.enable_grad():  # the inner steps differentiate
+            parts = algo.bind("regression", "loop").meta_objective(model, batch)
+            return sum(float(part.objective.detach()) for part in parts)
+
+    numeric = []
+    with torch.no_grad():
+        for s in scales:
+            s += 1e-6
+            up = loss()
+            s -= 2e-6
+            down = loss()
+            s += 1e-6
+            numeric.append((up - down) / 2e-6)
+    torch.testing.assert_close(
+        exact, torch.tensor(numeric, dtype=exact.dtype), rtol=1e-6, atol=1e-9
+    )

@@ -85,6 +85,9 @@ T = TypeVar("T")
 #: ``(task loss at params, params) -> the loss an inner step differentiates``: the task loss
 #: plus whatever the algorithm's inner problem adds (``GradientLearner.inner_objective``).
 Objective = Callable[[torch.Tensor, Params], torch.Tensor]
+#: ``(gradients, step) -> the direction the step takes``: the gradient transformed by what the
+#: algorithm meta-learns (Meta-Curvature's curvature, ``GradientLearner.inner_direction``).
+Direction = Callable[[Params, int], Params]
 
 
 def inner_loss(
@@ -113,6 +116,7 @@ def adapt(
     grad: GradFn,
     adam: tuple[float, float] | None = None,
     objective: Objective | None = None,
+    direction: Direction | None = None,
 ) -> list[Params]:
     """Run ``steps`` inner steps on one task's support set.
 
@@ -124,7 +128,8 @@ def adapt(
     rates change with the step (MAML++'s per-step batch norm and learned rates); past the end
     of a list its last entry is reused, so evaluation can take more steps than training did.
     ``adam=(β1, β2)`` steps along Adam's direction instead of the gradient (Reptile).
-    ``objective`` turns the task loss into the loss the steps differentiate (``Objective``).
+    ``objective`` turns the task loss into the loss the steps differentiate (``Objective``),
+    ``direction`` the gradient (or Adam's direction) into the one the step takes (``Direction``).
     """
     trajectory = [params]
     moments = None
@@ -133,6 +138,8 @@ def adapt(
         grads = grad(lambda p, f=f: inner_loss(loss(f(p, x), y), p, objective), params)
         if adam is not None:
             grads, moments = adam_direction(grads, moments, step + 1, adam)
+        if direction is not None:
+            grads = direction(grads, step)
         params = sgd_step(params, grads, at_step(lr, step))
         trajectory.append(params)
     return trajectory
@@ -156,6 +163,7 @@ def checkpointed_adapt(
     *,
     steps: int,
     objective_at: Callable[[Any], Objective] | None = None,
+    direction_at: Callable[[Any], Direction | None] | None = None,
 ) -> list[Params]:
     """Second-order SGD inner loop that keeps only θ₀…θ_steps, not the steps' graphs.
 
@@ -170,8 +178,9 @@ def checkpointed_adapt(
 
     The meta-gradient is the one ``adapt`` gives with ``autograd_grad(create_graph=True)``;
     only ``backward`` (not a higher derivative) may be taken through the result.
-    ``objective_at(meta)`` is ``adapt``'s ``objective`` for these meta-parameters (read from
-    the recomputation's own copies, so that its gradient reaches them too).
+    ``objective_at(meta)`` and ``direction_at(meta)`` are ``adapt``'s ``objective`` and
+    ``direction`` for these meta-parameters (read from the recomputation's own copies, so that
+    their gradients reach them too).
     """
 
     def step(tree: tuple[Any, Params], s: int, create_graph: bool) -> Params:
@@ -181,6 +190,9 @@ def checkpointed_adapt(
         grads = autograd_grad(create_graph)(
             lambda p: inner_loss(loss(f(p, x), y), p, objective), params
         )
+        direction = direction_at(meta) if direction_at is not None else None
+        if direction is not None:
+            grads = direction(grads, s)
         return sgd_step(params, grads, lr_at(meta, s))
 
     trajectory = [params]

@@ -10,7 +10,9 @@ The variants are flags, each implemented by a small function elsewhere: which pa
 adapt (``selection``, ANIL), learned rates (``learned_lr``, Meta-SGD and MAML++'s LSLR),
 per-step batch-norm weights and statistics (``per_step``, MAML++). The inner loop reads a
 member's own flags through the hooks ``learned_rates``, ``per_step_weights`` and
-``recomputes_steps``, and the loss its steps take through ``inner_objective``.
+``recomputes_steps``, the loss its steps take through ``inner_objective``, and a member that
+meta-learns more (Meta-Curvature's curvature) adds it through ``own_meta_parameters`` and
+turns the inner gradient into its step through ``inner_direction``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from mamlrun import config
 from mamlrun.algorithms import learned_lr, per_step, selection
 from mamlrun.algorithms.batching import map_tasks
 from mamlrun.algorithms.functional import (
+    Direction,
     Forward,
     GradFn,
     Objective,
@@ -72,6 +75,7 @@ class ModelPlan:
         settings: the settings the plan depends on, when planned.
         backbone, extras: ``meta_parameters.split(model)``.
         adapted: the names the inner loop updates (``selection.adapted_names``), in order.
+        own: the groups of the member's own meta-parameters (``own_meta_parameters``).
         per_step_bn: per-step batch-norm weights or statistics to pick a row of at each step.
         has_bn: the backbone has batch-norm layers (a fused query pass can make a difference).
         changes_over_training: the model has layers told the training iteration (DropBlock).
@@ -83,6 +87,7 @@ class ModelPlan:
     backbone: nn.Module
     extras: dict[str, nn.Module]
     adapted: tuple[str, ...]
+    own: tuple[str, ...]
     per_step_bn: bool
     has_bn: bool
     changes_over_training: bool
@@ -188,6 +193,25 @@ class GradientLearner:
         """
         return task_loss
 
+    def own_meta_parameters(self, backbone: nn.Module, adapted: Params) -> dict[str, nn.Module]:
+        """Meta-parameters a member learns besides the backbone and the shared extras, by
+        group name (a Meta-Curvature curvature per ``adapted`` parameter, say); none here.
+
+        They sit next to the backbone in ``meta_parameters.MetaModel``, so the outer optimizer
+        updates them and checkpoints hold them with no change to the runner, and the inner
+        loop hands them back as ``meta[group]`` (``{parameter name: tensor}``, their own
+        names) to ``inner_direction``. Called with the backbone's live tensors; build fresh
+        ones from them.
+        """
+        return {}
+
+    def inner_direction(self, meta: Meta) -> Direction | None:
+        """How an inner step turns its gradient (Adam's direction, with Adam) into the
+        direction it steps along, given the meta-parameters (``own_meta_parameters``'
+        groups included); None, the gradient itself, here. Differentiated through like the
+        rest of the inner loop, so whatever it reads is meta-learned."""
+        return None
+
     # ------------------------------------------------------------------ what the runner asks
     @property
     def batching_modes(self) -> tuple[str, ...]:
@@ -218,8 +242,8 @@ class GradientLearner:
         theta = dict(backbone.named_parameters())
         adapted = {n: theta[n] for n in self._adapted_names(backbone)}  # fails early if none
         layers = batch_norm_layers(backbone)
-        extras: dict[str, nn.Module] = {}
-        for name in self._extra_names(backbone):
+        extras: dict[str, nn.Module] = dict(self.own_meta_parameters(backbone, adapted))
+        for name in self._shared_extra_names(backbone):
             if name == "inner_lr":
                 extras[name] = learned_lr.init(
                     self.learned_rates, adapted, self.inner_lr, self.inner_steps
@@ -292,6 +316,8 @@ class GradientLearner:
         for name in ("inner_lr", "bn_weights"):
             if name in plan.extras:
                 meta[name] = per_name(plan.extras[name])
+        for name in plan.own:
+            meta[name] = dict(plan.extras[name].named_parameters())
         return meta
 
     def plan(self, model: nn.Module) -> ModelPlan:
@@ -317,9 +343,10 @@ class GradientLearner:
                 f"backbone, the model has {', '.join(extras) or 'nothing'}: build it with "
                 "algorithm.meta_model(backbone)"
             )
+        adapted = tuple(self._adapted_names(backbone))
         return ModelPlan(
-            weakref.ref(model), names, settings, backbone, extras,
-            adapted=tuple(self._adapted_names(backbone)),
+            weakref.ref(model), names, settings, backbone, extras, adapted=adapted,
+            own=tuple(self._own_names(backbone, adapted)),
             per_step_bn="bn_weights" in extras or "bn_stats" in extras,
             has_bn=bool(batch_norm_layers(backbone)),
             changes_over_training=changes_over_training(model),
@@ -351,7 +378,7 @@ class GradientLearner:
         loss = self.losses_of(task_type).loss
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
         learned, inner_lr = self.learned_rates, self.inner_lr
-        objective_at = self._objective_at(adapted)
+        objective_at, direction_at = self._objective_at(adapted), self.inner_direction
         call = (  # fp32 changes nothing: the plain call, no precision wrapper per forward pass
             functional_call
             if self.precision.name == "fp32"
@@ -382,12 +409,12 @@ class GradientLearner:
                 rate_at = lambda meta, s: at_step(rates(meta), s)  # noqa: E731
                 trajectory = checkpointed_adapt(
                     forward_at, rate_at, loss, meta, start, x, y, steps=steps,
-                    objective_at=objective_at,
+                    objective_at=objective_at, direction_at=direction_at,
                 )  # fmt: skip
             else:
                 trajectory = adapt(
                     forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad,
-                    adam=adam, objective=objective_at(meta),
+                    adam=adam, objective=objective_at(meta), direction=direction_at(meta),
                 )  # fmt: skip
             return trajectory, forwards
 
@@ -404,7 +431,17 @@ class GradientLearner:
         return at
 
     def _extra_names(self, backbone: nn.Module) -> list[str]:
-        """Which extra meta-parameters these settings learn for this backbone."""
+        """Which extra meta-parameters these settings learn for this backbone: the member's
+        own and the shared ones."""
+        adapted = self._adapted_names(backbone)
+        return self._own_names(backbone, adapted) + self._shared_extra_names(backbone)
+
+    def _own_names(self, backbone: nn.Module, adapted: Sequence[str]) -> list[str]:
+        theta = dict(backbone.named_parameters())
+        with torch.no_grad():
+            return list(self.own_meta_parameters(backbone, {n: theta[n] for n in adapted}))
+
+    def _shared_extra_names(self, backbone: nn.Module) -> list[str]:
         has_bn = bool(batch_norm_layers(backbone))
         wanted = {
             "inner_lr": self.learned_rates != "none",
