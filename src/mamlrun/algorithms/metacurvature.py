@@ -3,7 +3,7 @@
 MAML whose inner step goes along a learned linear transform of the gradient,
 ``θ ← θ − α · MC(∇L)``, with the transform meta-learned in the outer loop together with the
 initialisation (second order through the inner loop, as MAML; ``first_order`` drops the
-second-order term of the backbone and keeps the gradient to the curvature, the paper's
+second-order term of the backbone and keeps the gradient to the curvature, for one step
 ``−α ∇L_val(θ') ∇L_train(θ)ᵀ``). A full matrix over all of a layer's weights would be
 enormous, so the paper factors it per tensor with the n-mode (tensor) product: a weight
 gradient ``G`` of shape ``[C_out, C_in, k, k]`` is read as ``[C_out, C_in, k²]`` and
@@ -16,18 +16,22 @@ A linear weight ``[out, in]`` is the ``k² = 1`` case, ``M_o G M_iᵀ`` (no ``M_
 weight of two or more dimensions is ``[C_out, C_in, rest…]`` with ``rest`` flattened into the
 filter mode. Every matrix starts at the identity, so that at initialisation this is MAML.
 
-Where our form differs from the references, and why:
+What was checked, and where our form differs. The paper's text and the official TensorFlow code
+(github.com/silverbottlep/maml, linked from github.com/silverbottlep/meta_curvature) could not
+be read here; the form above is the paper's abstract ("a series of tensor products") as
+learn2learn's ``MetaCurvatureTransform`` implements it (it says it follows the reference
+implementation's TensorFlow shapes), and another PyTorch reimplementation agrees.
 
-- Transposes. The official code (TensorFlow, ``[k, k, C_in, C_out]`` kernels) and learn2learn's
-  ``MetaCurvatureTransform``, which follows it, multiply some modes from the right
-  (``M_o G M_i`` for a linear weight). A learned matrix and its transpose are the same family
-  and both start at the identity, so only the meaning of a saved matrix differs: ours is the
-  mode product as the paper writes it.
-- Biases and other 1-D parameters (batch-norm scales and shifts). The paper's factorisation is
-  for weight tensors; learn2learn, following the official code, gives a 1-D parameter one
-  learned factor per element (Meta-SGD-like, ones at the start). That is our default,
-  ``vector_curvature: elementwise``; ``matrix`` gives it a ``C×C`` matrix (``M_o`` alone),
-  ``none`` leaves its gradient as it is.
+- Transposes. learn2learn multiplies some modes from the right (``M_o G M_i`` for a linear
+  weight, TensorFlow's ``[k, k, C_in, C_out]`` order for a kernel). A learned matrix and its
+  transpose are the same family and both start at the identity, so only the meaning of a
+  saved matrix differs: ours is the mode product throughout.
+- Biases and other 1-D parameters (batch-norm scales and shifts). learn2learn and the other
+  reimplementation give a 1-D parameter one learned factor per element (Meta-SGD-like, ones at
+  the start). That is our default, ``vector_curvature: elementwise``; ``matrix`` gives it a
+  ``C×C`` matrix (``M_o`` alone), ``none`` leaves its gradient as it is.
+- Size. Every mode gets a dense matrix, however large: conv4's flattened head on miniImageNet
+  (128 filters) has a 3200×3200 input factor.
 - The curvature is per adapted parameter, shared by every inner step (as the paper's), and the
   inner step size ``inner_lr`` stays a fixed setting (the paper's α).
 
@@ -58,8 +62,8 @@ class MetaCurvature(MAML):
     takes the rest from ``conf/meta_optimizer/metacurvature.yaml`` (``configured``).
 
     Attributes:
-        vector_curvature: ``elementwise`` (one learned factor per element, the official
-            code's), ``matrix`` (a ``C×C`` matrix) or ``none`` (the plain gradient) for
+        vector_curvature: ``elementwise`` (one learned factor per element, as learn2learn),
+            ``matrix`` (a ``C×C`` matrix) or ``none`` (the plain gradient) for
             biases and the other parameters with fewer than two dimensions.
     """
 
