@@ -62,6 +62,9 @@ def test_every_image_preset_names_its_paper_and_sinusoid_has_none():
         if preset.stem.startswith(("sinusoid", "images")):
             assert ref is None  # the paper shows curves, no number; a user's data has none
             continue
+        if ref is None:  # a number that could not be checked against the paper is left out
+            assert "not verified" in preset.read_text().lower(), f"{preset.stem}: say why"
+            continue
         assert ref.metric == "accuracy" and 0.2 < ref.value < 1 and 0 < ref.ci95 < 0.02
         assert ref.inner_steps >= 1 and "Table" in ref.source
         if preset.stem.startswith("omniglot"):
