@@ -8,6 +8,15 @@ MetaOptNet's ResNet-12 (64-160-320-640), each with ``checkpoint_inner`` off and 
     python scripts/memory.py                                  # the whole table, CPU
     python scripts/memory.py --models resnet12 --query 5      # fewer query images
     python scripts/memory.py --device cuda --precision bf16 --json memory_cuda.json
+    python scripts/memory.py --inner-steps 1 5 10 20      # iMAML against MAML, by inner steps
+
+``--inner-steps`` measures another table: one Omniglot 5-way 1-shot meta-batch (the MAML
+paper's conv4 with 64 filters, 28×28 images, ``--query`` query images per class, default 1
+as in the iMAML paper's tasks, meta-batch 4, tasks one at a time) at each number of inner
+steps, for second-order MAML, MAML with ``checkpoint_inner`` and iMAML (its YAML's λ and CG
+steps, inner rate 0.1), each a fresh process. There torch.func is warmed up on a toy function
+before the measurement, for every row: its one-time set-up (about 20 MiB of heap on first
+use) is not per task, and iMAML uses torch.func even one task at a time.
 
 Every measurement is one cold meta-gradient in a fresh process, so no allocator cache carried
 over from another one can hide memory. On CPU it reports the growth of the kernel's peak RSS
@@ -30,21 +39,37 @@ from pathlib import Path
 import torch
 from bench import SETTINGS, PeakMemory, build_model, make_algo, make_batch, mamlrun_step, sync
 
+from mamlrun import config
+
 #: Table rows: name -> the ``bench.py`` setting whose network it uses.
 MODELS = {"conv4-32": "mini-conv4", "resnet12": "mini-resnet12"}
+#: The ``--inner-steps`` table's workload and algorithms (name -> (algorithm, checkpoint_inner)).
+BY_STEPS = "5w1s"
+ALGORITHMS = {"maml": ("maml", False), "maml+checkpoint_inner": ("maml", True),
+              "imaml": ("imaml", False)}  # fmt: skip
 
 
-def probe(model_name: str, checkpoint: bool, query: int, device: str, precision: str) -> dict:
-    """One cold second-order meta-gradient of one task in this process: peak MiB and seconds."""
+def probe(model_name: str, checkpoint: bool, query: int, device: str, precision: str,
+          algorithm: str = "maml", steps: int | None = None) -> dict:  # fmt: skip
+    """One cold second-order meta-gradient of one task in this process (of a meta-batch of 4
+    for ``steps``, the ``--inner-steps`` table): peak MiB and seconds."""
     from mamlrun.models.precision import choose
 
     device = torch.device(device)
-    s = replace(SETTINGS[MODELS[model_name]], meta_batch=1)
+    if steps is None:
+        s = replace(SETTINGS[MODELS[model_name]], meta_batch=1)
+    else:
+        s = replace(SETTINGS[BY_STEPS], meta_batch=4, inner_steps=steps)
     torch.manual_seed(0)
     model = build_model(s, device)
     batch = make_batch(s, query, device)
-    algo = make_algo(s, first_order=False, checkpoint_inner=checkpoint)
+    if algorithm == "imaml":
+        algo = config.algorithm("imaml", inner_lr=0.1, inner_steps=steps)
+    else:
+        algo = make_algo(s, first_order=False, checkpoint_inner=checkpoint)
     step = mamlrun_step(algo.with_precision(choose(precision, device)), "loop")
+    if steps is not None:
+        _warm_up_torch_func(device)
     if device.type == "cuda":
         step(model, batch, s, False)  # warm-up: cuDNN's algorithm search, lazy initialisation
         model.zero_grad(set_to_none=True)
@@ -66,6 +91,15 @@ def probe(model_name: str, checkpoint: bool, query: int, device: str, precision:
     return {"rss_mib": rss, "heap_mib": peak.heap_growth, "seconds": seconds}
 
 
+def _warm_up_torch_func(device: torch.device) -> None:
+    """torch.func's one-time set-up (its transforms' tables, built on first use, about 20 MiB
+    of heap here) before the measurement, for every algorithm alike: it is not per task."""
+    x = torch.ones(3, device=device, requires_grad=True)
+    _, vjp = torch.func.vjp(torch.func.grad(lambda t: (t.sin() ** 2).sum()), x)
+    vjp(torch.ones_like(x))
+    torch.func.vmap(torch.func.grad(lambda t: t.square().sum()))(torch.ones(2, 3, device=device))
+
+
 def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -73,10 +107,11 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def measure(model_name: str, checkpoint: bool, args) -> dict:
+def measure(model_name: str, checkpoint: bool, args, algorithm="maml", steps=None) -> dict:
     """``probe`` in a fresh subprocess (this script with ``--probe``)."""
     command = [sys.executable, __file__, "--probe", model_name, "--query", str(args.query)]
     command += ["--device", args.device, "--precision", args.precision]
+    command += ["--algorithm", algorithm] + ([] if steps is None else ["--steps", str(steps)])
     if checkpoint:
         command.append("--checkpoint-inner")
     out = subprocess.run(command, capture_output=True, text=True)
@@ -92,15 +127,22 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     parser.add_argument("--json", default=None, help="write the rows here too")
+    parser.add_argument(
+        "--inner-steps", type=int, nargs="+", default=None,
+        help="the iMAML against MAML table at these numbers of inner steps",
+    )  # fmt: skip
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-inner", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--algorithm", default="maml", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        row = probe(args.probe, args.checkpoint_inner, args.query, args.device, args.precision)
+        row = probe(args.probe, args.checkpoint_inner, args.query, args.device, args.precision,
+                    args.algorithm, args.steps)  # fmt: skip
         print(json.dumps(row))
         return
 
-    rows = table(args)
+    rows = by_steps(args) if args.inner_steps else table(args)
     if args.json:
         meta = {"device": args.device, "torch": torch.__version__, "query": args.query}
         meta["precision"] = args.precision
@@ -132,6 +174,28 @@ def table(args) -> list[dict]:
                 f"{row['seconds']:.1f} |",
                 flush=True,
             )
+    return rows
+
+
+def by_steps(args) -> list[dict]:
+    """Every (algorithm, inner steps) pair of the ``--inner-steps`` table, as markdown rows."""
+    cuda = args.device.startswith("cuda")
+    print(
+        f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"precision {args.precision}; Omniglot 5-way 1-shot, conv4-64, 28x28x1, {args.query} "
+        "query images per class, meta-batch 4, loop batching"
+    )
+    memory = "allocated MiB" if cuda else "heap MiB | RSS MiB"
+    print(f"| algorithm | inner steps | {memory} | s per meta-gradient |")
+    print("|---|---|---|---|" + ("" if cuda else "---|"))
+    key, rows = ("allocated_mib" if cuda else "heap_mib"), []
+    for name, (algorithm, checkpoint) in ALGORITHMS.items():
+        for steps in args.inner_steps:
+            row = {"algorithm": name, "inner_steps": steps}
+            row |= measure(BY_STEPS, checkpoint, args, algorithm, steps)
+            rows.append(row)
+            shown = f"{row[key]:.0f}" if cuda else f"{row[key]:.0f} | {row['rss_mib']:.0f}"
+            print(f"| {name} | {steps} | {shown} | {row['seconds']:.2f} |", flush=True)
     return rows
 
 

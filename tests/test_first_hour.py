@@ -258,7 +258,8 @@ def test_train_help_lists_its_options_with_descriptions_and_its_groups(cli_here)
     groups = out.stdout.split("config groups")[1].split("options")[0]
     choices = groups.split("meta_optimizer:")[1].split("experiment:")[0]
     assert [line.split()[0] for line in choices.strip().splitlines()] == [
-        "anil", "boil", "cavia", "fomaml", "maml", "mamlpp", "metacurvature", "metasgd", "reptile",
+        "anil", "boil", "cavia", "fomaml", "imaml", "maml", "mamlpp", "metacurvature", "metasgd",
+        "reptile",
     ]  # fmt: skip
 
 

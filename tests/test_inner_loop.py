@@ -178,6 +178,27 @@ def test_s_steps_give_s_plus_1_parameter_sets_starting_at_theta_each_one_step_on
         assert_same(detached(after), {k: before[k].detach() - ALPHA * g[k] for k in p})
 
 
+def test_without_the_whole_trajectory_adapt_gives_the_end_alone_and_frees_the_steps_before():
+    import weakref
+
+    x, y = data(6, seed=1)
+    seen: list[weakref.ref] = []
+
+    def watched(p, inputs):  # a weak reference to the parameters of every step
+        seen.append(weakref.ref(p["w"]))
+        return linear(p, inputs)
+
+    grad = autograd_grad(False)  # first order: no step's graph keeps the step before alive
+    whole = adapt(linear, mse, theta(), x, y, lr=ALPHA, steps=4, grad=grad)
+    start = theta()
+    end = adapt(watched, mse, start, x, y, lr=ALPHA, steps=4, grad=grad, whole=False)
+    assert len(end) == 1
+    assert_same(end[0], whole[-1])
+    assert [ref() is None for ref in seen] == [False, True, True, True], "θ itself is kept"
+    kept = adapt(watched, mse, start, x, y, lr=ALPHA, steps=4, grad=grad)
+    assert all(ref() is not None for ref in seen[4:]) and len(kept) == 5, "the test can fail"
+
+
 def test_zero_steps_give_theta_alone():
     x, y = data(6, seed=1)
     p = theta()
@@ -361,6 +382,20 @@ def test_the_learners_adaptation_is_adapt_on_the_backbone_with_its_rate(checkpoi
     for a, b in zip(trajectory, expected, strict=True):
         assert_same(detached(a), detached(b))
     torch.testing.assert_close(forwards[2](trajectory[2], xs), forward(expected[2], xs))
+
+
+def test_the_learners_adaptation_can_give_where_the_loop_ends_alone():
+    net, _ = tiny_network()
+    algo = learner(inner_lr=ALPHA, inner_steps=3)
+    model = algo.meta_model(net)
+    xs, ys = regression_batch()
+    meta = algo.meta_tensors(model)
+    whole, _ = algo.adaptation(model, "regression", 3, autograd_grad(False))(meta, xs, ys)
+    end, forwards = algo.adaptation(model, "regression", 3, autograd_grad(False), whole=False)(
+        meta, xs, ys
+    )
+    assert len(end) == 1 and len(forwards) == 4
+    assert_same(detached(end[0]), detached(whole[-1]))
 
 
 def test_parameters_that_do_not_adapt_stay_fixed_and_still_get_the_meta_gradient():

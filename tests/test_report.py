@@ -55,7 +55,7 @@ def test_published_numbers_are_shown_with_the_papers_digits():
     assert reference.shown(0.9947, 0.0014, "accuracy") == "99.47 ± 0.14%"
 
 
-def test_every_image_preset_names_its_paper_and_sinusoid_has_none():
+def test_every_image_preset_names_its_paper_or_says_why_not_and_sinusoid_has_none():
     presets = Path(__file__).resolve().parents[1].glob("conf/experiment/*.yaml")
     for preset in presets:
         ref = compose_train(f"experiment={preset.stem}").reference
@@ -68,7 +68,7 @@ def test_every_image_preset_names_its_paper_and_sinusoid_has_none():
         assert ref.metric == "accuracy" and 0.2 < ref.value < 1 and 0 < ref.ci95 < 0.02
         assert ref.inner_steps >= 1 and "Table" in ref.source
         if preset.stem.startswith("omniglot"):
-            assert ref.value > 0.95
+            assert ref.value > 0.9
 
 
 # --------------------------------------------------------------------------- runs on disk

@@ -117,12 +117,16 @@ def adapt(
     adam: tuple[float, float] | None = None,
     objective: Objective | None = None,
     direction: Direction | None = None,
+    whole: bool = True,
 ) -> list[Params]:
     """Run ``steps`` inner steps on one task's support set.
 
     Returns the whole trajectory ``[θ₀, θ₁, …, θ_steps]`` (the dicts share tensors, so keeping
     it costs nothing extra in the graph) so that evaluation can report the metric after each
     step and training can use the last one (or all of them, for MAML++'s multi-step loss).
+    ``whole=False`` returns ``[θ_steps]`` alone: with no graph through the steps (first order)
+    the parameters of the steps before are then freed as it goes, so that what a caller that
+    needs only where the loop ends holds does not grow with the steps.
 
     ``forward`` and ``lr`` may be lists with one entry per step, for variants whose network or
     rates change with the step (MAML++'s per-step batch norm and learned rates); past the end
@@ -141,7 +145,10 @@ def adapt(
         if direction is not None:
             grads = direction(grads, step)
         params = sgd_step(params, grads, at_step(lr, step))
-        trajectory.append(params)
+        if whole:
+            trajectory.append(params)
+        else:
+            trajectory = [params]
     return trajectory
 
 

@@ -360,30 +360,27 @@ class GradientLearner:
         return losses_for(task_type, self.loss_normalization)
 
     def adaptation(
-        self, model: nn.Module, task_type: str, steps: int, grad: GradFn, checkpoint: bool = False
-    ) -> Adaptation:
+        self, model: nn.Module, task_type: str, steps: int, grad: GradFn, checkpoint: bool = False,
+        whole: bool = True,
+    ) -> Adaptation:  # fmt: skip
         """One task's inner loop of ``steps`` steps with these settings.
 
         The returned function maps ``(meta, x, y)`` to the trajectory of the adapted
-        parameters θ_0…θ_steps (only those that adapt) and the forward to use with each: the
-        backbone with the parameters that do not adapt, and per-step batch-norm weights and
-        statistics of that step, filled in. ``checkpoint`` recomputes the (second-order,
-        SGD) steps during the outer backward pass instead of keeping their graphs (see
-        ``functional.checkpointed_adapt``); ``grad`` is then unused.
+        parameters θ_0…θ_steps (only those that adapt; θ_steps alone with ``whole=False``, see
+        ``functional.adapt``) and the forward to use with each: the backbone with the
+        parameters that do not adapt, and per-step batch-norm weights and statistics of that
+        step, filled in. ``checkpoint`` recomputes the (second-order, SGD) steps during the
+        outer backward pass instead of keeping their graphs (``functional.checkpointed_adapt``).
         """
         plan = self.plan(model)
         backbone, adapted, per_step_bn = plan.backbone, plan.adapted, plan.per_step_bn
         adapting = set(adapted)
         stats = per_name(plan.extras["bn_stats"]) if "bn_stats" in plan.extras else {}
-        loss = self.losses_of(task_type).loss
+        loss, learned, inner_lr = self.losses_of(task_type).loss, self.learned_rates, self.inner_lr
         adam = self.adam_betas if self.inner_optimizer == "adam" else None
-        learned, inner_lr = self.learned_rates, self.inner_lr
         objective_at, direction_at = self._objective_at(adapted), self.inner_direction
-        call = (  # fp32 changes nothing: the plain call, no precision wrapper per forward pass
-            functional_call
-            if self.precision.name == "fp32"
-            else partial(self.precision.forward, functional_call)
-        )
+        fp32 = self.precision.name == "fp32"  # the plain call, no precision wrapper per pass
+        call = functional_call if fp32 else partial(self.precision.forward, functional_call)
 
         def forward_at(meta: Meta, s: int) -> Forward:
             params = {k: t for k, t in meta["theta"].items() if k not in adapting}
@@ -415,6 +412,7 @@ class GradientLearner:
                 trajectory = adapt(
                     forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad,
                     adam=adam, objective=objective_at(meta), direction=direction_at(meta),
+                    whole=whole,
                 )  # fmt: skip
             return trajectory, forwards
 
