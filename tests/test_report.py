@@ -329,8 +329,17 @@ def test_a_short_run_ends_saying_it_is_not_comparable_with_the_paper(two_runs):
     assert (
         f"test accuracy after 3 inner steps {ours} against 98.7 ± 0.4% in Finn et al. 2017, "
         "Table 1: MAML, Omniglot 5-way 1-shot, 98.7 ± 0.4%: not comparable (10 / 60,000 "
-        "iterations) (settings checked by `mamlrun report`)"
+        "iterations)\n"
     ) in log
+
+
+@pytest.mark.slow
+@needs_omniglot
+def test_a_run_that_changed_its_presets_settings_says_so_where_it_ends(two_runs):
+    """The run's last line says what the report's verdict says: another meta-batch (or
+    another algorithm on the preset) is not the paper's number, whatever the budget."""
+    log = (two_runs / "changed" / "train.log").read_text()
+    assert "not comparable (10 / 60,000 iterations): meta_batch_size: 32 → 4\n" in log
 
 
 # --------------------------------------------------------------------------- the curve script

@@ -87,7 +87,7 @@ def _finish(trainer: Trainer, stopped_by: str, flag: StopFlag) -> float | None:
         )
     if cfg.reference is not None and cfg.final_test:
         test = results.get("reference_test") or results["test"]
-        _log_against_reference(cfg.reference, test, s.step, _budget(trainer))
+        _log_against_reference(cfg.reference, test, s.step, *_held_to(trainer))
     return s.best
 
 
@@ -98,27 +98,40 @@ def _reference_steps(cfg: DictConfig, test: dict[str, Any]) -> int | None:
     return ref.inner_steps
 
 
-def _budget(trainer: Trainer) -> int:
-    """The iterations a run must train before its test is held against the paper: its
-    preset's, composed as ``mamlrun report`` composes it (a run's ``iterations=`` or
-    ``debug=smoke`` shortens the run, not the paper's budget); without a preset, its own."""
+def _held_to(trainer: Trainer) -> tuple[int, list[str]]:
+    """What a run's test is held to before it is compared with the paper, as ``mamlrun
+    report`` holds it: its preset's iterations (a run's ``iterations=`` or ``debug=smoke``
+    shortens the run, not the paper's budget), and the result-relevant settings it changed
+    from the preset (``meta_optimizer=metacurvature`` on a MAML preset is not MAML's number).
+    Without a preset: its own iterations, nothing changed."""
+    cfg = trainer.cfg
     if trainer.preset is None:
-        return trainer.cfg.iterations
+        return cfg.iterations, []
     from hydra.core.hydra_config import HydraConfig
 
     searchpath = HydraConfig.get().searchpath if HydraConfig.initialized() else ()
     preset = report.preset_config(trainer.preset, tuple(str(p) for p in searchpath))
-    return trainer.cfg.iterations if preset is None else preset["iterations"]
+    if preset is None:
+        return cfg.iterations, []
+    return preset["iterations"], reference.differences(config.flatten(cfg), preset)
 
 
-def _log_against_reference(ref: Any, test: dict[str, Any], trained: int, budget: int) -> None:
+def _log_against_reference(
+    ref: Any, test: dict[str, Any], trained: int, budget: int, changed: list[str]
+) -> None:
     percent = ref.metric == "accuracy"
     ours = format_ci(test["mean"], test["ci95"], percent=percent)
     theirs = reference.shown(ref.value, ref.ci95, ref.metric)
-    verdict = reference.verdict(test["mean"], test["ci95"], ref.value, ref.ci95, trained, budget)
+    if changed:
+        short = reference.short_of_budget(trained, budget) or "not comparable"
+        verdict = f"{short}: " + "; ".join(changed)
+    else:
+        verdict = reference.verdict(
+            test["mean"], test["ci95"], ref.value, ref.ci95, trained, budget
+        )
     log.info(
         f"test {test['metric']} after {test['inner_steps']} inner steps {ours} against "
-        f"{theirs} in {ref.source}: {verdict} (settings checked by `mamlrun report`)"
+        f"{theirs} in {ref.source}: {verdict}"
     )
 
 
