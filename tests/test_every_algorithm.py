@@ -1,10 +1,12 @@
 """Every algorithm keeps the protocol's promises: each ``conf/meta_optimizer/*.yaml``, found when
 the tests run (so a member merged later is held to them with no edit here), builds from Python
 with its YAML's defaults and describes itself; takes one finite meta-gradient that reaches all
-its meta-parameters on every backbone, or refuses the backbone in one line; does the same in
-every way of batching tasks, or refuses the mode in one line (the line the CLI prints); and
-goes through the commands a user runs: ``train debug=smoke``, a resume that ends bit for bit
-where an unbroken run ends, ``test`` and ``adapt`` of its checkpoint, and ``report``.
+its meta-parameters on every backbone, or refuses the backbone in one line when it builds its
+meta-model; does the same in every way of batching tasks, or ``bind`` refuses the mode in one
+line (the line the CLI prints); and goes through the commands a user runs, on the sinusoid
+(MLP) and on a folder of images (conv4): ``train debug=smoke``, a resume after a signal that
+ends bit for bit where an unbroken run ends, ``test`` and ``adapt`` of its checkpoint, and
+``report``, which names it.
 
 What each algorithm computes (its meta-gradient against finite differences) is its own file's
 business (test_maml_gradients.py, test_variants.py, test_boil.py, ...); here only what every
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import image_batch, meta_gradient
+from test_own_images import class_folders
 from test_resnet12 import TINY
 from test_resnet12 import tasks as rgb_batch
 from test_variants import sinusoid_batch
@@ -176,11 +179,30 @@ def test_a_refused_mode_is_the_one_line_the_cli_prints(arguments, built, mode, c
 
 
 # --------------------------------------------------------------------------- the commands
-def smoke(run: str, choice: str, *extra: str) -> list[str]:
-    """``train debug=smoke`` with this algorithm, one fixed batching mode (``auto`` measures
-    and may pick another mode in another run) and no final test or adapt (run below)."""
+@pytest.fixture(scope="module")
+def own_images(tmp_path_factory) -> Path:
+    """A user's folder of twelve classes of three images (``dataset=images``)."""
+    return class_folders(tmp_path_factory.mktemp("own-images"))
+
+
+#: What each run trains on: debug=smoke's sinusoid with the MLP (regression), and a folder of
+#: images with conv4 (classification, batch norm), as small as each can be.
+DATA = {
+    "sinusoid": lambda images: [],
+    "images": lambda images: [
+        "dataset=images", f"dataset.root={images}", "dataset.ways=2", "dataset.shots=1",
+        "dataset.query=1", "dataset.image_size=16", "backbone=conv4", "backbone.filters=4",
+    ],
+}  # fmt: skip
+
+
+def smoke(run: str, choice: str, data: list[str], *extra: str) -> list[str]:
+    """``train debug=smoke`` with this algorithm, half its iterations (validated and saved
+    every 5), one fixed batching mode (``auto`` measures and may pick another mode in another
+    run) and no final test or adapt (run below)."""
     mode = config.algorithm(choice).batching_modes[0]
-    return ["train", "debug=smoke", f"meta_optimizer={choice}", f"hydra.run.dir={run}",
+    return ["train", "debug=smoke", f"meta_optimizer={choice}", *data, f"hydra.run.dir={run}",
+            "iterations=10", "val_every=5", "checkpoint_every=5", "val_tasks=4",
             f"meta_optimizer.task_batching={mode}", "final_test=false", "final_adapt=false",
             "threads=1", *extra]  # fmt: skip
 
@@ -202,9 +224,13 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dataset", DATA)
 @pytest.mark.parametrize("choice", CHOICES)
-def test_train_resume_test_adapt_and_report_through_the_cli(choice, cli_here, tmp_path):
-    out = cli_here(*smoke("unbroken", choice))
+def test_train_resume_test_adapt_and_report_through_the_cli(
+    choice, dataset, own_images, cli_here, tmp_path
+):
+    data = DATA[dataset](own_images)
+    out = cli_here(*smoke("unbroken", choice, data))
     assert out.returncode == 0, out.stderr
     unbroken = tmp_path / "unbroken"
     assert (unbroken / "checkpoints" / "best.pt").is_file()
@@ -212,10 +238,10 @@ def test_train_resume_test_adapt_and_report_through_the_cli(choice, cli_here, tm
     # A signal after step 7 (no validation or checkpoint falls there), as Slurm sends one.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "stop_requests", lambda t, flag: (False, t.state.step == 7))
-        out = cli_here(*smoke("broken", choice))
+        out = cli_here(*smoke("broken", choice, data))
     assert out.returncode == 128 + 15 and "resume=true" in out.stderr, out.stderr
     assert last_of(tmp_path / "broken")["progress"]["step"] == 7
-    out = cli_here(*smoke("broken", choice, "resume=true"))
+    out = cli_here(*smoke("broken", choice, data, "resume=true"))
     assert out.returncode == 0, out.stderr
     assert_same_state(last_of(unbroken), last_of(tmp_path / "broken"))
 
@@ -223,7 +249,8 @@ def test_train_resume_test_adapt_and_report_through_the_cli(choice, cli_here, tm
                    "hydra.run.dir=unbroken/test")  # fmt: skip
     assert out.returncode == 0, out.stderr
     tested = json.loads((unbroken / "test" / "results.json").read_text())
-    assert tested["inner_steps"] == config.algorithm(choice).inner_steps_test
+    trained = json.loads((unbroken / "results.json").read_text())
+    assert tested["inner_steps"] == trained["inner_steps_test"]  # the run's (a preset's) own
     assert math.isfinite(tested["mean"]) and tested["test_tasks"] == 4
 
     out = cli_here("adapt", "checkpoint=unbroken", "test_tasks=2", "eval_batch_size=2",
