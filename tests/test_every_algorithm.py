@@ -128,7 +128,10 @@ def test_one_meta_gradient_on_each_backbone_or_a_one_line_refusal(choice, backbo
 @pytest.mark.parametrize("choice", CHOICES)
 def test_every_batching_mode_gives_the_loops_meta_gradient_or_a_one_line_refusal(choice):
     """On conv4 (batch norm: what each mode must keep per task), each mode's meta-gradient
-    and evaluation are the loop's; a mode outside ``batching_modes`` is refused by ``bind``."""
+    and evaluation are the loop's; a mode outside ``batching_modes`` is refused by ``bind``.
+    ``threads`` runs on one worker here (its own copy of the model, as each worker has):
+    two workers on two shared cores cost seconds of waiting, and test_variants.py runs the
+    family's members on several."""
     algo = shortened(choice)
     net, batch, _ = tiny_backbone("conv4")
     model = algo.meta_model(net)
@@ -141,14 +144,12 @@ def test_every_batching_mode_gives_the_loops_meta_gradient_or_a_one_line_refusal
                 algo.bind("classification", mode)
             assert_one_line(refusal.value)
             continue
-        torch.set_num_threads(2)  # two tasks side by side under threads (one thread each)
         model.zero_grad(set_to_none=True)
         meta_gradient(algo, model, batch, "classification", mode, step=LATE)
         assert (assert_reaches_every_meta_parameter(model) - loop).abs().max() < 1e-10, mode
         curves = algo.bind("classification", mode).evaluate(model, batch, 2)
         for ours, loops in zip(curves, loop_curves, strict=True):
             assert ours.shape == (2, 3) and torch.allclose(ours, loops, atol=1e-10), mode
-        torch.set_num_threads(1)
 
 
 def refusals() -> list:
