@@ -99,9 +99,12 @@ def assert_one_line(error: MamlrunError) -> None:
 
 
 def assert_reaches_every_meta_parameter(model: torch.nn.Module) -> torch.Tensor:
-    """Every meta-parameter has a finite gradient, and the gradient is not all zero."""
+    """Every meta-parameter (a parameter that requires grad: CAVIA keeps its context in the
+    model but never learns it) has a finite gradient, and the gradient is not all zero."""
     grads = []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         assert p.grad is not None, f"the meta-gradient does not reach {name}"
         assert torch.isfinite(p.grad).all(), f"the meta-gradient of {name} is not finite"
         grads.append(p.grad.flatten())
