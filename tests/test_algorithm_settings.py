@@ -285,3 +285,27 @@ def test_the_meta_gradient_reaches_what_the_inner_direction_reads(batching):
     torch.testing.assert_close(
         exact, torch.tensor(numeric, dtype=exact.dtype), rtol=1e-6, atol=1e-9
     )
+
+
+class LoopOnly(MAML):
+    """A member that runs its tasks one at a time for reasons of its own (as a conjugate-
+    gradient solve per task might), whatever its batch-norm and recomputation settings."""
+
+    @property
+    def batching_modes(self):
+        return ("loop",)
+
+
+def test_a_member_that_runs_fewer_modes_is_refused_with_its_own_modes_not_another_reason():
+    algo = LoopOnly(**config.settings("meta_optimizer", "maml"))
+    with pytest.raises(MamlrunError) as refusal:
+        algo.bind("regression", "vmap")
+    assert str(refusal.value) == (
+        "meta_optimizer.task_batching=vmap is not possible with these settings: they run a "
+        "meta-batch's tasks only as loop; use loop or auto"
+    )  # not "not possible with checkpoint_inner=true", which this member does not set
+    with pytest.raises(MamlrunError, match="not possible with checkpoint_inner=true"):
+        LoopOnly(**config.settings("meta_optimizer", "maml", checkpoint_inner=True)).bind(
+            "regression", "vmap"
+        )
+    assert algo.bind("regression", "loop").batching == "loop"

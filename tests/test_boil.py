@@ -6,10 +6,13 @@ on the MLP (regression) and on conv4 (classification, batch norm), per task and 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image_batch
+from conftest import compose_train, image_batch
+from test_miniimagenet import write_pickles
 from test_variants import (
     ALPHA,
     by_hand,
@@ -26,6 +29,8 @@ from torch.func import functional_call
 from mamlrun import config
 from mamlrun.algorithms.functional import autograd_grad
 from mamlrun.algorithms.selection import adapted_names
+from mamlrun.data.miniimagenet import SPLIT_CLASSES
+from mamlrun.training import commands
 
 VMAP_IN_FULL_SUITE = pytest.param("vmap", marks=pytest.mark.slow)
 
@@ -108,3 +113,39 @@ def test_a_smoke_run_trains_tests_and_adapts_with_boil(cli_here, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
     assert (tmp_path / "run" / "test" / "results.json").is_file()
+
+
+# --------------------------------------------------------------------------- the presets
+@pytest.mark.parametrize("shots,value,ci95", [(1, 0.4961, 0.0016), (5, 0.6645, 0.0037)])
+def test_the_presets_are_the_authors_miniimagenet_setup_with_the_papers_numbers(shots, value, ci95):
+    """github.com/HJ-Yoo/BOIL's defaults (conf/experiment/base/miniimagenet_boil_paper.yaml
+    says where each comes from); the numbers as LibFewShot's reproduction quotes the paper."""
+    cfg = compose_train(f"experiment=miniimagenet_5w{shots}s_boil")
+    mo = cfg.meta_optimizer
+    assert (mo.adapt_params, mo.first_order, mo.inner_lr) == ("body", False, 0.5)
+    assert (mo.inner_steps, mo.inner_steps_test, mo.loss_normalization) == (1, 1, "mean")
+    assert (mo.bn_mode, mo.optimizer.lr, mo.scheduler) == ("transductive", 0.001, None)
+    assert (cfg.backbone.filters, cfg.backbone.downsample, cfg.backbone.head) == (
+        64, "max_pool", "flatten"
+    )  # fmt: skip
+    assert (cfg.dataset.ways, cfg.dataset.shots, cfg.dataset.query) == (5, shots, 15)
+    assert (list(cfg.dataset.mean), list(cfg.dataset.std)) == ([0, 0, 0], [1, 1, 1])
+    assert (cfg.meta_batch_size, cfg.iterations) == (4, 30000)
+    ref = cfg.reference
+    assert (ref.value, ref.ci95, ref.inner_steps) == (value, ci95, 1)
+    assert f"{100 * value:.2f} ± {100 * ci95:.2f}%" in ref.source
+
+
+@pytest.mark.slow
+def test_the_1_shot_preset_trains_and_tests_on_a_fixture_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    write_pickles(tmp_path / "data", classes=SPLIT_CLASSES, per_class=2)
+    cfg = compose_train(
+        "experiment=miniimagenet_5w1s_boil", f"dataset.root={tmp_path / 'data'}",
+        "dataset.query=1", "iterations=2", "val_every=2", "val_tasks=2", "eval_batch_size=2",
+        "checkpoint_every=2", "final_test=true", "test_tasks=2",
+        "meta_optimizer.task_batching=loop", "device=cpu", "threads=1",
+    )  # fmt: skip
+    commands.train(cfg, run_dir=tmp_path / "run")
+    tested = json.loads((tmp_path / "run" / "test" / "results.json").read_text())
+    assert tested["inner_steps"] == 1 and tested["metric"] == "accuracy"

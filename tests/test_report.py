@@ -174,6 +174,21 @@ def test_a_periodic_test_is_compared_only_if_made_after_the_whole_budget(tmp_pat
     assert row_of(run).verdict == "not comparable (5,000 / 60,000 iterations)"
 
 
+def test_each_run_names_its_algorithm_by_the_choice_it_ran(tmp_path):
+    """BOIL is MAML's class adapting the body: only the meta_optimizer choice tells the two
+    apart; a run whose .hydra/ records no choice falls back to the class in results.json."""
+    boil = fake_run(tmp_path / "boil", "miniimagenet_5w1s_boil")
+    hydra = OmegaConf.load(boil / ".hydra" / "hydra.yaml")
+    hydra.hydra.runtime.choices.meta_optimizer = "boil"
+    OmegaConf.save(hydra, boil / ".hydra" / "hydra.yaml")
+    fake_run(tmp_path / "older", None, results={"algorithm": "MAML", "steps": 3})
+    rows = {r.run: r for r in report.rows_of([tmp_path])}
+    assert (rows["boil"].algorithm, rows["older"].algorithm) == ("boil", "MAML")
+    table = report.render([rows["boil"]]).splitlines()
+    assert table[0].startswith("| run | preset | algorithm | seed |")
+    assert table[2].startswith("| boil | miniimagenet_5w1s_boil | boil | 0 |")
+
+
 def test_seeds_are_grouped_per_algorithm_as_in_the_sweeps_csv(tmp_path):
     for algorithm, seed, mean in [("maml", 0, 5.9), ("fomaml", 0, 5.8), ("maml", 1, 6.1),
                                   ("fomaml", 1, 6.2)]:  # fmt: skip
@@ -284,21 +299,24 @@ def test_report_of_two_presets_fills_every_column(two_runs):
     assert out.returncode == 0, out.stderr
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == ["run", "preset", "seed", "iterations", "test", "reference", "verdict"]
+    assert header == [
+        "run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict"
+    ]  # fmt: skip
     rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
                               for line in table[2:4])}  # fmt: skip
     changed, paper = rows["changed"], rows["paper"]
-    assert paper[1:4] == ["omniglot_5w1s", "0", "10 / 60,000"]
-    assert paper[4].endswith("(8 tasks, 3 steps, step 10)")  # the paper's 3 steps, not 10
-    assert paper[5] == "98.7 ± 0.4% (3 steps)"
-    assert paper[6] == "not comparable (10 / 60,000 iterations)"  # not "below" after 10
-    assert changed[1:4] == ["omniglot_5w5s", "0", "10 / 60,000"]
-    assert changed[5] == "99.9 ± 0.1% (3 steps)"
-    assert changed[6] == "not comparable (10 / 60,000 iterations): meta_batch_size: 32 → 4"
+    assert paper[1:5] == ["omniglot_5w1s", "maml", "0", "10 / 60,000"]
+    assert paper[5].endswith("(8 tasks, 3 steps, step 10)")  # the paper's 3 steps, not 10
+    assert paper[6] == "98.7 ± 0.4% (3 steps)"
+    assert paper[7] == "not comparable (10 / 60,000 iterations)"  # not "below" after 10
+    assert changed[1:5] == ["omniglot_5w5s", "maml", "0", "10 / 60,000"]
+    assert changed[6] == "99.9 ± 0.1% (3 steps)"
+    assert changed[7] == "not comparable (10 / 60,000 iterations): meta_batch_size: 32 → 4"
     assert (two_runs / "report.md").read_text().count("| paper |") == 1
     with (two_runs / "report.csv").open() as f:
         by_run = {r["run"]: r for r in csv.DictReader(f)}
     assert by_run["paper"]["test_inner_steps"] == "3" and by_run["paper"]["test_tasks"] == "8"
+    assert by_run["paper"]["algorithm"] == by_run["changed"]["algorithm"] == "maml"
     assert float(by_run["paper"]["reference_value"]) == 0.987
     assert by_run["changed"]["verdict"].startswith("not comparable")
 

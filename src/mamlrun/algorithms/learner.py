@@ -305,7 +305,7 @@ class GradientLearner:
         return losses, metrics
 
     def check_batching(self, batching: str) -> None:
-        ranges.check_batching(batching, self.batching_modes, self.bn_mode)
+        ranges.check_batching(batching, self.batching_modes, self.bn_mode, self.recomputes_steps)
 
     # ------------------------------------------------------------------ the inner loop
     def meta_tensors(self, model: nn.Module) -> Meta:

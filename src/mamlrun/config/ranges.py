@@ -166,7 +166,7 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
         )
     if get("task_batching", "auto") != "auto":
         modes = batching_modes(get("bn_mode"), bool(get("checkpoint_inner")))
-        check_batching(node["task_batching"], modes, get("bn_mode"))
+        check_batching(node["task_batching"], modes, get("bn_mode"), bool(get("checkpoint_inner")))
     if get("multi_step_loss") and get("msl_iterations", 0) < 1:
         raise MamlrunError("meta_optimizer.multi_step_loss needs msl_iterations >= 1")
 
@@ -190,14 +190,27 @@ def batching_modes(bn_mode: str, checkpoint_inner: bool) -> tuple[str, ...]:
     return ("loop", "threads") if checkpoint_inner else BATCHING_MODES
 
 
-def check_batching(batching: str, modes: tuple[str, ...], bn_mode: str) -> None:
-    """``batching`` is well formed and one of ``modes``, or one line saying why not."""
+def check_batching(
+    batching: str, modes: tuple[str, ...], bn_mode: str, checkpoint_inner: bool
+) -> None:
+    """``batching`` is well formed and one of ``modes``, or one line saying why not: the
+    setting that rules it out when one of these does, else the modes there are (a member of
+    the family may run its tasks in fewer ways for reasons of its own)."""
     try:
         how = parse_batching(batching)[0]
     except ValueError as ex:
         raise MamlrunError(f"meta_optimizer.task_batching: {ex}") from None
     if how in modes:
         return
+    if how not in batching_modes(bn_mode, checkpoint_inner):
+        _ruled_out_by_a_setting(batching, bn_mode)
+    raise MamlrunError(
+        f"meta_optimizer.task_batching={batching} is not possible with these settings: they "
+        f"run a meta-batch's tasks only as {' or '.join(modes)}; use {' or '.join(modes)} or auto"
+    )
+
+
+def _ruled_out_by_a_setting(batching: str, bn_mode: str) -> None:
     if bn_mode == "per_step":
         raise MamlrunError(
             f"meta_optimizer.task_batching={batching} is not possible with bn_mode=per_step: "

@@ -1,11 +1,11 @@
 """``mamlrun report DIR [DIR...]``: did these runs reproduce their papers?
 
 One row per training run found under the directories (a run, a sweep, ``outputs/train``):
-its preset, iterations done of the preset's, its test result ± 95% CI, the preset's
-reference ± CI and a verdict (``reference``; a run short of the preset's iterations is not
-compared). Printed, and written as ``report.md`` and ``report.csv``. Runs that differ only in
-``seed`` are also grouped, mean ± 95% CI (Student's t) over seeds, by the sweep summary's
-own grouping (``sweep.seed_groups``).
+its preset, its algorithm (the ``meta_optimizer`` choice), iterations done of the preset's,
+its test result ± 95% CI, the preset's reference ± CI and a verdict (``reference``; a run
+short of the preset's iterations is not compared). Printed, and written as ``report.md``
+and ``report.csv``. Runs that differ only in ``seed`` are also grouped, mean ± 95% CI
+(Student's t) over seeds, by the sweep summary's own grouping (``sweep.seed_groups``).
 
 Everything is read from what runs leave on disk (``.hydra/``, ``results.json``, checkpoints,
 the ``results.json`` of each test inside the run's folder), so a finished, a running and a
@@ -34,8 +34,8 @@ from mamlrun.results.stats import format_ci, mean_ci95_t
 USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
 
 Reads training runs (a run directory, a sweep, or a folder of runs such as outputs/train)
-and prints one row per run: preset, iterations done / the preset's, test result ± 95% CI,
-the paper's result ± CI and a verdict (inside the reference CI, CIs overlap, below, above,
+and prints one row per run: preset, algorithm, iterations done / the preset's, test result
+± 95% CI, the paper's result ± CI and a verdict (inside the reference CI, CIs overlap, below, above,
 not comparable: what differs). A run is compared only once it has trained its preset's
 iterations (the paper's budget): before that it is "not comparable (300 / 60,000
 iterations)". Writes report.md and report.csv into --out (default: the one DIR given, else
@@ -70,6 +70,8 @@ class Row:
     #: What the run was asked for: its overrides (``.hydra/overrides.yaml``), else its whole
     #: flattened config; runs are grouped over seeds by it (``sweep.seed_groups``).
     setting: dict[str, str] = field(default_factory=dict)
+    #: The ``meta_optimizer`` choice it ran (``boil``), else its class (``MAML``), else None.
+    algorithm: str | None = None
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -137,6 +139,7 @@ def read_run(directory: Path, root: Path) -> Row:
         test=_pick(tests, ref),
         reference=ref,
         setting=_setting(directory, flat),
+        algorithm=_algorithm_of(directory, results),
     )
     if preset and preset_flat is None:
         row.differences = [f"preset {preset} is not in this mamlrun's configs"]
@@ -167,6 +170,18 @@ def _preset_of(directory: Path, results: dict | None) -> tuple[str | None, tuple
         searchpath = tuple(str(p) for p in hydra.get("searchpath") or ())
         return hydra.runtime.choices.get("experiment"), searchpath
     return (results or {}).get("preset"), ()
+
+
+def _algorithm_of(directory: Path, results: dict | None) -> str | None:
+    """The ``meta_optimizer`` choice the run composed: several members of the family are one
+    class with other settings (BOIL is MAML adapting the body), so only the choice tells them
+    apart; a run without ``.hydra/`` has its class in ``results.json``."""
+    hydra_file = directory / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        choice = OmegaConf.load(hydra_file).hydra.runtime.choices.get("meta_optimizer")
+        if choice:
+            return str(choice)
+    return (results or {}).get("algorithm")
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,11 +418,12 @@ def _iterations_cell(row: Row) -> str:
 def render(rows: list[Row], crossed: list[Crossed] = ()) -> str:
     """The report as Markdown: the per-run table, the seed groups, the cross-domain tests, the
     references' sources."""
-    header = ["run", "preset", "seed", "iterations", "test", "reference", "verdict"]
+    header = ["run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict"]
     lines = [_md_row(header), _md_row(["---"] * len(header))] if rows else []
     for r in rows:
-        cells = [r.run, r.preset or "-", "-" if r.seed is None else str(r.seed),
-                 _iterations_cell(r), _test_cell(r), _reference_cell(r), r.verdict]  # fmt: skip
+        cells = [r.run, r.preset or "-", r.algorithm or "-",
+                 "-" if r.seed is None else str(r.seed), _iterations_cell(r), _test_cell(r),
+                 _reference_cell(r), r.verdict]  # fmt: skip
         lines.append(_md_row(cells))
     groups = grouped(rows)
     if groups:
@@ -438,8 +454,8 @@ def _md_row(cells: list[str]) -> str:
 
 
 CSV_COLUMNS = [
-    "run", "preset", "seed", "steps_done", "steps_planned", "metric", "test_mean", "test_ci95",
-    "test_inner_steps", "test_tasks", "test_step", "reference_value", "reference_ci95",
+    "run", "preset", "algorithm", "seed", "steps_done", "steps_planned", "metric", "test_mean",
+    "test_ci95", "test_inner_steps", "test_tasks", "test_step", "reference_value", "reference_ci95",
     "reference_inner_steps", "reference_source", "verdict", "directory",
 ]  # fmt: skip
 
@@ -449,8 +465,8 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
     for r in rows:
         t, ref = r.test, r.reference or {}
         out.append({
-            "run": r.run, "preset": r.preset or "", "seed": r.seed, "steps_done": r.done,
-            "steps_planned": r.planned, "metric": r.metric,
+            "run": r.run, "preset": r.preset or "", "algorithm": r.algorithm or "",
+            "seed": r.seed, "steps_done": r.done, "steps_planned": r.planned, "metric": r.metric,
             "test_mean": t and t.mean, "test_ci95": t and t.ci95,
             "test_inner_steps": t and t.inner_steps, "test_tasks": t and t.tasks,
             "test_step": t and t.step, "reference_value": ref.get("value"),
