@@ -138,6 +138,11 @@ def test_the_init_is_recorded_in_results_hparams_and_checkpoints(images, cli_her
     _, hparams = hparams_row(tmp_path / "warm" / "tb")
     assert hparams["backbone.init"] == "pretrained.pt"
     assert hparams["backbone.init_sha256"] == digest
+    # A test of the run reads its weights from its checkpoint, never from the init again.
+    (tmp_path / "pretrained.pt").unlink()
+    out = cli_here("test", "checkpoint=warm", "test_tasks=2", "eval_batch_size=2",
+                   "hydra.run.dir=warm/test")  # fmt: skip
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.slow
