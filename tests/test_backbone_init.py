@@ -183,8 +183,7 @@ def test_another_backbones_weights_are_refused_with_the_keys_summarised(images, 
     assert_one_line(
         out, "does not fit this run's backbone: missing 16 (0.weight, 0.bias, 1.weight, … and "
         "13 more); unexpected 48 (blocks.0.conv1.weight, ", "… and 45 more): another backbone? "
-        "(the file holds mamlrun.models.resnet12.resnet12, this run builds "
-        "mamlrun.models.conv4.conv4)",
+        "(the file holds backbone=resnet12, this run builds backbone=conv4)",
     )  # fmt: skip
 
 
@@ -208,7 +207,11 @@ def test_an_init_for_another_input_shape_is_refused(images, cli_here, tmp_path):
 @pytest.mark.parametrize(
     "content,says",
     [
-        (b"not a checkpoint at all", "is not a mamlrun checkpoint or a PyTorch state_dict"),
+        (
+            b"not a checkpoint",
+            "bad.pt is not a mamlrun checkpoint or a PyTorch state_dict: "
+            "torch.load cannot read it (",
+        ),
         ({"weights": [1, 2]}, "holds a dict of other things (keys weights)"),
         ([torch.zeros(2)], "holds a list, not a mamlrun checkpoint or a state_dict"),
         ({"format": 1, "kind": "baseline", "model": {"w": torch.zeros(1)}}, "a mamlrun baseline"),
@@ -221,7 +224,8 @@ def test_a_file_that_holds_no_weights_is_one_line(content, says, images, cli_her
 
 
 def test_a_missing_file_or_a_run_directory_is_one_line(images, cli_here, tmp_path):
-    out = refused(cli_here, images, tmp_path, "backbone.init=nowhere.pt")
+    """Said before the data is built (which can take minutes): here, before its root is read."""
+    out = refused(cli_here, images, tmp_path, "backbone.init=nowhere.pt", "dataset.root=nowhere")
     assert_one_line(out, "backbone.init=nowhere.pt: no such file")
     pretrain_file(tmp_path / "pre" / "checkpoints" / "best.pt", "conv4")
     out = refused(cli_here, images, tmp_path, "backbone.init=pre")

@@ -51,14 +51,15 @@ def build(
     whose backbone starts from ``backbone.init`` when it names a file (``warm_start``), before
     the algorithm wraps it; a resumed run and a test load their own weights over it instead.
     """
+    start = config.own_settings("backbone", cfg.backbone) if warm else None
+    weights = warm_start.read(start.init) if start is not None and start.init else None
     torch.manual_seed(seed)
     source = source or config.instantiate(cfg.dataset, device=device)
     backbone = _backbone(cfg, source, device)
-    start = config.own_settings("backbone", cfg.backbone) if warm else None
     init = None
-    if start is not None and start.init is not None:
+    if weights is not None:  # before meta_model: the algorithm's extras built around them
         node = OmegaConf.to_container(cfg.backbone, resolve=True)
-        init = warm_start.load_into(backbone, start.init, source.input_shape, node)
+        init = warm_start.load_into(backbone, weights, source.input_shape, node)
     algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
     if not isinstance(algorithm, Algorithm):
         missing = [m for m in MEMBERS if not hasattr(algorithm, m)]

@@ -25,13 +25,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from mamlrun import config
 from mamlrun.algorithms import selection
 from mamlrun.errors import MamlrunError
 from mamlrun.results import checkpoint
@@ -66,16 +68,24 @@ class Weights:
     head: str | None  # the file's own head module, where it names it
     input_shape: list[int] | None  # the inputs it was trained on, where it records them
     backbone: Mapping[str, Any] | None  # the backbone config it was built from, if recorded
+    path: Path | None = None  # the file, resolved
+    where: str = "backbone.init"  # the setting as the user gave it, for messages
+
+
+def read(given: str) -> Weights:
+    """``backbone.init=given`` read and checked to hold weights, before the run builds its
+    data (which can take minutes): a wrong file is said at once."""
+    path = _file(given)
+    where = f"backbone.init={given}"
+    return replace(_read(path, where), path=path, where=where)
 
 
 def load_into(
-    backbone: nn.Module, given: str, input_shape: Sequence[int], node: Mapping[str, Any]
+    backbone: nn.Module, weights: Weights, input_shape: Sequence[int], node: Mapping[str, Any]
 ) -> Init:
-    """Load ``given``'s weights into ``backbone`` (built from config ``node`` for inputs of
-    ``input_shape``) and say what was loaded; everything but the head must match."""
-    path = _file(given)
-    weights = read(path)
-    where = f"backbone.init={given}"
+    """Load ``weights`` (``read``) into ``backbone`` (built from config ``node`` for inputs
+    of ``input_shape``) and say what was loaded; everything but the head must match."""
+    path, where = weights.path, weights.where
     if weights.input_shape is not None and list(weights.input_shape) != list(input_shape):
         raise MamlrunError(
             f"{where} was trained on inputs of shape {_shape(weights.input_shape)}, this run's "
@@ -98,35 +108,35 @@ def load_into(
     init = Init(str(path), _sha256(path), weights.kind)
     log.info(
         f"backbone.init: {len(theirs)} tensors from {path} ({_described(weights.kind)}, sha256 "
-        f"{init.sha256[:12]}); the head ({head}) keeps its fresh initialisation"
+        f"{init.sha256[:12]}); the head (module {head}) keeps its fresh initialisation"
     )
     return init
 
 
-def read(path: Path) -> Weights:
+def _read(path: Path, where: str) -> Weights:
     """The backbone tensors in a checkpoint or state_dict file, or one line on what it is."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as ex:  # not a zip or pickle, truncated, an unsafe pickle: unusable
         raise MamlrunError(
-            f"backbone.init={path} is not a mamlrun checkpoint or a PyTorch state_dict "
-            f"(torch.load: {_first_line(ex)})"
+            f"{where} is not a mamlrun checkpoint or a PyTorch state_dict: torch.load cannot "
+            f"read it ({type(ex).__name__}: {_first_line(ex)})"
         ) from None
     if isinstance(state, dict) and "format" in state:
-        return _from_checkpoint(path, state)
+        return _from_checkpoint(where, state)
     if _is_state_dict(state):
         return Weights(dict(state), "state_dict", None, None, None)
     raise MamlrunError(
-        f"backbone.init={path} holds {_what(state)}, not a mamlrun checkpoint or a state_dict "
+        f"{where} holds {_what(state)}, not a mamlrun checkpoint or a state_dict "
         "(a dict of tensors, as torch.save(model.state_dict(), PATH) writes)"
     )
 
 
-def _from_checkpoint(path: Path, state: dict[str, Any]) -> Weights:
+def _from_checkpoint(where: str, state: dict[str, Any]) -> Weights:
     """A mamlrun checkpoint: a pretrain one as it is, a train one's backbone."""
     if state.get("format") != checkpoint.FORMAT or not _is_state_dict(state.get("model")):
         raise MamlrunError(
-            f"backbone.init={path} is not a mamlrun checkpoint of this version (format "
+            f"{where} is not a mamlrun checkpoint of this version (format "
             f"{checkpoint.FORMAT}) with its weights under model"
         )
     kind = state.get("kind")
@@ -135,7 +145,7 @@ def _from_checkpoint(path: Path, state: dict[str, Any]) -> Weights:
         return Weights(state["model"], "pretrain", state.get("head"), shape, state.get("backbone"))
     if kind is not None:
         raise MamlrunError(
-            f"backbone.init={path} is a mamlrun {kind} checkpoint; an init is a pretrain or "
+            f"{where} is a mamlrun {kind} checkpoint; an init is a pretrain or "
             "train checkpoint, or a state_dict"
         )
     components = (state.get("config") or {}).get("components") or {}
@@ -191,7 +201,8 @@ def _recorded(theirs: Mapping[str, Any] | None, ours: Mapping[str, Any]) -> str:
     if not isinstance(theirs, Mapping) or "_target_" not in theirs:
         return ""
     if theirs["_target_"] != ours["_target_"]:
-        return f" (the file holds {theirs['_target_']}, this run builds {ours['_target_']})"
+        named = [config.choice("backbone", OmegaConf.create(n)) for n in (theirs, ours)]
+        return f" (the file holds {named[0]}, this run builds {named[1]})"
     keys = [k for k in theirs if not str(k).startswith("_") and k in ours and k != "init"]
     differing = [k for k in keys if theirs[k] != ours[k]]
     if not differing:
