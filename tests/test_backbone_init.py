@@ -289,3 +289,23 @@ def test_train_help_shows_the_setting(cli_here):
     assert "  backbone.init=null              weights to start from: a `mamlrun pretrain`" in (
         out.stdout
     )
+
+
+def test_a_train_checkpoints_backbone_is_found_inside_cavias_wrapping(tmp_path):
+    """CAVIA's meta-model holds the backbone under ``backbone.`` beside its context and FiLM
+    map; those are the old algorithm's, and left behind."""
+    from mamlrun.training import warm_start
+
+    net = FACTORIES["conv4"]((3, SIZE, SIZE), WAYS)
+    net.load_state_dict(random_weights(net, seed=5))
+    meta_model = config.algorithm("cavia").meta_model(net)
+    assert any(not k.startswith("backbone.") for k in meta_model.state_dict())
+    checkpoint.save(tmp_path / "cavia.pt", {"model": meta_model.state_dict(), "config": {}})
+    fresh = FACTORIES["conv4"]((3, SIZE, SIZE), WAYS)
+    node = {"_target_": "mamlrun.models.conv4.conv4", **SETTINGS["conv4"]}
+    weights = warm_start.read(str(tmp_path / "cavia.pt"))
+    init = warm_start.load_into(fresh, weights, (3, SIZE, SIZE), node)
+    assert init.kind == "train"
+    head = selection.head(fresh)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, net.state_dict()[name]) != name.startswith(f"{head}."), name
