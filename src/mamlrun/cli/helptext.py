@@ -20,20 +20,28 @@ GROUPS = {
 }
 #: Hydra's own choices beside ours in ``hydra/launcher``.
 LAUNCHERS = {"basic": "one job at a time in this process (Hydra's default)"}
-_KEY = re.compile(r"^(?P<key>[a-z_]+):\s*(?P<value>[^#]*?)\s*(#\s*(?P<comment>.*))?$")
+_KEY = re.compile(
+    r"^(?P<indent>  )?(?P<key>[a-z_]+):\s*(?P<value>[^#]*?)\s*(#\s*(?P<comment>.*))?$"
+)
 _SKIP = {"defaults", "hydra"}
 
 
 def options(command: str, prefix: str = "") -> list[tuple[str, str, str]]:
     """``(key, default, comment)`` for each top-level key of ``conf/<command>.yaml`` (or of
-    another file under ``conf/``, its keys shown under ``prefix``)."""
+    another file under ``conf/``, its keys shown under ``prefix``); a key without a value
+    (``backbone:``) is shown by the keys under it (``backbone.init``)."""
     rows: list[tuple[str, str, str]] = []
-    skipping = False
+    skipping, parent = False, ""
     for line in (config.config_dir() / f"{command}.yaml").read_text().splitlines():
         match = _KEY.match(line)
-        if match:
+        if match and match["indent"] and parent and not skipping:
+            rows.append(
+                (f"{prefix}{parent}.{match['key']}", match["value"], match["comment"] or "")
+            )
+        elif match and not match["indent"]:
             skipping = match["key"] in _SKIP
-            if not skipping:
+            parent = match["key"] if not match["value"] else ""
+            if not skipping and not parent:
                 rows.append((prefix + match["key"], match["value"], match["comment"] or ""))
         elif rows and not skipping and line.strip().startswith("#") and line.startswith(" "):
             key, value, comment = rows[-1]  # a comment continued on the next line

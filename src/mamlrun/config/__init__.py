@@ -12,6 +12,7 @@ command, before anything is built.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import types
@@ -52,6 +53,45 @@ class BaselineConfig:
     lr: float = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
+
+
+@dataclass
+class BackboneStart:
+    """Where the run's backbone starts: settings of ``backbone`` that mamlrun applies to the
+    network its factory built, so the factory's signature (the schema of the rest of the node)
+    does not take them. Set in ``conf/train.yaml`` under ``backbone:``, so every backbone has
+    them, a user's own too."""
+
+    init: str | None = MISSING  # a file of weights (training/warm_start.py); None: the factory's
+
+
+#: Keys of a component's node that mamlrun applies itself rather than its ``_target_``, with
+#: their schema: split off before the target's signature checks the node and before it is built.
+OWN_SETTINGS: dict[str, type] = {"backbone": BackboneStart}
+
+
+def own_settings(group: str, node: Any, complete: bool = True) -> Any:
+    """``group``'s own settings (``OWN_SETTINGS``) in ``node``, typed by their schema; with
+    ``complete=False`` only the types of those present are checked (a test rebuilding a
+    checkpoint's backbone needs none of them)."""
+    schema = OWN_SETTINGS[group]
+    present = {f.name: node[f.name] for f in dataclasses.fields(schema) if f.name in node}
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), present)
+        return OmegaConf.to_object(merged) if complete else None
+    except Exception as ex:  # omegaconf's ValidationError, MissingMandatoryValue
+        key = getattr(ex, "full_key", None) or ""
+        raise MamlrunError(f"{group}.{key}: {_first_line(ex)}") from None
+
+
+def _less_own(node: Any) -> Any:
+    """``node`` without the keys of ``OWN_SETTINGS`` its target does not take (a node of any
+    group: only a backbone's pass validation with them, so only a backbone loses them)."""
+    own = {f.name for schema in OWN_SETTINGS.values() for f in dataclasses.fields(schema)}
+    if not isinstance(node, DictConfig) or not own & set(node.keys()) or "_target_" not in node:
+        return node
+    taken, _ = _signature(_locate(node._target_, "_target_"))
+    return OmegaConf.masked_copy(node, [k for k in node if k not in own or k in taken])
 
 
 @dataclass
@@ -175,6 +215,9 @@ def validate_component(group: str, node: Any) -> None:
             if node.get(part) is not None:
                 check_component(node[part], f"meta_optimizer.{part}")
         node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
+    if group in OWN_SETTINGS and isinstance(node, DictConfig):
+        own_settings(group, node, complete=False)
+        node = _less_own(node)
     check_component(node, group, injected=INJECTED[group])
     if group in ranges.COMPONENTS:
         ranges.COMPONENTS[group](node)
@@ -232,6 +275,7 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
     """
     if isinstance(node, DictConfig) and any(k in node for k in METADATA):
         node = OmegaConf.masked_copy(node, [k for k in node if k not in METADATA])
+    node = _less_own(node)  # what mamlrun applies to the built object (``OWN_SETTINGS``)
     try:
         return hydra.utils.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as ex:
@@ -291,7 +335,7 @@ def settings(group: str, choice: str, **changes: Any) -> dict[str, Any]:
 
 @functools.cache
 def _yaml_values(group: str, choice: str) -> dict[str, Any]:
-    node = group_config(group, choice)
+    node = _less_own(group_config(group, choice))
     keys = [k for k in node if not str(k).startswith("_") and k not in OUTER_PARTS]
     return OmegaConf.to_container(OmegaConf.masked_copy(node, keys), resolve=True)
 
@@ -317,9 +361,20 @@ RETIRED = {
 }
 
 
+#: Keys a newer mamlrun added to every config, each at the value that means what a config
+#: without it did: a saved config is read with them (a run from before started from its
+#: factory's weights), so the report and resume see no change where there was none.
+ADDED = {("backbone", "init"): None}
+
+
 def read_forward(run: dict[str, Any]) -> dict[str, Any]:
     """A saved config (a run's or its components', as plain containers) that this mamlrun's
-    algorithms take: ``meta_optimizer``'s retired keys dropped (``RETIRED``)."""
+    algorithms take: the keys added since filled in (``ADDED``), ``meta_optimizer``'s retired
+    keys dropped (``RETIRED``)."""
+    if isinstance(run, dict):
+        for (part, key), value in ADDED.items():
+            if isinstance(run.get(part), dict) and key not in run[part]:
+                run = {**run, part: {**run[part], key: value}}
     node = run.get("meta_optimizer") if isinstance(run, dict) else None
     if not isinstance(node, dict) or not any(key in node for key in RETIRED):
         return run

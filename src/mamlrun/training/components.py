@@ -19,6 +19,7 @@ from mamlrun.algorithms.base import MEMBERS, Algorithm, SupportsPrecision
 from mamlrun.data.tasks import TaskSource
 from mamlrun.errors import MamlrunError
 from mamlrun.models import precision
+from mamlrun.training import warm_start
 
 COMPONENTS = ("dataset", "backbone", "meta_optimizer")
 
@@ -30,6 +31,7 @@ class Components:
     algorithm: Algorithm
     make_optimizer: Callable[..., torch.optim.Optimizer]
     make_scheduler: Callable[[torch.optim.Optimizer], Any]
+    init: warm_start.Init | None = None  # the file the backbone's weights came from, if any
 
 
 def build(
@@ -38,17 +40,26 @@ def build(
     seed: int,
     precision_name: str = "fp32",
     source: TaskSource | None = None,
+    warm: bool = False,
 ) -> Components:
     """Dataset → backbone → meta-optimizer, with the initialisation fixed by ``seed``;
     ``source`` instead of ``cfg.dataset``'s where a test reads other data (cross-domain).
 
     The model is the backbone plus whatever extra meta-parameters the algorithm learns
     (``algorithm.meta_model``), so optimizer and checkpoints cover those too. The algorithm
-    runs its forward passes in ``precision_name`` (``with_precision``).
+    runs its forward passes in ``precision_name`` (``with_precision``). ``warm``: a new run,
+    whose backbone starts from ``backbone.init`` when it names a file (``warm_start``), before
+    the algorithm wraps it; a resumed run and a test load their own weights over it instead.
     """
+    start = config.own_settings("backbone", cfg.backbone) if warm else None
+    weights = warm_start.read(start.init) if start is not None and start.init else None
     torch.manual_seed(seed)
     source = source or config.instantiate(cfg.dataset, device=device)
     backbone = _backbone(cfg, source, device)
+    init = None
+    if weights is not None:  # before meta_model: the algorithm's extras built around them
+        node = OmegaConf.to_container(cfg.backbone, resolve=True)
+        init = warm_start.load_into(backbone, weights, source.input_shape, node)
     algorithm, make_optimizer = config.build_meta_optimizer(cfg.meta_optimizer)
     if not isinstance(algorithm, Algorithm):
         missing = [m for m in MEMBERS if not hasattr(algorithm, m)]
@@ -59,7 +70,8 @@ def build(
     algorithm = in_precision(algorithm, precision.choose(precision_name, device))
     model = algorithm.meta_model(backbone)
     scheduler = config.build_scheduler(cfg.meta_optimizer)
-    return Components(source, model, algorithm, make_optimizer, scheduler or (lambda _: None))
+    make_scheduler = scheduler or (lambda _: None)
+    return Components(source, model, algorithm, make_optimizer, make_scheduler, init)
 
 
 def fresh_model(cfg: DictConfig, built: Components, seed: int) -> torch.nn.Module:

@@ -53,6 +53,10 @@ MAY_CHANGE = (
 )
 
 
+#: Where a run's weights started: read once, at its first step; a resumed run has its own.
+INIT = "backbone.init"
+
+
 def may_change(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in MAY_CHANGE)
 
@@ -70,6 +74,12 @@ def continued_config(
     old, new = flatten(saved), flatten(requested)
     wanted = set(new) if changed is None else {k for k in new if _named(k, changed)}
     differing = [k for k in sorted(wanted) if k in old and old[k] != new[k]]
+    if INIT in differing:
+        raise MamlrunError(
+            f"{INIT}={_show(new[INIT])} cannot be combined with resume=true: the resumed run "
+            f"already holds its weights (it started from {INIT}={_show(old[INIT])}); start a "
+            "new run (another hydra.run.dir) to start from another init"
+        )
     refused = [k for k in differing if not may_change(k)]
     if refused:
         listed = ", ".join(f"{k}: {_show(old[k])} → {_show(new[k])}" for k in refused)

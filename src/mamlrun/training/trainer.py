@@ -66,6 +66,7 @@ class TrainState:
     best_ci95: float | None = None
     best_step: int | None = None
     history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
+    init: dict[str, str] | None = None  # backbone.init's file (warm_start.Init.record)
 
     def state_dict(self) -> dict[str, Any]:
         scheduler = self.update.scheduler
@@ -83,6 +84,7 @@ class TrainState:
                 "history": self.history,
             },
             "task_batching": self.batching,
+            "init": self.init,
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -100,6 +102,7 @@ class TrainState:
         )
         self.best_step, self.history = progress["best_step"], progress["history"]
         self.batching = saved["task_batching"]
+        self.init = saved.get("init")  # checkpoints from before backbone.init: none
 
 
 def fit(t: Trainer, flag: StopFlag) -> str:
@@ -166,7 +169,7 @@ class Trainer:
             for line in resumed.changes:
                 log.info(f"resume changes {line}")
         threads.use(cfg.threads)  # before the `auto` probe, which times them
-        built = build(cfg, device, cfg.seed, cfg.precision)
+        built = build(cfg, device, cfg.seed, cfg.precision, warm=resumed is None)
         _check_direction(launch.sweep_direction, built.source.task_type)
         mode = resumed.batching if resumed is not None else built.algorithm.task_batching
         if mode == "auto":
@@ -175,7 +178,8 @@ class Trainer:
         optimizer = built.make_optimizer(built.model.parameters())
         update = OuterStep(built.algorithm, optimizer, built.make_scheduler(optimizer), ctx)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-        state = TrainState(built.model, update, generator, mode)
+        init = built.init.record() if built.init is not None else None
+        state = TrainState(built.model, update, generator, mode, init=init)
         if resumed is not None:
             state.load_state_dict(resumed.saved)
         trainer = cls(cfg, run_dir, built, state, ctx, launch.preset)
@@ -317,6 +321,7 @@ class Trainer:
             "processes": self.ctx.world_size,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
             "dataset": self.components.source.describe(),
+            "init": s.init,  # backbone.init's file (path, sha256, kind); null: the factory's
             "preset": self.preset,
             "reference": _plain(self.cfg.reference),
         }
@@ -336,6 +341,7 @@ class Trainer:
         run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations", "precision")}
         hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
         hparams["preset"] = self.preset or "none"
+        hparams["backbone.init_sha256"] = (self.state.init or {}).get("sha256", "null")
         if self.cfg.reference is not None:
             hparams |= hparams_of({"paper": _plain(self.cfg.reference)})
         self.logger.log_hparams(hparams, finals)
