@@ -265,3 +265,21 @@ def test_presets_compose_with_the_recipe_they_cite(preset, expected):
     assert {k: seen[k] for k in expected} == expected
     smoke = compose_pretrain(f"preset={preset}", "pretrain_debug=smoke")
     assert smoke.iterations == 6 and smoke.epochs is None and smoke.lr == cfg.lr
+
+
+@pytest.mark.slow
+def test_resume_from_the_command_line_continues_with_the_runs_own_overrides(smoke, tmp_path):
+    """Only the run's folder and the new length: the dataset, its root and the smoke settings
+    come from the run (its .hydra record), as `train resume=true` does."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke, run)
+    out = run_cli("pretrain", "resume=true", f"hydra.run.dir={run}", "iterations=8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "resumed from step 6" in out.stderr + out.stdout
+    assert json.loads((run / "results.json").read_text())["steps"] == 8
+    again = run_cli("pretrain", "resume=true", f"hydra.run.dir={run}", "seed=5", cwd=tmp_path)
+    assert again.returncode == 2
+    refusal = "mamlrun: error: resume would change what this run computes (seed: 0 → 5)"
+    assert again.stderr.strip().splitlines()[-1].startswith(refusal)

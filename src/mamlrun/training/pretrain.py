@@ -44,7 +44,7 @@ from mamlrun.data.tasks import TaskBatch, TaskSource
 from mamlrun.errors import MamlrunError
 from mamlrun.results import checkpoint
 from mamlrun.results.stats import format_ci, mean_ci95
-from mamlrun.results.tensorboard import TensorBoardLogger
+from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger
 from mamlrun.training import provenance, resume, threads
 from mamlrun.training.episodes import episodes
 from mamlrun.training.progress import Progress
@@ -205,7 +205,7 @@ class Pretraining:
         self.total = cfg.iterations or cfg.epochs * self.per_epoch
         self.last_path = run_dir / resume.LAST
         self.best_path = run_dir / "checkpoints" / "best.pt"
-        self.logger = TensorBoardLogger(run_dir / "tb")
+        self.logger: TensorBoardLogger | NullLogger = NullLogger()  # until the run is checked
         self.started = time.monotonic()
         self._order: tuple[int, torch.Tensor] | None = None
 
@@ -230,6 +230,7 @@ class Pretraining:
             log.info(f"resumed from step {state.step} ({run_dir / resume.LAST})")
         run = cls(cfg, run_dir, source, model, state)
         run.check_length()
+        run.logger = TensorBoardLogger(run_dir / "tb")
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         source.save_splits(run_dir)
         log.info(
