@@ -42,6 +42,7 @@ from mamlrun.algorithms.selection import head as head_name
 from mamlrun.data.episodic import EpisodicImages
 from mamlrun.data.tasks import TaskBatch, TaskSource
 from mamlrun.errors import MamlrunError
+from mamlrun.models.layers import changes_over_training, tell_training_step
 from mamlrun.results import checkpoint
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger
@@ -201,6 +202,7 @@ class Pretraining:
         self.labels = self.pool.pool_labels("train")
         self.classes = len(self.pool.classes["train"])
         self.head = head_name(model)
+        self.ramps = changes_over_training(model)
         self.per_epoch = max(self.labels.shape[0] // cfg.batch_size, 1)
         self.total = cfg.iterations or cfg.epochs * self.per_epoch
         self.last_path = run_dir / resume.LAST
@@ -266,6 +268,8 @@ class Pretraining:
         for group in s.optimizer.param_groups:
             group["lr"] = rate
         self.model.train()
+        if self.ramps:
+            tell_training_step(self.model, s.step)  # DropBlock's ramp, as in meta-training
         x, y = self.batch()
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
