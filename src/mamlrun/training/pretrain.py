@@ -389,6 +389,11 @@ def fit(run: Pretraining, flag: StopFlag) -> str:
             if flag.signal is not None:
                 raise run.interruption(flag.signal)
             if out_of_time:
-                log.info(f"stopped at step {s.step:,} of {run.total:,} (max_minutes)")
+                budget = f"max_minutes={cfg.max_minutes:g}"
+                log.info(
+                    f"stopped at step {s.step:,} of {run.total:,} ({budget}); saved "
+                    f"{run.last_path}; continue with `mamlrun pretrain resume=true "
+                    f"hydra.run.dir={run.run_dir}`"
+                )
                 return "max_minutes"
     return "iterations"
