@@ -295,3 +295,13 @@ def test_resume_from_the_command_line_continues_with_the_runs_own_overrides(smok
     assert again.returncode == 2
     refusal = "mamlrun: error: resume would change what this run computes (seed: 0 → 5)"
     assert again.stderr.strip().splitlines()[-1].startswith(refusal)
+
+
+@pytest.mark.slow
+def test_a_spent_time_budget_validates_saves_and_says_so(tmp_path, own_images):
+    cfg = compose_pretrain(*tiny(own_images), "pretrain_debug=smoke", "max_minutes=0.00001")
+    commands.pretrain(cfg, tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stopped_by"] == "max_minutes" and results["steps"] == 1
+    assert [h["step"] for h in results["val_history"]] == [1]
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["progress"]["step"] == 1
