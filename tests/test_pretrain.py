@@ -238,6 +238,8 @@ def test_resume_refuses_to_change_the_recipe(tmp_path, own_images):
         (["IMAGES", "dataset.ways=5"], "the val split has 2 classes"),
         (["IMAGES", "dataset.shots=3"], "fewer than the 4 images a task takes"),
         (["lrr=0.1"], "unknown key lrr; did you mean lr?"),
+        (["experiment=omniglot_5w1s"], "its recipes are preset=NAME"),
+        (["preset=omniglot"], "did you mean preset=omniglot_conv4?"),
         (["epochs=3"], "set one of epochs and iterations (the other null)"),
         (["schedule=linear"], "schedule must be one of cosine, step, got 'linear'"),
     ],
