@@ -96,19 +96,19 @@ def test_every_yaml_file_in_conf_composes(path):
     from hydra.utils import get_class
 
     rel = Path(path)
-    schemas = {"train": config.TrainConfig, "test": config.TestConfig, "adapt": config.AdaptConfig}
+    schemas = {"train": config.TrainConfig, "test": config.TestConfig,
+               "adapt": config.AdaptConfig, "pretrain": config.PretrainConfig}  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         if rel.parent == Path("."):
-            extra = [] if rel.stem == "train" else ["checkpoint=x.pt"]
+            extra = [] if rel.stem in ("train", "pretrain") else ["checkpoint=x.pt"]
             config.validate(compose(rel.stem, overrides=extra), schemas[rel.stem])
             return
         group, choice = rel.parts[0], rel.relative_to(rel.parts[0]).with_suffix("").as_posix()
         if group == "hydra":  # hydra/launcher/x.yaml is the group hydra/launcher's choice x
             group, choice = rel.parent.as_posix(), rel.stem
-        cfg = compose("train", overrides=[f"{group}={choice}"], return_hydra_config=True)
-    config.validate(
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), config.TrainConfig
-    )
+        command = "pretrain" if group in ("preset", "pretrain_debug") else "train"  # its groups
+        cfg = compose(command, overrides=[f"{group}={choice}"], return_hydra_config=True)
+    config.validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), schemas[command])
     if group.startswith("hydra/"):
         node = OmegaConf.select(cfg, group.replace("/", "."))
         assert get_class(node._target_), f"{path}: {node._target_} does not import"

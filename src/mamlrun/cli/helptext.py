@@ -1,5 +1,6 @@
-"""``mamlrun train|test|adapt --help``: the command's own options, with the one-line comments
-of its YAML file, and the config groups it accepts with each choice's first comment line.
+"""``mamlrun train|test|adapt|pretrain --help``: the command's own options, with the one-line
+comments of its YAML file, and the config groups it accepts with each choice's first comment
+line.
 
 The YAML files are the one place defaults are written and explained, so the help is read
 from them rather than written a second time.
@@ -17,6 +18,7 @@ GROUPS = {
     "train": ("dataset", "backbone", "meta_optimizer", "experiment", "debug", "hparams_search"),
     "test": (),
     "adapt": ("baseline",),
+    "pretrain": ("dataset", "backbone", "preset", "pretrain_debug"),  # debug=X: pretrain_debug=X
 }
 #: Hydra's own choices beside ours in ``hydra/launcher``.
 LAUNCHERS = {"basic": "one job at a time in this process (Hydra's default)"}
@@ -91,7 +93,7 @@ def render(command: str, description: str) -> str:
                     f"    {name:<24}{text}" if len(name) < 24 else f"    {name}\n    {'':<24}{text}"
                 )
         lines.append("")
-    if command != "train":
+    if command in ("test", "adapt"):
         lines += [
             "dataset, backbone and algorithm come from the checkpoint's own config; dataset=NAME",
             "(one of train's datasets) makes it a cross-domain test on NAME's test classes.",

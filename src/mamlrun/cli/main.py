@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "train": "meta-train a model (validates periodically, keeps the best checkpoint)",
     "test": "meta-test a checkpoint: metric after the test-time inner steps, mean ± 95% CI",
     "adapt": "metric after each inner step 0…S, against a pretrained baseline",
+    "pretrain": "train the backbone as one classifier over all training classes (a warm start)",
 }
 
 #: Commands that read what runs left on disk; they take plain arguments, not Hydra's.
@@ -52,6 +53,7 @@ examples:
   mamlrun train hparams_search=optuna experiment=omniglot_5w1s
   torchrun --standalone --nproc_per_node=2 -m mamlrun.cli train
   mamlrun test checkpoint=outputs/train/<date>/<time>      (a run directory or a .pt file)
+  mamlrun pretrain preset=omniglot_conv4      a backbone pre-trained on every training class
   mamlrun report outputs/train                every run against its paper's result
   mamlrun data prepare dataset=cifarfs        download, verify and cache a dataset
   mamlrun train --help                        a command's options and config groups
@@ -128,7 +130,8 @@ def _prepare(command: str, args: list[str]):
     original = None
     if command == "train":
         line = overrides.with_dataset_preset(line)
-        line, original = overrides.resumed(line)
+    if command in ("train", "pretrain"):
+        line, original = overrides.resumed(line, command)
         overrides.check_fresh_dir(line)
     if not any(f.startswith(("-sc", "--shell-completion")) for f in line.flags):
         _compose(command, line.overrides, check_required=not line.only_prints)
@@ -163,7 +166,7 @@ def _compose(command: str, args: list[str], check_required: bool = True) -> Any:
             cfg = compose(command, overrides=first)
     except (HydraException, OmegaConfBaseException) as ex:
         raise messages.composition_error(ex, command, known_keys) from ex
-    if check_required and command != "train" and OmegaConf.is_missing(cfg, "checkpoint"):
+    if check_required and command in ("test", "adapt") and OmegaConf.is_missing(cfg, "checkpoint"):
         raise MamlrunError(
             f"{command} needs checkpoint=PATH: a best.pt or last.pt written by mamlrun train, "
             "or the run's directory (its checkpoints/best.pt)"
@@ -231,6 +234,8 @@ def _job(command: str, cfg: Any, original: list[str] | None, fresh: bool) -> Any
     try:
         if command == "train":
             return commands.train(cfg, run_dir, _launch(cfg, original))
+        if command == "pretrain":
+            return commands.pretrain(cfg, run_dir, _changed("pretrain", cfg, original))
         return getattr(commands, command)(cfg, run_dir)
     except MamlrunError as ex:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the traceback was asked for, not a run
@@ -255,6 +260,17 @@ def _launch(cfg: Any, original: list[str] | None) -> Any:
         changed = resume.changed_keys(cfg, compose("train", overrides=original))
     preset = hydra_cfg.runtime.choices.get("experiment")
     return Launch(changed, direction if isinstance(direction, str) else None, preset)
+
+
+def _changed(command: str, cfg: Any, original: list[str] | None) -> frozenset[str] | None:
+    """On resume, the keys this command changes against the run's own overrides."""
+    from hydra import compose
+
+    from mamlrun.training import resume
+
+    if original is None:
+        return None
+    return resume.changed_keys(cfg, compose(command, overrides=original))
 
 
 def _failed(message: str, run_dir: Path, fresh: bool, command: str, code: int) -> None:

@@ -67,6 +67,11 @@ def composition_error(
                 f"{key}: {command} reads the run's own dataset (data_root=DIR says where its "
                 f"data is now); a cross-domain test names its dataset first: dataset=NAME {key}=…"
             )
+        if _NOT_IN_DEFAULTS in text and command == "pretrain" and key == "experiment":
+            return MamlrunError(
+                "experiment is not a config group of pretrain: its recipes are preset=NAME "
+                "(see mamlrun pretrain --help)"
+            )
         if _NOT_IN_DEFAULTS in text:
             return MamlrunError(f"{key} is not a config group of {command} ({one_line(ex)})")
         return MamlrunError(unknown_key(key, list(known_keys(key))))

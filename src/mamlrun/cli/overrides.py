@@ -80,7 +80,18 @@ def merged(first: list[str], then: list[str]) -> list[str]:
     return [o for o in first if key_of(o) not in replaced] + then
 
 
+#: pretrain's own groups under the names every command uses: ``debug=smoke`` is pretrain's
+#: smoke run (conf/pretrain_debug/), whose keys are not train's.
+PRETRAIN_GROUPS = {"debug": "pretrain_debug"}
+
+
 def renamed(command: str, overrides: list[str]) -> list[str]:
+    if command == "pretrain":
+        return [
+            o.replace(key_of(o), PRETRAIN_GROUPS[key_of(o)], 1) if key_of(o) in PRETRAIN_GROUPS
+            else o
+            for o in overrides
+        ]  # fmt: skip
     if command not in ("test", "adapt"):
         return overrides
     out = []
@@ -109,7 +120,7 @@ def with_dataset_preset(line: CommandLine) -> CommandLine:
 
 
 # ------------------------------------------------------------------------------------- resume
-def resumed(line: CommandLine) -> tuple[CommandLine, list[str] | None]:
+def resumed(line: CommandLine, command: str = "train") -> tuple[CommandLine, list[str] | None]:
     """For ``resume=true|latest``: the command line that continues the run, and the run's
     original overrides (None when there is nothing to resume or it is a sweep). Which run,
     and whether it can be continued, ``training.resume`` decides; this only writes the line.
@@ -119,7 +130,7 @@ def resumed(line: CommandLine) -> tuple[CommandLine, list[str] | None]:
     value = resume.wanted(line.get("resume"))
     if value is None:
         return line, None
-    directory = resume.run_to_continue(value, line.get("hydra.run.dir"))
+    directory = resume.run_to_continue(value, line.get("hydra.run.dir"), command)
     original = resume.original_overrides(directory)
     new = [o for o in line.overrides if key_of(o) not in ("resume", "hydra.run.dir")]
     keep = ["resume=true", f"hydra.run.dir={directory}", "hydra.output_subdir=null"]

@@ -160,6 +160,36 @@ class AdaptConfig(TestConfig):
 
 
 @dataclass
+class PretrainConfig:
+    """``mamlrun pretrain``: supervised classification over every training class
+    (``training/pretrain.py``); the values and what they mean are in conf/pretrain.yaml."""
+
+    dataset: Any = MISSING
+    backbone: Any = MISSING
+    seed: int = MISSING
+    device: str = MISSING
+    threads: int | None = MISSING
+    epochs: int | None = MISSING  # None: ``iterations`` says how long
+    iterations: int | None = MISSING  # None: ``epochs`` says how long
+    batch_size: int = MISSING
+    lr: float = MISSING
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    weight_decay: float = MISSING
+    schedule: str = MISSING  # one of ranges.PRETRAIN_SCHEDULES
+    milestones: list[int] = MISSING  # epochs at which ``step`` multiplies the rate by gamma
+    gamma: float = MISSING
+    log_every: int = MISSING
+    progress_seconds: float = MISSING
+    val_every: int = MISSING
+    val_tasks: int = MISSING
+    val_seed: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: bool = MISSING
+    max_minutes: float | None = MISSING
+
+
+@dataclass
 class ComponentsOnly:
     """What ``test`` and ``adapt`` rebuild from a checkpoint."""
 
@@ -173,6 +203,7 @@ def register_schemas() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="test_schema", node=TestConfig)
     cs.store(name="adapt_schema", node=AdaptConfig)
+    cs.store(name="pretrain_schema", node=PretrainConfig)
 
 
 def config_dir() -> Path:
@@ -204,6 +235,9 @@ def validate(cfg: DictConfig, schema: type) -> DictConfig:
             validate_component(group, merged[group])
     if issubclass(schema, (TrainConfig, TestConfig)):
         ranges.check_command(merged, "train" if schema is TrainConfig else "test")
+    if schema is PretrainConfig:
+        ranges.check_command(merged, "pretrain")
+        ranges.check_pretrain(merged)
     return merged
 
 

@@ -58,8 +58,15 @@ POSITIVE = {
         "test_tasks",
     ),
     "test": ("test_tasks", "eval_batch_size"),
+    "pretrain": ("batch_size", "log_every", "val_every", "val_tasks", "checkpoint_every"),
 }
-NON_NEGATIVE = {"train": ("progress_seconds",), "test": ("progress_seconds", "inner_steps")}
+NON_NEGATIVE = {
+    "train": ("progress_seconds",),
+    "test": ("progress_seconds", "inner_steps"),
+    "pretrain": ("progress_seconds", "momentum", "weight_decay"),
+}
+#: ``mamlrun pretrain``'s learning-rate schedules (``training/pretrain.py``, ``learning_rate``).
+PRETRAIN_SCHEDULES = ("cosine", "step")
 
 
 def check_command(cfg: Mapping[str, Any], command: str) -> None:
@@ -79,6 +86,34 @@ def check_command(cfg: Mapping[str, Any], command: str) -> None:
         )
     if "precision" in cfg:
         precision.check(cfg["precision"])
+
+
+def check_pretrain(cfg: Mapping[str, Any]) -> None:
+    """``mamlrun pretrain``'s recipe: how long (epochs or iterations, one of them), the rate
+    and its schedule."""
+    epochs, iterations = cfg["epochs"], cfg["iterations"]
+    if (epochs is None) == (iterations is None):
+        raise MamlrunError(
+            f"set one of epochs and iterations (the other null), got epochs={epochs} "
+            f"and iterations={iterations}"
+        )
+    for key in ("epochs", "iterations"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise MamlrunError(f"{key} must be positive (or null), got {cfg[key]}")
+    if not cfg["lr"] > 0 or not 0 < cfg["gamma"] <= 1:
+        raise MamlrunError(
+            f"lr must be positive and gamma in (0, 1], got lr={cfg['lr']} gamma={cfg['gamma']}"
+        )
+    if cfg["schedule"] not in PRETRAIN_SCHEDULES:
+        raise MamlrunError(
+            f"schedule must be one of {', '.join(PRETRAIN_SCHEDULES)}, got {cfg['schedule']!r}"
+        )
+    if any(m < 1 for m in cfg["milestones"]) or list(cfg["milestones"]) != sorted(
+        cfg["milestones"]
+    ):
+        raise MamlrunError(
+            f"milestones must be increasing epochs (>= 1), got {list(cfg['milestones'])}"
+        )
 
 
 def check_dataset(node: Mapping[str, Any]) -> None:

@@ -215,6 +215,26 @@ class EpisodicImages:
             y[:, :, k:].reshape(num_tasks, n * self.query),
         )
 
+    def pool_labels(self, split: str) -> torch.Tensor:
+        """The class index of every image of ``split``, in storage order (long, on the device):
+        the split as one labelled pool, for supervised pre-training over all its classes."""
+        check_split(split)
+        stored = self._splits[split]
+        classes = torch.arange(stored.counts.shape[0], device=self.device)
+        return classes.repeat_interleave(stored.counts)
+
+    def pool_images(
+        self, split: str, index: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Images ``index`` (positions in ``pool_labels``' order) of ``split``, read from where
+        the split is stored and normalised as tasks are, augmented as training tasks are
+        (``augment``, training split only; the numbers drawn from ``generator``)."""
+        check_split(split)
+        pixels = self._gather(self._splits[split], index.to(self.device))
+        if self.augment and split == "train":
+            pixels = augment_pixels(pixels, self.crop_padding, generator)
+        return self._to_input(pixels)
+
     def _gather(self, stored: _Stored, index: torch.Tensor) -> torch.Tensor:
         """uint8 ``[*index.shape, H, W, C]`` on the device: the images indexed where they are
         stored, or read from the cache file, or gathered on the host and copied over (through

@@ -31,7 +31,7 @@ from mamlrun.training.trainer import Launch, Trainer, fit
 
 log = logging.getLogger("mamlrun")
 
-__all__ = ["Launch", "adapt", "test", "train"]
+__all__ = ["Launch", "adapt", "pretrain", "test", "train"]
 _DEFAULT_LAUNCH = Launch()
 
 
@@ -202,6 +202,32 @@ def adapt(cfg: DictConfig, run_dir: str | Path | None = None) -> float:
         threads.use(settings.threads)
         flag.doing = "adapt (nothing was written)"
         return adapt_checkpoint(settings, _made(run_dir, "adapt"))["mean"][-1]
+
+
+def pretrain(
+    cfg: DictConfig, run_dir: str | Path | None = None, changed: frozenset[str] | None = None
+) -> float | None:
+    """Classification over every training class (``training/pretrain.py``): best.pt by the
+    validation tasks' nearest-centroid accuracy, last.pt, results.json. ``changed``: on resume,
+    the keys the command changes (None: all of ``cfg`` is meant). Returns the best accuracy."""
+    from mamlrun.training import pretrain as pre
+
+    cfg = config.validate(cfg, config.PretrainConfig)
+    if distributed.world_size_from_env() > 1:
+        raise MamlrunError("mamlrun pretrain runs in one process: start it without torchrun")
+    with threads.kept(), catch_signals() as flag:
+        flag.doing = "start-up (nothing was saved yet)"
+        directory = _made(run_dir, "pretrain")
+        with pre.Pretraining.start(cfg, directory, changed, resolve_device(cfg.device)) as run:
+            flag.doing = "pre-training"
+            stopped_by = pre.fit(run, flag)
+            write_json(directory / "results.json", run.results(stopped_by))
+            s = run.state
+            log.info(
+                f"best val accuracy (nearest centroid) {format_ci(s.best, s.best_ci95)} at step "
+                f"{s.best_step}; checkpoints in {directory / 'checkpoints'}"
+            )
+            return s.best
 
 
 def _eval_settings(cfg: DictConfig, schema: type, command: str) -> Any:

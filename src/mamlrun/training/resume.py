@@ -36,6 +36,7 @@ OUTPUTS = Path("outputs")
 #: Keys (or key prefixes, ending in ".") a resumed run may change.
 MAY_CHANGE = (
     "iterations",
+    "epochs",
     "max_minutes",
     "device",
     "threads",
@@ -142,13 +143,14 @@ def wanted(value: str | bool | None) -> str | None:
     raise MamlrunError(f"resume must be true, false or latest, got {text!r}")
 
 
-def run_to_continue(value: str, run_dir: str | None) -> Path:
+def run_to_continue(value: str, run_dir: str | None, command: str = "train") -> Path:
     """The run that ``resume=value`` (``true`` or ``latest``) continues, checked to hold a
-    ``last.pt``: ``run_dir`` when given, else (``latest``) the newest under ``outputs/train``."""
+    ``last.pt``: ``run_dir`` when given, else (``latest``) the newest under
+    ``outputs/<command>``."""
     if value == "latest" and run_dir is None:
-        run_dir = str(latest_run())
+        run_dir = str(latest_run(command=command))
     if run_dir is None:
-        newest = latest_run(required=False)
+        newest = latest_run(required=False, command=command)
         hint = f" (the newest here: {newest})" if newest else ""
         raise MamlrunError(
             f"resume=true needs the run to continue: add hydra.run.dir=DIR{hint}, "
@@ -163,14 +165,14 @@ def run_to_continue(value: str, run_dir: str | None) -> Path:
     return directory
 
 
-def latest_run(required: bool = True) -> Path | None:
-    """The newest ``outputs/train/<date>/<time>`` that holds a ``last.pt``."""
-    runs = sorted(p.parents[1] for p in (OUTPUTS / "train").glob(f"*/*/{LAST.as_posix()}"))
+def latest_run(required: bool = True, command: str = "train") -> Path | None:
+    """The newest ``outputs/<command>/<date>/<time>`` that holds a ``last.pt``."""
+    runs = sorted(p.parents[1] for p in (OUTPUTS / command).glob(f"*/*/{LAST.as_posix()}"))
     if runs:
         return runs[-1]
     if required:
         raise MamlrunError(
-            f"resume=latest found no run under {OUTPUTS / 'train'} (with {LAST.as_posix()}) "
+            f"resume=latest found no run under {OUTPUTS / command} (with {LAST.as_posix()}) "
             "in this folder; name one with hydra.run.dir=DIR"
         )
     return None
