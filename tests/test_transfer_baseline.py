@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from omegaconf import OmegaConf
 from test_own_images import class_folders
 from test_resnet12 import TINY
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
@@ -31,7 +31,7 @@ from mamlrun.data.tasks import TaskBatch
 from mamlrun.results import checkpoint
 from mamlrun.training import transfer
 
-#: A folder of images (12 classes, 3 images each; 3 test classes), 2-way 1-shot, conv4 with 4
+#: A folder of images (12 classes, 3 images each; 2 test classes), 2-way 1-shot, conv4 with 4
 #: filters on 16x16 images: as small as a classification run can be.
 DATA = [
     "dataset.ways=2", "dataset.shots=1", "dataset.query=1", "dataset.image_size=16",
@@ -138,7 +138,7 @@ def test_without_a_baseline_checkpoint_one_line_says_how_to_get_one(work):
     assert out.returncode == 0, out.stderr
     said = [line for line in log_of(out).splitlines() if "no transfer baseline" in line]
     assert len(said) == 1, log_of(out)
-    assert "mamlrun pretrain dataset=images" in said[0] and "baseline.checkpoint=" in said[0]
+    assert "`mamlrun pretrain dataset=images`" in said[0] and "baseline.checkpoint=" in said[0]
     assert json.loads((work / "alone" / "results.json").read_text())["baseline"] is None
 
 
@@ -149,7 +149,8 @@ def test_without_a_baseline_checkpoint_one_line_says_how_to_get_one(work):
         ("missing.pt", "baseline.checkpoint=missing.pt: no such file"),
         ("run/checkpoints/best.pt", "is a `mamlrun train` checkpoint: its network was meta-"),
         ("grey.pt", "was pretrained on omniglot images of shape [1, 28, 28]; this test's "
-                    "tasks (images) are [3, 16, 16]"),
+                    "images are [3, 16, 16]: pretrain on the model's training data (mamlrun "
+                    "pretrain dataset=images)"),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("command", ["adapt", "test"])
@@ -199,9 +200,7 @@ def test_the_frozen_features_are_the_checkpoints_without_its_head(backbone, tmp_
 
 def baseline(**changes) -> config.BaselineConfig:
     values = {**config.settings("baseline", "default"), **changes}
-    return OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(config.BaselineConfig), values)
-    )
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(config.BaselineConfig), values))
 
 
 # --------------------------------------------------------------------------- the arithmetic
@@ -232,8 +231,10 @@ def by_hand(recipe: transfer.Recipe, head: dict, support, query, orders, at) -> 
                 return layer(z)
             return recipe.scale * layer(z / (z.norm(dim=1, keepdim=True) + 1e-5))
 
-        sgd = torch.optim.SGD(layer.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                              dampening=recipe.dampening, weight_decay=recipe.weight_decay)  # fmt: skip
+        sgd = torch.optim.SGD(
+            layer.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+            dampening=recipe.dampening, weight_decay=recipe.weight_decay,
+        )  # fmt: skip
         curve = {}
         for epoch in range(recipe.epochs + 1):
             with torch.no_grad():

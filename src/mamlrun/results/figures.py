@@ -22,6 +22,7 @@ def adaptation_curve(results: dict[str, Any], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         log.info('no adapt.png: matplotlib is not installed (pip install "mamlrun[plot]")')
         return None
@@ -33,6 +34,7 @@ def adaptation_curve(results: dict[str, Any], path: Path) -> Path | None:
         _band(ax, results["steps"], base, label, "C1")
         if "epochs" in base:
             _epoch_axis(ax, results["steps"], base["epochs"])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("inner steps")
     ax.set_ylabel(results["metric"])
     ax.legend()

@@ -297,9 +297,9 @@ def adapt_checkpoint(
 
 #: What adapt and test say on classification without ``baseline.checkpoint``.
 NO_TRANSFER_BASELINE = (
-    "no transfer baseline: baseline.checkpoint is not set. For Chen et al.'s (a pretrained "
-    "backbone, a new head fine-tuned on each support set): mamlrun pretrain {dataset}, then "
-    "baseline.checkpoint=outputs/pretrain/<date>/<time>/checkpoints/best.pt"
+    "no transfer baseline: baseline.checkpoint is not set; to compare with Chen et al.'s (a "
+    "pretrained backbone, a new head fine-tuned on each support set) run `mamlrun pretrain "
+    "{dataset}` and add baseline.checkpoint=outputs/pretrain/<date>/<time>/checkpoints/best.pt"
 )
 
 
@@ -309,11 +309,11 @@ def _transfer(settings: config.TestConfig, restored: Restored) -> transfer.Pretr
     b, source = settings.baseline, restored.built.source
     if not b.enabled or source.task_type != "classification":
         return None
-    tested_on = restored.data["tested_on"]
+    trained_on = restored.data["trained_on"]  # its training classes, as the model's
     if b.checkpoint is None:
-        log.info(NO_TRANSFER_BASELINE.format(dataset=f"dataset={tested_on}"))
+        log.info(NO_TRANSFER_BASELINE.format(dataset=f"dataset={trained_on}"))
         return None
-    return transfer.prepare(b, tuple(source.input_shape), tested_on, source.device)
+    return transfer.prepare(b, tuple(source.input_shape), trained_on, source.device)
 
 
 def _transfer_curves(restored: Restored, settings: config.TestConfig, steps: int,

@@ -240,9 +240,9 @@ def pretrain_path(path: str) -> Path:
     return given
 
 
-def read_pretrained(path: str, input_shape: tuple[int, ...], tested_on: str) -> dict:
+def read_pretrained(path: str, input_shape: tuple[int, ...], dataset: str) -> dict:
     """The checkpoint's contents, refused in one line unless it is a pretrain checkpoint of
-    images shaped like this test's (``tested_on`` names the test's dataset)."""
+    images shaped like this test's (``dataset``: the one to pretrain on, the model's own)."""
     file = pretrain_path(path)
     try:
         saved = checkpoint.load(file)
@@ -264,9 +264,8 @@ def read_pretrained(path: str, input_shape: tuple[int, ...], tested_on: str) -> 
     if shape != tuple(input_shape):
         raise MamlrunError(
             f"baseline.checkpoint={path} was pretrained on {saved.get('dataset', '?')} images "
-            f"of shape {list(shape)}; this test's tasks ({tested_on}) are "
-            f"{list(input_shape)}: pretrain on {tested_on}'s classes (mamlrun pretrain "
-            f"dataset={tested_on})"
+            f"of shape {list(shape)}; this test's images are {list(input_shape)}: pretrain "
+            f"on the model's training data (mamlrun pretrain dataset={dataset})"
         )
     return {**saved, "path": file}
 
@@ -290,10 +289,11 @@ def load_features(saved: dict, device: torch.device) -> nn.Module:
     return network.to(device).eval().requires_grad_(False)
 
 
-def prepare(baseline: Any, input_shape: tuple[int, ...], tested_on: str,
+def prepare(baseline: Any, input_shape: tuple[int, ...], dataset: str,
             device: torch.device) -> Pretrained:  # fmt: skip
-    """The frozen features of ``baseline.checkpoint``, checked before anything is computed."""
-    saved = read_pretrained(baseline.checkpoint, input_shape, tested_on)
+    """The frozen features of ``baseline.checkpoint``, checked before anything is computed
+    (``dataset``: the model's training data, named in the hint of a refusal)."""
+    saved = read_pretrained(baseline.checkpoint, input_shape, dataset)
     return Pretrained(load_features(saved, device), saved["path"], saved)
 
 
@@ -302,7 +302,7 @@ def describe(recipe: Recipe, pretrained: Pretrained, support: int) -> dict[str, 
     return {
         "method": recipe.method,
         "head": recipe.head,
-        "checkpoint": str(pretrained.path),
+        "checkpoint": str(pretrained.path.resolve()),
         "pretrained_on": pretrained.saved.get("dataset"),
         "pretrain_classes": int(pretrained.saved["classes"]),
         "recipe": {k: v for k, v in vars(recipe).items() if k != "head"},
