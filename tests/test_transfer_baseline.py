@@ -304,3 +304,27 @@ def test_a_tasks_result_does_not_depend_on_the_batch_it_was_adapted_in():
              for s in (slice(0, 1), slice(1, 3))]  # fmt: skip
     torch.testing.assert_close(whole[0], torch.cat([p[0] for p in parts]))
     torch.testing.assert_close(whole[1], torch.cat([p[1] for p in parts]))
+
+
+# --------------------------------------------------------------------------- train's final test
+def test_trains_final_test_and_adapt_show_the_runs_baseline(tmp_path):
+    from conftest import compose_train
+
+    from mamlrun.training import commands
+
+    cfg = compose_train("debug=smoke", "baseline.checkpoint=pre.pt", "baseline.head=cosine")
+    for command in ("test", "adapt"):
+        settings = commands.final_settings(command, cfg, tmp_path / "best.pt")
+        assert (settings.baseline.checkpoint, settings.baseline.head) == ("pre.pt", "cosine")
+
+
+def test_train_refuses_a_baseline_it_could_not_show_before_training(cli_here, tmp_path):
+    images = class_folders(tmp_path / "images")
+    out = cli_here("train", "debug=smoke", "dataset=images", f"dataset.root={images}", *DATA,
+                   "baseline.checkpoint=missing.pt", "hydra.run.dir=refused")  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: baseline.checkpoint=missing.pt: no such file (give the "
+        "checkpoints/best.pt of a `mamlrun pretrain` run, or its directory)"
+    ]
+    assert not (tmp_path / "refused").exists()
