@@ -328,3 +328,51 @@ def test_train_refuses_a_baseline_it_could_not_show_before_training(cli_here, tm
         "checkpoints/best.pt of a `mamlrun pretrain` run, or its directory)"
     ]
     assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow
+def test_the_baseline_is_fine_tuned_on_the_models_own_test_tasks(work, cli_here, monkeypatch):
+    from mamlrun.algorithms.learner import GradientLearner
+
+    seen: dict[str, list] = {"model": [], "baseline": []}
+
+    def spy(who, real):
+        def evaluate(self, model, batch, steps):
+            seen[who].append([t.clone() for t in batch])
+            return real(self, model, batch, steps)
+
+        return evaluate
+
+    monkeypatch.setattr(GradientLearner, "evaluate", spy("model", GradientLearner.evaluate))
+    real = transfer.TransferBaseline.evaluate
+    monkeypatch.setattr(transfer.TransferBaseline, "evaluate", spy("baseline", real))
+    out = cli_here("adapt", f"checkpoint={work / 'run'}", f"baseline.checkpoint={work / 'pre.pt'}",
+                   "test_tasks=3", "eval_batch_size=2", "inner_steps=1", "threads=1",
+                   "baseline.finetune_epochs=1", "hydra.run.dir=same")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(seen["model"]) == len(seen["baseline"]) == 2, "3 tasks in batches of 2 and 1"
+    for ours, theirs in zip(seen["model"], seen["baseline"], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.slow
+def test_a_resnet12_model_and_baseline_side_by_side(tmp_path):
+    """ResNet-12 (its head is a named module, ``head``, not a Sequential's last index)."""
+    images = class_folders(tmp_path / "images")
+    small = [*DATA[:4], "backbone=resnet12", "backbone.widths=[2,3,4,5]"]
+    out = run_cli(
+        "train", "debug=smoke", "dataset=images", f"dataset.root={images}", *small,
+        "iterations=1", "val_every=1", "val_tasks=2", "final_test=false", "final_adapt=false",
+        "threads=1", "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    state = pretrain_file(tmp_path / "pre.pt", backbone_of(tmp_path / "run"))
+    assert state["head"] == "head"
+    out = run_cli(
+        "adapt", "checkpoint=run", "baseline.checkpoint=pre.pt", "baseline.head=cosine",
+        "test_tasks=2", "inner_steps=1", "baseline.finetune_epochs=2", "threads=1",
+        "hydra.run.dir=adapted", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    base = json.loads((tmp_path / "adapted" / "results.json").read_text())["baseline"]
+    assert base["method"] == "Baseline++" and base["epochs"] == [0, 2]
