@@ -359,7 +359,8 @@ def test_the_baseline_is_fine_tuned_on_the_models_own_test_tasks(work, cli_here,
 def test_a_resnet12_model_and_baseline_side_by_side(tmp_path):
     """ResNet-12 (its head is a named module, ``head``, not a Sequential's last index)."""
     images = class_folders(tmp_path / "images")
-    small = [*DATA[:4], "backbone=resnet12", "backbone.widths=[2,3,4,5]"]
+    conv4 = ["~backbone.filters", "~backbone.downsample", "~backbone.head"]  # the preset's
+    small = [*DATA[:4], "backbone=resnet12", "backbone.widths=[2,3,4,5]", *conv4]
     out = run_cli(
         "train", "debug=smoke", "dataset=images", f"dataset.root={images}", *small,
         "iterations=1", "val_every=1", "val_tasks=2", "final_test=false", "final_adapt=false",
