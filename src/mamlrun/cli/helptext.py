@@ -16,7 +16,7 @@ from mamlrun import config
 #: The groups each command composes (``test`` and ``adapt`` rebuild theirs from a checkpoint).
 GROUPS = {
     "train": ("dataset", "backbone", "meta_optimizer", "experiment", "debug", "hparams_search"),
-    "test": (),
+    "test": ("baseline",),
     "adapt": ("baseline",),
     "pretrain": ("dataset", "backbone", "preset", "pretrain_debug"),  # debug=X: pretrain_debug=X
 }
@@ -100,7 +100,7 @@ def render(command: str, description: str) -> str:
             "",
         ]
     lines.append(f"options (key=value; defaults from conf/{command}.yaml):")
-    baseline = options("baseline/default", "baseline.") if command in ("train", "adapt") else []
+    baseline = options("baseline/default", "baseline.") if command in GROUPS else []
     for key, value, comment in options(command) + baseline:
         setting = key + "=" + value
         lines.append(

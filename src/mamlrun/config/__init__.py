@@ -46,13 +46,24 @@ INJECTED = {
 # written, with a comment saying why.
 @dataclass
 class BaselineConfig:
-    """The paper's "pretrained" baseline for ``adapt``: one network trained on all tasks."""
+    """The baseline ``adapt`` and ``test`` show beside the meta-learned model: the MAML paper's
+    network trained on all tasks (regression), Chen et al.'s pretrained backbone with a new
+    head fine-tuned on each support set (classification, ``training/transfer.py``)."""
 
     enabled: bool = MISSING
     steps: int = MISSING
     lr: float = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
+    checkpoint: str | None = MISSING  # None: no transfer baseline (classification)
+    head: str = MISSING  # one of ranges.BASELINE_HEADS
+    finetune_epochs: int = MISSING
+    finetune_batch_size: int = MISSING
+    finetune_lr: float = MISSING
+    finetune_momentum: float = MISSING
+    finetune_dampening: float = MISSING
+    finetune_weight_decay: float = MISSING
+    cosine_scale: float = MISSING
 
 
 @dataclass
@@ -152,11 +163,12 @@ class TestConfig:
     cross_domain: bool = MISSING  # test on data other than the run's (else refused)
     dataset: Any = None  # dataset=NAME: a cross-domain test on that dataset's test classes
     progress_seconds: float = MISSING
+    baseline: BaselineConfig = MISSING
 
 
 @dataclass
 class AdaptConfig(TestConfig):
-    baseline: BaselineConfig = MISSING
+    """``adapt`` takes ``test``'s settings; its inner steps are a curve, not one point."""
 
 
 @dataclass

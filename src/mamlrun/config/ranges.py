@@ -41,6 +41,9 @@ OMNIGLOT_SPLITS = ("maml", "background_evaluation")
 #: (``data/folders.py``).
 IMAGE_RESIZE = ("crop", "pad")
 IMAGE_CHANNELS = (1, 3)
+#: The transfer baseline's new head (``training/transfer.py``): Chen et al.'s Baseline and
+#: Baseline++.
+BASELINE_HEADS = ("linear", "cosine")
 #: conv4's downsampling and head (``models/conv4.py``).
 DOWNSAMPLE = ("stride", "max_pool")
 HEADS = ("mean", "flatten")
@@ -86,6 +89,26 @@ def check_command(cfg: Mapping[str, Any], command: str) -> None:
         )
     if "precision" in cfg:
         precision.check(cfg["precision"])
+    if cfg.get("baseline") is not None:
+        check_baseline(cfg["baseline"])
+
+
+def check_baseline(node: Mapping[str, Any]) -> None:
+    """The transfer baseline's head and fine-tuning recipe (``conf/baseline/default.yaml``)."""
+    _one_of(node, "baseline", "head", BASELINE_HEADS)
+    for key in ("finetune_epochs", "finetune_batch_size"):
+        if node[key] < 1:
+            raise MamlrunError(f"baseline.{key} must be positive, got {node[key]}")
+    for key in ("finetune_lr", "cosine_scale"):
+        if not node[key] > 0:
+            raise MamlrunError(f"baseline.{key} must be positive, got {node[key]}")
+    for key in ("finetune_momentum", "finetune_dampening"):
+        if not 0 <= node[key] <= 1:
+            raise MamlrunError(f"baseline.{key} must be in [0, 1], got {node[key]}")
+    if node["finetune_weight_decay"] < 0:
+        raise MamlrunError(
+            f"baseline.finetune_weight_decay must be >= 0, got {node['finetune_weight_decay']}"
+        )
 
 
 def check_pretrain(cfg: Mapping[str, Any]) -> None:

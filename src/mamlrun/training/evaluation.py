@@ -1,5 +1,6 @@
 """Meta-testing a checkpoint: the test metric (``test_checkpoint``) and the adaptation curve
-against the pretrained baseline (``adapt_checkpoint``).
+(``adapt_checkpoint``), each against its baseline (``baseline.py`` for regression, the transfer
+baseline of ``transfer.py`` for classification).
 
 Both take typed settings (``config.TestConfig``, ``config.AdaptConfig``, composed from
 ``conf/test.yaml`` and ``conf/adapt.yaml``), so ``train`` calls them for its final test
@@ -27,11 +28,11 @@ from mamlrun.algorithms.losses import METRIC
 from mamlrun.data.download import resolve_root
 from mamlrun.data.reshaped import Reshaped
 from mamlrun.errors import MamlrunError
-from mamlrun.results import checkpoint
+from mamlrun.results import checkpoint, figures
 from mamlrun.results.files import write_json
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import TensorBoardLogger
-from mamlrun.training import provenance
+from mamlrun.training import provenance, transfer
 from mamlrun.training.baseline import pretrain_jointly
 from mamlrun.training.components import Components, build, fresh_model, resolve_device
 from mamlrun.training.episodes import Evaluation, evaluate
@@ -207,9 +208,11 @@ def test_checkpoint(
     settings: config.TestConfig, out_dir: Path, restored: Restored | None = None
 ) -> dict[str, Any]:
     """The metric after the test-time inner steps on ``test_tasks`` tasks fixed by
-    ``test_seed``: mean ± 95% CI, written to ``out_dir/results.json`` and TensorBoard.
+    ``test_seed``: mean ± 95% CI, written to ``out_dir/results.json`` and TensorBoard, with
+    the transfer baseline's on the same tasks (classification, ``baseline.checkpoint``).
     ``restored``: the checkpoint already read back (``restore(settings)``)."""
     restored = restored or restore(settings)
+    pretrained = _transfer(settings, restored)  # refused before anything is computed
     steps = _steps(settings, restored)
     name = restored.metric_name
     curves = _curves(restored, settings, steps, "test")
@@ -229,24 +232,38 @@ def test_checkpoint(
         "trained_steps": restored.saved.get("progress", {}).get("step"),
         "dataset": restored.built.source.describe(),
         **restored.data,
+        "baseline": None,
     }
+    if pretrained is not None:
+        results["baseline"] = _transfer_test(restored, settings, pretrained)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     with TensorBoardLogger(out_dir / "tb") as tb:
-        tb.log_dict({f"test/{name}": mean, f"test/{name}_ci95": ci}, steps)
+        payload = {f"test/{name}": mean, f"test/{name}_ci95": ci}
+        if results["baseline"]:
+            base = results["baseline"]
+            payload |= {f"test/baseline_{name}": base["mean"],
+                        f"test/baseline_{name}_ci95": base["ci95"]}  # fmt: skip
+        tb.log_dict(payload, steps)
     log.info(
         f"test {name} after {steps} inner steps: {format_ci(mean, ci)} "
         f"(95% CI, {settings.test_tasks} tasks); results in {out_dir}"
     )
+    if results["baseline"]:
+        base = results["baseline"]
+        shown = format_ci(base["mean"], base["ci95"])
+        log.info(f"{_transfer_label(base)}: {name} on the same tasks {shown}")
     return results
 
 
 def adapt_checkpoint(
     settings: config.AdaptConfig, out_dir: Path, restored: Restored | None = None
 ) -> dict[str, Any]:
-    """The metric after each inner step 0…S, for the meta-learned model and (regression) the
-    paper's pretrained baseline fine-tuned with the same steps."""
+    """The metric after each inner step 0…S, for the meta-learned model and the baseline:
+    the paper's pretrained one fine-tuned with the same steps (regression), Chen et al.'s
+    transfer baseline after the epochs mapped to them (classification, ``training.transfer``)."""
     restored = restored or restore(settings)
+    pretrained = _transfer(settings, restored)  # refused before anything is computed
     steps = _steps(settings, restored)
     name = restored.metric_name
     results = {
@@ -260,7 +277,9 @@ def adapt_checkpoint(
         **restored.data,
         "baseline": None,
     }
-    if settings.baseline.enabled and restored.built.source.task_type == "regression":
+    if pretrained is not None:
+        results["baseline"] = _transfer_adapt(restored, settings, steps, pretrained)
+    elif settings.baseline.enabled and restored.built.source.task_type == "regression":
         baseline = _pretrained_baseline(restored, settings)
         results["baseline"] = _per_step(_curves(baseline, settings, steps, "adapt baseline"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -271,8 +290,70 @@ def adapt_checkpoint(
             if results["baseline"]:
                 payload[f"adapt/baseline_{name}"] = results["baseline"]["mean"][s]
             tb.log_dict(payload, s)
-    _log_curve(results, settings.test_tasks, out_dir)
+    picture = figures.adaptation_curve(results, out_dir / "adapt.png")
+    _log_curve(results, settings.test_tasks, out_dir, picture)
     return results
+
+
+#: What adapt and test say on classification without ``baseline.checkpoint``.
+NO_TRANSFER_BASELINE = (
+    "no transfer baseline: baseline.checkpoint is not set; to compare with Chen et al.'s (a "
+    "pretrained backbone, a new head fine-tuned on each support set) run `mamlrun pretrain "
+    "{dataset}` and add baseline.checkpoint=outputs/pretrain/<date>/<time>/checkpoints/best.pt"
+)
+
+
+def _transfer(settings: config.TestConfig, restored: Restored) -> transfer.Pretrained | None:
+    """The transfer baseline's frozen features (classification with ``baseline.checkpoint``),
+    checked against the tested data; otherwise None, saying so on classification."""
+    b, source = settings.baseline, restored.built.source
+    if not b.enabled or source.task_type != "classification":
+        return None
+    trained_on = restored.data["trained_on"]  # its training classes, as the model's
+    if b.checkpoint is None:
+        log.info(NO_TRANSFER_BASELINE.format(dataset=f"dataset={trained_on}"))
+        return None
+    return transfer.prepare(b, tuple(source.input_shape), trained_on, source.device)
+
+
+def _transfer_curves(restored: Restored, settings: config.TestConfig, steps: int,
+                     pretrained: transfer.Pretrained) -> tuple[dict, dict]:  # fmt: skip
+    """The baseline on the evaluation's own tasks (same seed, same order), and what it is."""
+    recipe = transfer.Recipe.of(settings.baseline)
+    ways = restored.built.source.output_size
+    baseline = transfer.TransferBaseline(recipe, ways, settings.baseline.seed)
+    with Progress(
+        recipe.method, settings.test_tasks, unit="tasks", every_s=settings.progress_seconds
+    ) as bar:
+        curves = evaluate(
+            baseline,  # type: ignore[arg-type]  # an algorithm's evaluate, nothing else
+            pretrained.features,
+            restored.built.source,
+            test_evaluation(settings, steps),
+            bar.update,
+        )
+    return curves, transfer.describe(recipe, pretrained, baseline.support)
+
+
+def _transfer_adapt(restored: Restored, settings: config.AdaptConfig, steps: int,
+                    pretrained: transfer.Pretrained) -> dict[str, Any]:  # fmt: skip
+    curves, described = _transfer_curves(restored, settings, steps, pretrained)
+    epochs = transfer.report_epochs(settings.baseline.finetune_epochs, steps)
+    return {**_per_step(curves), "epochs": epochs, **described}
+
+
+def _transfer_test(restored: Restored, settings: config.TestConfig,
+                   pretrained: transfer.Pretrained) -> dict[str, Any]:  # fmt: skip
+    curves, described = _transfer_curves(restored, settings, 0, pretrained)
+    mean, ci = mean_ci95(curves["metric"][:, -1])
+    return {"mean": mean, "ci95": ci, "epochs": settings.baseline.finetune_epochs, **described}
+
+
+def _transfer_label(base: dict[str, Any]) -> str:
+    return (
+        f"{base['method']} ({base['head']} head fine-tuned {base['recipe']['epochs']} epochs "
+        f"on each support set, frozen features of {base['checkpoint']})"
+    )
 
 
 def _pretrained_baseline(restored: Restored, settings: config.AdaptConfig) -> Restored:
@@ -300,12 +381,17 @@ def _per_step(curves: dict[str, torch.Tensor]) -> dict[str, list]:
     }
 
 
-def _log_curve(results: dict[str, Any], tasks: int, out_dir: Path) -> None:
+def _log_curve(results: dict[str, Any], tasks: int, out_dir: Path, picture: Path | None) -> None:
     log.info(f"{results['metric']} after each inner step (mean ± 95% CI over {tasks} tasks):")
     base = results["baseline"]
+    if base and "epochs" in base:
+        log.info(f"  beside it: {_transfer_label(base)}, after the epochs shown")
     for s in results["steps"]:
         line = f"  step {s:3d}: {format_ci(results['mean'][s], results['ci95'][s])}"
-        if base:
+        if base and "epochs" in base:
+            line += f"   {base['method']} after {base['epochs'][s]:3d} epochs: "
+            line += format_ci(base["mean"][s], base["ci95"][s])
+        elif base:
             line += f"   pretrained baseline: {format_ci(base['mean'][s], base['ci95'][s])}"
         log.info(line)
-    log.info(f"results in {out_dir}")
+    log.info(f"results in {out_dir}" + (f" (the curves: {picture.name})" if picture else ""))

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mamlrun import config
 from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.losses import METRIC, better
 from mamlrun.errors import MamlrunError, SweepConfigError
@@ -31,7 +32,7 @@ from mamlrun.results import checkpoint
 from mamlrun.results.pictures import task_grid
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
-from mamlrun.training import distributed, provenance, resume, threads
+from mamlrun.training import distributed, provenance, resume, threads, transfer
 from mamlrun.training.components import Components, build, component_config
 from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
 from mamlrun.training.progress import Progress
@@ -171,6 +172,7 @@ class Trainer:
         threads.use(cfg.threads)  # before the `auto` probe, which times them
         built = build(cfg, device, cfg.seed, cfg.precision, warm=resumed is None)
         _check_direction(launch.sweep_direction, built.source.task_type)
+        _check_baseline(cfg, built.source)
         mode = resumed.batching if resumed is not None else built.algorithm.task_batching
         if mode == "auto":
             mode = choose_batching(built, cfg.meta_batch_size, cfg.seed, ctx)
@@ -355,6 +357,17 @@ class Trainer:
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node) if node is not None else None
+
+
+def _check_baseline(cfg: DictConfig, source: Any) -> None:
+    """The final test's transfer baseline (``baseline.checkpoint``) is refused before the
+    training, not after it."""
+    b = cfg.baseline
+    final = cfg.final_test or cfg.final_adapt
+    if not (b.enabled and b.checkpoint and final) or source.task_type != "classification":
+        return
+    dataset = config.choice("dataset", cfg.dataset).removeprefix("dataset=")
+    transfer.read_pretrained(b.checkpoint, tuple(source.input_shape), dataset)
 
 
 def _check_direction(direction: str | None, task_type: str) -> None:
