@@ -279,3 +279,15 @@ def test_shell_completion_completes_subcommands_and_config_groups(cli):
     out = cli("-sc", "query=bash", env={"COMP_LINE": "mamlrun train meta_optimizer="})
     assert out.returncode == 0, out.stderr
     assert {"meta_optimizer=maml", "meta_optimizer=fomaml"} <= set(out.stdout.split())
+
+
+def test_a_config_group_set_to_null_is_one_line_not_a_traceback(tmp_path):
+    from conftest import run_cli
+
+    out = run_cli("train", "experiment=null", "debug=smoke", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: Config group override must be a string or a list. Got NoneType: a "
+        "config group takes one of its choices by name (~GROUP drops it)"
+    ]
+    assert not any(tmp_path.iterdir())

@@ -166,6 +166,11 @@ def _compose(command: str, args: list[str], check_required: bool = True) -> Any:
             cfg = compose(command, overrides=first)
     except (HydraException, OmegaConfBaseException) as ex:
         raise messages.composition_error(ex, command, known_keys) from ex
+    except ValueError as ex:  # Hydra's own for a group set to null (experiment=null)
+        first_line = str(ex).strip().splitlines()[0]
+        raise MamlrunError(
+            f"{first_line}: a config group takes one of its choices by name (~GROUP drops it)"
+        ) from ex
     if check_required and command in ("test", "adapt") and OmegaConf.is_missing(cfg, "checkpoint"):
         raise MamlrunError(
             f"{command} needs checkpoint=PATH: a best.pt or last.pt written by mamlrun train, "
