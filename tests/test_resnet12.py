@@ -305,6 +305,7 @@ def test_backbone_composes_through_hydra_with_its_documented_defaults():
     "preset,adapt,shots,steps",
     [
         ("miniimagenet_resnet12_maml_5w1s", "all", 1, 15),
+        ("miniimagenet_resnet12_maml_5w5s", "all", 5, 20),
         ("miniimagenet_resnet12_anil_5w1s", "head", 1, 15),
         ("miniimagenet_resnet12_anil_5w5s", "head", 5, 20),
     ],

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import compose_train, run_cli
+from omegaconf import OmegaConf
+from test_miniimagenet import write_pickles
 from test_own_images import class_folders
 
+from mamlrun.data.miniimagenet import SPLIT_CLASSES
 from mamlrun.results import checkpoint
 
 DATA = ["dataset=images", "dataset.ways=2", "dataset.shots=1", "dataset.query=1",
@@ -71,3 +74,75 @@ def test_the_warm_run_is_shown_beside_the_transfer_baseline_of_the_same_pretrain
     assert out.returncode == 0, out.stderr
     results = json.loads((root / command / "results.json").read_text())
     assert results["baseline"]["checkpoint"] == str(root / "pre" / "checkpoints" / "best.pt")
+
+
+# ------------------------------------------------------------- the ResNet-12 presets' two stages
+CONF = Path(__file__).parents[1] / "conf"
+WARM_PRESETS = [
+    f"miniimagenet_resnet12_{a}_{k}" for a in ("maml", "anil") for k in ("5w1s", "5w5s")
+]
+
+
+def pretrain_writes() -> dict[str, str]:
+    """The best.pt each pretrain preset writes, relative to where `mamlrun pretrain` runs."""
+    return {
+        p.stem: f"{OmegaConf.load(p).hydra.run.dir}/checkpoints/best.pt"
+        for p in sorted((CONF / "preset").glob("*.yaml"))
+    }
+
+
+def test_every_train_preset_with_an_init_starts_where_a_pretrain_preset_writes():
+    writes = pretrain_writes()
+    inits = {}
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        init = compose_train(f"experiment={path.stem}").backbone.init
+        if init is not None:
+            inits[path.stem] = init
+    assert sorted(inits) == sorted(WARM_PRESETS)  # the ResNet-12 MAML and ANIL ones
+    assert set(inits.values()) == {writes["miniimagenet_resnet12"]}
+
+
+def test_the_two_stage_presets_target_ye_and_chaos_numbers_from_the_pretrained_backbone():
+    cfg = compose_train("experiment=miniimagenet_resnet12_maml_5w5s")
+    mo = cfg.meta_optimizer
+    assert (cfg.dataset.shots, mo.inner_lr, mo.inner_steps, mo.inner_steps_test) == (5, 0.1, 20, 20)
+    assert (cfg.reference.value, cfg.reference.ci95) == (0.8344, None)  # the README prints no CI
+    assert "pre-trained" in cfg.reference.source
+
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory) -> Path:
+    """The README's two commands, as typed, on miniImageNet pickles and a tiny ResNet-12."""
+    root = tmp_path_factory.mktemp("two-stages")
+    write_pickles(root / "data", classes=SPLIT_CLASSES, per_class=3)
+    tiny = ["dataset.root=data", "backbone.widths=[2,3,2,2]", "dataset.query=1", "threads=1"]
+    out = run_cli("pretrain", "preset=miniimagenet_resnet12", "debug=smoke", *tiny, cwd=root)
+    assert out.returncode == 0, out.stderr
+    out = run_cli("train", "experiment=miniimagenet_resnet12_maml_5w1s", "debug=smoke", *tiny,
+                  "iterations=2", "val_every=2", "meta_optimizer.inner_steps=1",
+                  "meta_optimizer.inner_steps_test=1", "final_adapt=false", "test_tasks=2",
+                  "hydra.run.dir=warm", cwd=root)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return root
+
+
+@pytest.mark.slow
+def test_the_resnet12_preset_starts_from_the_pretrain_presets_best_checkpoint(two_stages):
+    results = json.loads((two_stages / "warm" / "results.json").read_text())
+    best = two_stages / "outputs" / "pretrain" / "miniimagenet_resnet12" / "checkpoints" / "best.pt"
+    assert results["init"]["path"] == str(best) and results["init"]["kind"] == "pretrain"
+    log = (two_stages / "warm" / "train.log").read_text()
+    assert f"add baseline.checkpoint={best} to compare" in log  # its own pretraining's baseline
+
+
+@pytest.mark.slow
+def test_without_the_first_stage_the_preset_says_which_command_writes_its_init(tmp_path):
+    out = run_cli("train", "experiment=miniimagenet_resnet12_anil_5w5s", "debug=smoke",
+                  f"dataset.root={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "mamlrun: error: backbone.init=outputs/pretrain/miniimagenet_resnet12/checkpoints/"
+        "best.pt: no such file; `mamlrun pretrain preset=miniimagenet_resnet12` writes it (run "
+        "it from this directory first), or set backbone.init=null to start from random weights"
+    )
+    assert not (tmp_path / "outputs").exists()

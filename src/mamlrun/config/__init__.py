@@ -111,12 +111,13 @@ class Reference:
 
     ``value`` and ``ci95`` are in the metric's own units (accuracy as a fraction, 0.987 for
     the paper's 98.7%); ``inner_steps`` is how many inner steps the paper's test used, which
-    may differ from the preset's ``inner_steps_test``.
+    may differ from the preset's ``inner_steps_test``. ``ci95`` is null where the source
+    prints the mean alone (the report then compares against that point).
     """
 
     metric: str = MISSING
     value: float = MISSING
-    ci95: float = MISSING
+    ci95: float | None = MISSING
     inner_steps: int = MISSING
     source: str = MISSING
 

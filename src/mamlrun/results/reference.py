@@ -84,7 +84,7 @@ def verdict(
     mean: float,
     ci95: float,
     ref_value: float,
-    ref_ci95: float,
+    ref_ci95: float | None,
     trained: int | None = None,
     budget: int | None = None,
 ) -> str:
@@ -92,10 +92,12 @@ def verdict(
     ``trained`` iterations of the preset's ``budget`` (not comparable before it has them all).
 
     Inside: our mean lies in the paper's interval. Overlap: the intervals share values, so the
-    difference is not significant at this many tasks. Below or above: they are disjoint.
+    difference is not significant at this many tasks. Below or above: they are disjoint. A
+    source that prints no interval (``ref_ci95`` None) is compared as the point it gives.
     """
     if (short := short_of_budget(trained, budget)) is not None:
         return short
+    ref_ci95 = ref_ci95 or 0.0
     if abs(mean - ref_value) <= ref_ci95:
         return INSIDE
     if mean + ci95 < ref_value - ref_ci95:
@@ -105,8 +107,10 @@ def verdict(
     return OVERLAP
 
 
-def shown(value: float, ci95: float, metric: str) -> str:
+def shown(value: float, ci95: float | None, metric: str) -> str:
     """A published number as the paper prints it (98.7 ± 0.4%, 99.47 ± 0.14%): the digits
-    given, not our two significant digits of the CI."""
+    given, not our two significant digits of the CI; only the value where it prints none."""
     scale, unit = (100, "%") if metric == "accuracy" else (1, "")
+    if ci95 is None:
+        return f"{round(value * scale, 6):g}{unit} (no interval given)"
     return f"{round(value * scale, 6):g} ± {round(ci95 * scale, 6):g}{unit}"

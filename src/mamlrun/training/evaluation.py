@@ -301,6 +301,12 @@ NO_TRANSFER_BASELINE = (
     "pretrained backbone, a new head fine-tuned on each support set) run `mamlrun pretrain "
     "{dataset}` and add baseline.checkpoint=outputs/pretrain/<date>/<time>/checkpoints/best.pt"
 )
+#: The same, for a run that started from a pretrain checkpoint: the baseline of that pretraining.
+NO_TRANSFER_BASELINE_WARM = (
+    "no transfer baseline: baseline.checkpoint is not set; this run started from {path} "
+    "(backbone.init): add baseline.checkpoint={path} to compare with Chen et al.'s baseline of "
+    "the same pretraining (a new head fine-tuned on each support set)"
+)
 
 
 def _transfer(settings: config.TestConfig, restored: Restored) -> transfer.Pretrained | None:
@@ -311,7 +317,11 @@ def _transfer(settings: config.TestConfig, restored: Restored) -> transfer.Pretr
         return None
     trained_on = restored.data["trained_on"]  # its training classes, as the model's
     if b.checkpoint is None:
-        log.info(NO_TRANSFER_BASELINE.format(dataset=f"dataset={trained_on}"))
+        init = restored.saved.get("init") or {}
+        if init.get("kind") == "pretrain":
+            log.info(NO_TRANSFER_BASELINE_WARM.format(path=init["path"]))
+        else:
+            log.info(NO_TRANSFER_BASELINE.format(dataset=f"dataset={trained_on}"))
         return None
     return transfer.prepare(b, tuple(source.input_shape), trained_on, source.device)
 

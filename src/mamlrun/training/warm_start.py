@@ -218,8 +218,24 @@ def _file(given: str) -> Path:
         hint = f": name a file in it, e.g. backbone.init={best}" if best.is_file() else ""
         raise MamlrunError(f"backbone.init={given} is a directory{hint}")
     if not path.is_file():
-        raise MamlrunError(f"backbone.init={given}: no such file")
+        raise MamlrunError(f"backbone.init={given}: no such file{_pretrain_hint(path)}")
     return path.resolve()
+
+
+def _pretrain_hint(path: Path) -> str:
+    """Where a preset's init is missing, the command that writes it: a pretrain preset's
+    run folder is outputs/pretrain/NAME (conf/preset/NAME.yaml), which is what the train
+    presets that start from it name."""
+    parts = path.parts
+    if len(parts) < 4 or parts[-2] != "checkpoints" or parts[-4] != "pretrain":
+        return ""
+    name = parts[-3]
+    if not (config.config_dir() / "preset" / f"{name}.yaml").is_file():
+        return ""
+    return (
+        f"; `mamlrun pretrain preset={name}` writes it (run it from this directory first), "
+        "or set backbone.init=null to start from random weights"
+    )
 
 
 def _sha256(path: Path) -> str:
