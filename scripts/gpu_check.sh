@@ -9,8 +9,11 @@
 #   scripts/gpu_check.sh resnet12   the precision tests, a bf16 smoke run, bf16 against fp32,
 #                                   the peak-memory table (fp32, bf16) and the miniImageNet-shaped
 #                                   benchmark rows (conv4-32, ResNet-12)
-#   scripts/gpu_check.sh            all three, in that order (about 9 minutes on an H200; run as
-#                                   STEP_LIMIT=120 bash scripts/gpu_check.sh on 2026-12-04)
+#   scripts/gpu_check.sh presets    every preset's own workload in every task batching on CUDA
+#                                   (tasks/s, peak memory, ratios to the learn2learn-style
+#                                   reference with torch's BatchNorm2d): issue 26's table
+#   scripts/gpu_check.sh            all four, in that order (the first three took about 9 minutes
+#                                   on an H200 with STEP_LIMIT=120 on 2026-12-04)
 # A GPU machine may have no network: what is installed is used; wheels in .whl/ (hydra-core,
 # omegaconf, antlr4, built where pip works) are installed if hydra is missing.
 set -uo pipefail
@@ -66,6 +69,10 @@ if [[ $part == all || $part == resnet12 ]]; then
         --json "$out/memory_cuda_bf16.json"
     step bench_mini "$py" scripts/bench.py --device cuda --configs mini-conv4 mini-resnet12 \
         --orders second first --repeats 2 --json "$out/bench_cuda_mini.json"
+fi
+if [[ $part == all || $part == presets ]]; then
+    step bench_presets "$py" scripts/bench.py --device cuda --presets --all-modes --repeats 2 \
+        --json "$out/bench_cuda_presets.json"
 fi
 echo "failed steps: ${failed[*]:-none}"
 [[ ${#failed[@]} == 0 ]]
