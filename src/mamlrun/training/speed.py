@@ -12,9 +12,10 @@ and are left out, so the rate does not depend on ``val_every``; the progress dis
 
 Cheap by design: on the CPU a ``perf_counter`` read at three points of an iteration; on
 CUDA three events recorded on the stream (no synchronisation) and read back in ``flush``,
-once per log interval, after one ``synchronize``. An event measures where the GPU's
-timeline was when the CPU got there, so a CPU-bound and a GPU-bound run are both timed
-as they ran.
+once per log interval, after one ``synchronize``. Two events are as far apart as the GPU's
+timeline between them: when the GPU is the bottleneck, CPU work it overlaps costs nothing
+(sampling counts for its kernels), and when the CPU is, the GPU waits for it and the events
+are as far apart as the CPU's marks; either way the run is timed as it ran.
 
 Peak memory (``peak_mib``): on CUDA ``torch.cuda.max_memory_allocated`` (the tensors this
 process allocated on the device, not the caching allocator's reserve); on the CPU the
