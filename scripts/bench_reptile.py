@@ -4,13 +4,18 @@
 ``adam_direction``, a dozen element-wise ops per parameter and step) and one more forward
 pass per task for the logged loss (φ on the query set). "after" is ``reptile.Reptile``: the
 in-place loop on torch's fused Adam kernel per task, and the last inner step's loss logged.
-Both run on the same model and tasks, in float64 first to check that their meta-updates
+"no-fwd" is "after" with "before"'s functional inner Adam: the two changes apart.
+They run on the same model and tasks, in float64 first to check that their meta-updates
 agree, then timed A B A B (median of the per-rep ratios: only ratios from interleaved reps
 mean anything on a shared machine), then profiled once each (``torch.profiler``) for the
 number of operator calls.
 
     python scripts/bench_reptile.py                       # omniglot_5w1s_reptile, loop
     python scripts/bench_reptile.py --modes loop threads vmap --repeats 7
+    python scripts/bench_reptile.py --threads 1 --repeats 9   # on a shared, loaded machine
+
+``threads`` runs its workers on threads the profiler does not follow: its operator counts
+are the main thread's only.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import map_tasks
-from mamlrun.algorithms.functional import autograd_grad, functional_grad
+from mamlrun.algorithms.functional import Record, autograd_grad, functional_grad
 from mamlrun.algorithms.reptile import Reptile
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import tell_training_step
@@ -84,11 +89,31 @@ class ReptileBefore(Reptile):
         return task
 
 
+class ReptileFunctionalAdam(Reptile):
+    """The two changes apart: "after"'s logged loss (no extra forward pass), "before"'s
+    functional inner Adam (``functional.adapt``, ``adam_direction``)."""
+
+    def _task(self, model: nn.Module, task_type: str, grad, per_task: bool):
+        inner = self.adaptation(model, task_type, self.inner_steps, grad, whole=False)
+        loss, metric, per_output = self.losses_of(task_type)
+
+        def measure(out, y):
+            return loss(out, y) / (out.shape[-1] if per_output else 1), metric(out, y)
+
+        def task(meta, x, y, xq, yq):
+            if per_task:
+                meta = {"theta": {k: t.clone().requires_grad_() for k, t in meta["theta"].items()}}
+            record = Record(measure)
+            trajectory, _ = inner(meta, x, y, record=record)
+            return {k: t.detach() for k, t in trajectory[-1].items()}, record.value
+
+        return task
+
+
 def engines(s, mode: str) -> dict[str, Reptile]:
     settings = {"inner_lr": s.inner_lr, "inner_steps": s.inner_steps}
-    after = Reptile(**settings)
-    before = ReptileBefore(**settings)
-    return {n: a.bind("classification", mode) for n, a in (("before", before), ("after", after))}
+    kinds = {"before": ReptileBefore, "no-fwd": ReptileFunctionalAdam, "after": Reptile}
+    return {n: kind(**settings).bind("classification", mode) for n, kind in kinds.items()}
 
 
 def meta_update(algo: Reptile, model: nn.Module, batch: TaskBatch) -> torch.Tensor:
@@ -105,6 +130,7 @@ def check(bench, s, mode: str) -> float:
     batch = bench.make_batch(s, s.query, torch.device("cpu"))
     batch = TaskBatch(*(t[:1].double() if t.is_floating_point() else t[:1] for t in batch))
     runs = {n: meta_update(a, model, batch) for n, a in engines(s, mode).items()}
+    runs.pop("no-fwd")
     mask = torch.cat([
         torch.full((p.numel(),), not (n.endswith("bias") and p.dim() == 1 and
                                       dict(model.named_parameters())[n[:-4] + "weight"].dim() == 4))
@@ -150,7 +176,14 @@ def main() -> None:
     parser.add_argument("--config", default="omniglot_5w1s_reptile")
     parser.add_argument("--modes", nargs="+", default=["loop"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch's intra-op threads (default: torch's own); 1 keeps OpenMP's spinning "
+        "workers out of the timing on a machine that others load",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     bench = _bench_module()
     s = bench.SETTINGS[args.config]
     print(f"{s.name}: {s.meta_batch} tasks of {s.ways}-way {s.shots}+{s.query}-shot, "
@@ -160,12 +193,13 @@ def main() -> None:
         difference = check(bench, s, mode)
         print(f"\n[{mode}] float64 max |before - after| of the meta-update: {difference:.2e}")
         seconds = timed(bench, s, mode, args.repeats)
-        ratios = [b / a for b, a in zip(seconds["before"], seconds["after"], strict=True)]
         for name, times in seconds.items():
             print(f"  {name:6s} median {statistics.median(times):.3f} s per meta-step "
                   f"({', '.join(f'{t:.3f}' for t in times)})")  # fmt: skip
-        print(f"  speed-up after/before: median {statistics.median(ratios):.2f}x "
-              f"(per rep: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
+        for name in ("no-fwd", "after"):
+            ratios = [b / a for b, a in zip(seconds["before"], seconds[name], strict=True)]
+            print(f"  speed-up {name}/before: median {statistics.median(ratios):.2f}x "
+                  f"(per rep: {', '.join(f'{r:.2f}' for r in ratios)})")  # fmt: skip
         for name, counts in op_counts(bench, s, mode).items():
             print(f"  ops {name:6s} " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
