@@ -13,7 +13,7 @@ it calls it for the second. The hook is the trainer's method that does one outer
 (``Trainer.step``: sampling the meta-batch, the inner and outer loops, backward, the
 optimizer and scheduler update); after it the turn logs the training loss (``log_every=1``,
 as every ``log_every``-th turn does: issue 21 counted 19 modules in such a turn; since the
-run-constant choices are bound once, 9) and
+run-constant choices are bound once, 9; 10 since each run measures its speed) and
 updates the progress display. Validation and checkpoints are not due at iteration 1. The
 modules the hook's own call passes through are marked ``step`` in the table.
 

@@ -95,8 +95,12 @@ def test_smoke_writes_results_and_tensorboard_scalars(smoke):
     best = max(results["val_history"], key=lambda h: h["mean"])  # the first of equals
     assert results["best_val"] == best["mean"] and results["best_step"] == best["step"]
     events = b"".join(p.read_bytes() for p in (smoke / "tb").glob("events.out.tfevents.*"))
-    for tag in (b"train/loss", b"train/accuracy", b"train/lr", b"val/accuracy"):
+    for tag in (b"train/loss", b"train/accuracy", b"train/lr", b"val/accuracy",
+                b"speed/images_per_s", b"speed/sampling_share", b"memory/peak_mib"):  # fmt: skip
         assert tag in events, tag
+    speed = results["speed"]  # a batch of images per iteration: images/s, not tasks/s
+    assert speed["images_per_s"] > 0 and 0 <= speed["sampling_share"] <= 1
+    assert speed["peak_mib"] > 0 and speed["iterations_timed"] == 5
     best_pt = checkpoint.load(smoke / "checkpoints" / "best.pt")
     assert best_pt["progress"]["step"] == results["best_step"]
 
@@ -292,7 +296,10 @@ def test_resume_from_the_command_line_continues_with_the_runs_own_overrides(smok
     out = run_cli("pretrain", "resume=true", f"hydra.run.dir={run}", "iterations=8", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "resumed from step 6" in out.stderr + out.stdout
-    assert json.loads((run / "results.json").read_text())["steps"] == 8
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 8
+    # the speed of this process's segment: steps 7 and 8, the first its warm-up
+    assert (results["speed"]["from_step"], results["speed"]["iterations_timed"]) == (6, 1)
     again = run_cli("pretrain", "resume=true", f"hydra.run.dir={run}", "seed=5", cwd=tmp_path)
     assert again.returncode == 2
     refusal = "mamlrun: error: resume would change what this run computes (seed: 0 → 5)"

@@ -200,6 +200,25 @@ def test_each_run_names_its_algorithm_by_the_choice_it_ran(tmp_path):
     assert table[2].startswith("| boil | miniimagenet_5w1s_boil | boil | 0 |")
 
 
+def test_the_report_shows_each_runs_speed_and_a_dash_for_runs_that_did_not_measure_it(tmp_path):
+    speed = {"tasks_per_s": 41.234, "iterations_per_s": 10.3, "sampling_share": 0.02,
+             "peak_mib": 1811.6, "peak_of": "process peak RSS"}  # fmt: skip
+    fake_run(tmp_path / "new", None, results={"metric": "mse", "steps": 3, "speed": speed})
+    fake_run(tmp_path / "old", None, results={"metric": "mse", "steps": 3})  # before speed
+    rows = report.rows_of([tmp_path])
+    table = report.render(rows).splitlines()
+    assert table[0].endswith("| verdict | tasks/s | peak memory |")
+    by_run = {line.split(" | ")[0].strip("| "): line for line in table[2:4]}
+    assert by_run["new"].endswith("| 41.2 | 1,812 MiB |")
+    assert by_run["old"].endswith("| - | - |")
+    report.write(rows, tmp_path)
+    with (tmp_path / "report.csv").open() as f:
+        written = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(written["new"]["tasks_per_s"]) == 41.234
+    assert written["new"]["peak_of"] == "process peak RSS"
+    assert written["old"]["tasks_per_s"] == written["old"]["peak_mib"] == ""
+
+
 def test_seeds_are_grouped_per_algorithm_as_in_the_sweeps_csv(tmp_path):
     for algorithm, seed, mean in [("maml", 0, 5.9), ("fomaml", 0, 5.8), ("maml", 1, 6.1),
                                   ("fomaml", 1, 6.2)]:  # fmt: skip
@@ -241,7 +260,8 @@ def test_the_hparams_row_holds_our_tests_and_the_papers_number_apart(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     metrics, settings = hparams_row(tmp_path / "tb")
     assert set(metrics) == {
-        "hparam/best_val_mse", "hparam/test_mse", "hparam/test_mse_at_paper_steps"
+        "hparam/best_val_mse", "hparam/test_mse", "hparam/test_mse_at_paper_steps",
+        "hparam/tasks_per_s", "hparam/peak_mib",  # the run's own speed (test_speed.py)
     }  # fmt: skip
     assert metrics["hparam/test_mse_at_paper_steps"] == pytest.approx(
         results["reference_test"]["mean"]  # ours, after the paper's 2 inner steps
@@ -311,7 +331,8 @@ def test_report_of_two_presets_fills_every_column(two_runs):
     table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == [
-        "run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict"
+        "run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict",
+        "tasks/s", "peak memory",
     ]  # fmt: skip
     rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")]
                               for line in table[2:4])}  # fmt: skip
@@ -323,6 +344,7 @@ def test_report_of_two_presets_fills_every_column(two_runs):
     assert changed[1:5] == ["omniglot_5w5s", "maml", "0", "10 / 60,000"]
     assert changed[6] == "99.9 ± 0.1% (3 steps)"
     assert changed[7] == "not comparable (10 / 60,000 iterations): meta_batch_size: 32 → 4"
+    assert float(paper[8]) > 0 and paper[9].endswith(" MiB")
     assert (two_runs / "report.md").read_text().count("| paper |") == 1
     with (two_runs / "report.csv").open() as f:
         by_run = {r["run"]: r for r in csv.DictReader(f)}

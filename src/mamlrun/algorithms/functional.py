@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.optim.adam import adam as torch_adam
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 Params = dict[str, torch.Tensor]
 Forward = Callable[[Params, torch.Tensor], torch.Tensor]
-#: Gradient of a scalar function of the parameters, as a dict like the parameters.
-GradFn = Callable[[Callable[[Params], torch.Tensor], Params], Params]
+#: Gradient of a scalar function of the parameters, as a dict like the parameters. With
+#: ``has_aux=True`` the function returns ``(scalar, aux)`` and the gradient function
+#: ``(gradients, aux)``, ``aux`` holding no graph (``torch.func.grad``'s convention).
+GradFn = Callable[..., Any]
 
 
 def autograd_grad(create_graph: bool) -> GradFn:
@@ -29,16 +33,25 @@ def autograd_grad(create_graph: bool) -> GradFn:
     ``θ - α·g`` (first-order MAML).
     """
 
-    def grad(f: Callable[[Params], torch.Tensor], params: Params) -> Params:
-        grads = torch.autograd.grad(
-            f(params), tuple(params.values()), create_graph=create_graph, allow_unused=True
+    def grad(f: Callable[[Params], Any], params: Params, has_aux: bool = False) -> Any:
+        value, aux = f(params) if has_aux else (f(params), None)
+        grads = _dense(
+            params,
+            torch.autograd.grad(
+                value, tuple(params.values()), create_graph=create_graph, allow_unused=True
+            ),
         )
-        return {
-            k: torch.zeros_like(p) if g is None else g
-            for (k, p), g in zip(params.items(), grads, strict=True)
-        }
+        return (grads, tree_map(torch.Tensor.detach, aux)) if has_aux else grads
 
     return grad
+
+
+def _dense(params: Params, grads: Sequence[torch.Tensor | None]) -> Params:
+    """``autograd.grad``'s gradients as a dict, zeros for the parameters the loss skips."""
+    return {
+        k: torch.zeros_like(p) if g is None else g
+        for (k, p), g in zip(params.items(), grads, strict=True)
+    }
 
 
 def functional_grad(first_order: bool) -> GradFn:
@@ -48,11 +61,39 @@ def functional_grad(first_order: bool) -> GradFn:
     detaching its result gives first order.
     """
 
-    def grad(f: Callable[[Params], torch.Tensor], params: Params) -> Params:
-        grads = torch.func.grad(f)(params)
-        return {k: g.detach() for k, g in grads.items()} if first_order else grads
+    def grad(f: Callable[[Params], Any], params: Params, has_aux: bool = False) -> Any:
+        out = torch.func.grad(f, has_aux=has_aux)(params)
+        grads, aux = out if has_aux else (out, None)
+        grads = {k: g.detach() for k, g in grads.items()} if first_order else grads
+        return (grads, aux) if has_aux else grads
 
     return grad
+
+
+@dataclass
+class Record:
+    """The last inner step's forward pass, measured: ``measure(outputs, targets)`` (outputs
+    detached) is called on it inside the step and its result kept in ``value``, so that a
+    caller reporting how well the adaptation fits needs no forward pass of its own
+    (Reptile's logged loss and metric)."""
+
+    measure: Callable[[torch.Tensor, torch.Tensor], Any]
+    value: Any = None
+
+
+def _step_loss(
+    f: Forward, loss: Callable, x: torch.Tensor, y: torch.Tensor,
+    objective: Objective | None, measure: Callable | None,
+) -> Callable[[Params], Any]:  # fmt: skip
+    """The function of the parameters one inner step differentiates; with ``measure``, it
+    also returns what ``measure`` makes of the same forward's outputs (``has_aux``)."""
+
+    def value(p: Params) -> Any:
+        out = f(p, x)
+        step_loss = inner_loss(loss(out, y), p, objective)
+        return step_loss if measure is None else (step_loss, measure(out.detach(), y))
+
+    return value
 
 
 def sgd_step(params: Params, grads: Params, lr: float | Params) -> Params:
@@ -118,6 +159,7 @@ def adapt(
     objective: Objective | None = None,
     direction: Direction | None = None,
     whole: bool = True,
+    record: Record | None = None,
 ) -> list[Params]:
     """Run ``steps`` inner steps on one task's support set.
 
@@ -134,12 +176,17 @@ def adapt(
     ``adam=(β1, β2)`` steps along Adam's direction instead of the gradient (Reptile).
     ``objective`` turns the task loss into the loss the steps differentiate (``Objective``),
     ``direction`` the gradient (or Adam's direction) into the one the step takes (``Direction``).
+    ``record`` measures the last step's forward pass (``Record``).
     """
     trajectory = [params]
     moments = None
     for step in range(steps):
         f = at_step(forward, step)
-        grads = grad(lambda p, f=f: inner_loss(loss(f(p, x), y), p, objective), params)
+        if record is not None and step == steps - 1:
+            value = _step_loss(f, loss, x, y, objective, record.measure)
+            grads, record.value = grad(value, params, has_aux=True)
+        else:
+            grads = grad(_step_loss(f, loss, x, y, objective, None), params)
         if adam is not None:
             grads, moments = adam_direction(grads, moments, step + 1, adam)
         if direction is not None:
@@ -150,6 +197,72 @@ def adapt(
         else:
             trajectory = [params]
     return trajectory
+
+
+def adapt_in_place(
+    forward: Forward | Sequence[Forward],
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    lr: float | Sequence[float],
+    steps: int,
+    adam: tuple[float, float] | None = None,
+    record: Record | None = None,
+) -> list[Params]:
+    """``adapt``'s first-order loop for a caller that needs only where it ends, θ_steps,
+    detached (Reptile's φ): the parameters are updated in place by torch's own optimizer
+    kernels, as ``torch.optim`` updates a model, with no graph through the steps.
+
+    Adam is ``torch.optim.Adam``'s functional form (fused where the device has the kernel,
+    CPU and CUDA; else foreach), a fresh state per call, so the trajectory is the one
+    ``torch.optim.Adam`` takes on these gradients: a handful of kernels per step for all the
+    parameters instead of a dozen element-wise ops per parameter. It equals ``adapt``'s
+    ``adam_direction`` up to rounding (ε added to ``√v/√(1−β2ᵗ)`` rather than to
+    ``√(v/(1−β2ᵗ))``). SGD is one ``_foreach_add_``. ``lr`` is a number per step, never a
+    learned rate; ``record`` as in ``adapt``.
+    """
+    names = list(params)
+    leaves = [params[k].detach().clone().requires_grad_() for k in names]
+    state = _AdamState(leaves) if adam is not None else None
+    for step in range(steps):
+        measure = record.measure if record is not None and step == steps - 1 else None
+        value = _step_loss(at_step(forward, step), loss, x, y, None, measure)
+        with torch.enable_grad():
+            out = value(dict(zip(names, leaves, strict=True)))
+            step_loss, aux = out if measure is not None else (out, None)
+            found = torch.autograd.grad(step_loss, leaves, allow_unused=True)
+        grads = list(_dense(params, found).values())
+        with torch.no_grad():
+            if state is not None:
+                state.step(leaves, grads, at_step(lr, step), adam)
+            else:
+                torch._foreach_add_(leaves, grads, alpha=-at_step(lr, step))
+        if measure is not None:
+            record.value = tree_map(torch.Tensor.detach, aux)
+    return [{k: t.detach() for k, t in zip(names, leaves, strict=True)}]
+
+
+class _AdamState:
+    """A fresh ``torch.optim.Adam`` state for ``params`` and its step, through torch's
+    functional ``adam`` (ε = 1e-8, as ``adam_direction``'s)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        # the step counts as Adam keeps them: float32 on the device for the fused kernel
+        device = (lambda p: p.device) if self.fused else (lambda p: torch.device("cpu"))
+        self.steps = [torch.zeros((), dtype=torch.float32, device=device(p)) for p in params]
+
+    def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
+             betas: tuple[float, float]) -> None:  # fmt: skip
+        torch_adam(
+            params, grads, self.m, self.v, [], self.steps,
+            foreach=not self.fused, fused=self.fused, amsgrad=False, beta1=betas[0],
+            beta2=betas[1], lr=lr, weight_decay=0.0, eps=1e-8, maximize=False,
+        )  # fmt: skip
 
 
 #: Where an inner step's network and rate come from, given the meta-parameters (any tree of

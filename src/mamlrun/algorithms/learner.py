@@ -40,7 +40,9 @@ from mamlrun.algorithms.functional import (
     GradFn,
     Objective,
     Params,
+    Record,
     adapt,
+    adapt_in_place,
     at_step,
     autograd_grad,
     checkpointed_adapt,
@@ -361,16 +363,16 @@ class GradientLearner:
 
     def adaptation(
         self, model: nn.Module, task_type: str, steps: int, grad: GradFn, checkpoint: bool = False,
-        whole: bool = True,
+        whole: bool = True, in_place: bool = False,
     ) -> Adaptation:  # fmt: skip
-        """One task's inner loop of ``steps`` steps with these settings.
-
-        The returned function maps ``(meta, x, y)`` to the trajectory of the adapted
-        parameters θ_0…θ_steps (only those that adapt; θ_steps alone with ``whole=False``, see
-        ``functional.adapt``) and the forward to use with each: the backbone with the
-        parameters that do not adapt, and per-step batch-norm weights and statistics of that
-        step, filled in. ``checkpoint`` recomputes the (second-order, SGD) steps during the
-        outer backward pass instead of keeping their graphs (``functional.checkpointed_adapt``).
+        """One task's inner loop of ``steps`` steps with these settings: a function of ``(meta,
+        x, y)`` giving the trajectory of the adapted parameters θ_0…θ_steps (only those that
+        adapt; θ_steps alone with ``whole=False``, see ``functional.adapt``) and the forward to
+        use with each: the backbone with the parameters that do not adapt, and per-step
+        batch-norm weights and statistics of that step, filled in. ``checkpoint`` recomputes
+        the (second-order, SGD) steps during the outer backward pass instead of keeping their
+        graphs (``functional.checkpointed_adapt``); ``in_place`` gives θ_steps by
+        ``functional.adapt_in_place`` (first order, fixed rates: Reptile per task).
         """
         plan = self.plan(model)
         backbone, adapted, per_step_bn = plan.backbone, plan.adapted, plan.per_step_bn
@@ -399,20 +401,22 @@ class GradientLearner:
                 return inner_lr
             return learned_lr.rates(learned, inner_lr, meta.get("inner_lr"))
 
-        def run(meta: Meta, x: torch.Tensor, y: torch.Tensor):
+        def run(meta: Meta, x: torch.Tensor, y: torch.Tensor, record: Record | None = None):
             forwards = [forward_at(meta, s) for s in range(steps + 1)]
             start = {k: meta["theta"][k] for k in adapted}
-            if checkpoint:
-                rate_at = lambda meta, s: at_step(rates(meta), s)  # noqa: E731
+            if in_place and learned == "none":
+                trajectory = adapt_in_place(forwards, loss, start, x, y, lr=inner_lr,
+                                            steps=steps, adam=adam, record=record)  # fmt: skip
+            elif checkpoint:
                 trajectory = checkpointed_adapt(
-                    forward_at, rate_at, loss, meta, start, x, y, steps=steps,
-                    objective_at=objective_at, direction_at=direction_at,
+                    forward_at, lambda m, s: at_step(rates(m), s), loss, meta, start, x, y,
+                    steps=steps, objective_at=objective_at, direction_at=direction_at,
                 )  # fmt: skip
             else:
                 trajectory = adapt(
                     forwards, loss, start, x, y, lr=rates(meta), steps=steps, grad=grad,
                     adam=adam, objective=objective_at(meta), direction=direction_at(meta),
-                    whole=whole,
+                    whole=whole, record=record,
                 )  # fmt: skip
             return trajectory, forwards
 

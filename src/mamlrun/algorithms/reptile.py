@@ -8,6 +8,9 @@ schedule in the config. It needs no second derivatives and no meta-graph.
 
 Reptile is the shared inner loop (``GradientLearner``, always first order) with another outer
 update, so evaluation, the batching choice and batch-norm handling are the same as MAML's.
+Per task (``loop``, ``threads``) the inner loop runs in place with torch's own Adam kernels
+(``functional.adapt_in_place``): φ_i is all Reptile keeps of it, so no graph through the
+steps is needed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from mamlrun.algorithms.base import Part
 from mamlrun.algorithms.batching import map_tasks
-from mamlrun.algorithms.functional import autograd_grad, functional_grad
+from mamlrun.algorithms.functional import Record, autograd_grad, functional_grad
 from mamlrun.algorithms.learner import GradientLearner, configured
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.layers import tell_training_step
@@ -40,10 +43,13 @@ class Reptile(GradientLearner):
         self, model: nn.Module, batch: TaskBatch, step: int | None = None
     ) -> Iterator[Part]:
         """One part whose gradient is ``θ − mean_i φ_i``: ``Σ θ·(θ − φ̄)`` with the second
-        factor held constant. Its logged loss and metric are φ_i's on task i's query
-        examples, which φ_i was trained on: a measure of fit, not of generalisation.
-        Reptile has no schedule of its own; ``step`` goes to the backbone's layers that
-        change over training (DropBlock)."""
+        factor held constant. Its logged loss and metric are those of the last inner step's
+        own forward pass, so they cost no pass of their own: the loss and metric at
+        θ_{K−1}, the parameters before the last step's update (θ itself when K = 1), on all
+        of task i's examples (support and query, the batch that step trains on). A measure
+        of fit on the training batch, not of generalisation, one step behind φ_i. Reptile
+        has no schedule of its own; ``step`` goes to the backbone's layers that change over
+        training (DropBlock)."""
         task_type, batching = self.bound()
         plan = self.plan(model)
         if plan.changes_over_training:
@@ -55,7 +61,7 @@ class Reptile(GradientLearner):
         per_task = self.mode != "vmap"
         grad = autograd_grad(False) if per_task else functional_grad(True)
         tasks = TaskBatch(x, y, batch.x_query, batch.y_query)
-        phis, losses, metrics = map_tasks(
+        phis, (losses, metrics) = map_tasks(
             lambda m: self._task(m, task_type, grad, per_task), model, meta, tasks, batching
         )
         with torch.no_grad():
@@ -64,17 +70,20 @@ class Reptile(GradientLearner):
         yield Part(objective, losses.mean(), metrics.mean(), batch.num_tasks)
 
     def _task(self, model: nn.Module, task_type: str, grad, per_task: bool):
-        inner = self.adaptation(model, task_type, self.inner_steps, grad)
+        """Per task: φ (in place with torch's Adam where tasks run one by one; ``vmap``
+        keeps the functional loop) and the last step's loss and metric (``Record``)."""
+        inner = self.adaptation(
+            model, task_type, self.inner_steps, grad, whole=False, in_place=per_task
+        )
         loss, metric, per_output = self.losses_of(task_type)
 
+        def measure(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            scale = out.shape[-1] if per_output else 1  # losses.scales_with_outputs
+            return loss(out, y) / scale, metric(out, y)
+
         def task(meta, x, y, xq, yq):
-            if per_task:  # fresh leaves: autograd's inner gradients need θ to require grad
-                meta = {"theta": {k: t.clone().requires_grad_() for k, t in meta["theta"].items()}}
-            trajectory, forwards = inner(meta, x, y)
-            with torch.no_grad():
-                phi = {k: t.detach() for k, t in trajectory[-1].items()}
-                out = forwards[-1](phi, xq)
-                scale = out.shape[-1] if per_output else 1  # losses.scales_with_outputs
-                return phi, loss(out, yq) / scale, metric(out, yq)
+            record = Record(measure)
+            trajectory, _ = inner(meta, x, y, record=record)
+            return {k: t.detach() for k, t in trajectory[-1].items()}, record.value
 
         return task

@@ -3,8 +3,9 @@
 One row per training run found under the directories (a run, a sweep, ``outputs/train``):
 its preset, its algorithm (the ``meta_optimizer`` choice), iterations done of the preset's,
 its test result ± 95% CI, the preset's reference ± CI and a verdict (``reference``; a run
-short of the preset's iterations is not compared). Printed, and written as ``report.md``
-and ``report.csv``. Runs that differ only in ``seed`` are also grouped, mean ± 95% CI
+short of the preset's iterations is not compared), then the tasks/s and peak memory the run
+measured (results.json's ``speed``; "-" for a run from before that). Printed, and written as
+``report.md`` and ``report.csv``. Runs that differ only in ``seed`` are also grouped, mean ± 95% CI
 (Student's t) over seeds, by the sweep summary's own grouping (``sweep.seed_groups``).
 
 Everything is read from what runs leave on disk (``.hydra/``, ``results.json``, checkpoints,
@@ -36,7 +37,8 @@ USAGE = """usage: mamlrun report DIR [DIR...] [--out DIR]
 Reads training runs (a run directory, a sweep, or a folder of runs such as outputs/train)
 and prints one row per run: preset, algorithm, iterations done / the preset's, test result
 ± 95% CI, the paper's result ± CI and a verdict (inside the reference CI, CIs overlap, below, above,
-not comparable: what differs). A run is compared only once it has trained its preset's
+not comparable: what differs), and the run's measured tasks/s and peak memory ("-" for a
+run made before runs measured them). A run is compared only once it has trained its preset's
 iterations (the paper's budget): before that it is "not comparable (300 / 60,000
 iterations)". Writes report.md and report.csv into --out (default: the one DIR given, else
 the current directory).
@@ -72,6 +74,9 @@ class Row:
     setting: dict[str, str] = field(default_factory=dict)
     #: The ``meta_optimizer`` choice it ran (``boil``), else its class (``MAML``), else None.
     algorithm: str | None = None
+    #: results.json's ``speed`` block (tasks/s, peak memory, ...); {} for a run from before
+    #: runs measured their speed, or one still running.
+    speed: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- finding runs
@@ -140,6 +145,7 @@ def read_run(directory: Path, root: Path) -> Row:
         reference=ref,
         setting=_setting(directory, flat),
         algorithm=_algorithm_of(directory, results),
+        speed=(results or {}).get("speed") or {},
     )
     if preset and preset_flat is None:
         row.differences = [f"preset {preset} is not in this mamlrun's configs"]
@@ -415,15 +421,23 @@ def _iterations_cell(row: Row) -> str:
     return done if row.planned is None else f"{done} / {row.planned:,}"
 
 
+def _speed_cells(row: Row) -> list[str]:
+    """tasks/s and peak memory as the run measured them (``training/speed.py``); "-" for a
+    run that did not (older than the measurement, or not finished)."""
+    tasks, peak = row.speed.get("tasks_per_s"), row.speed.get("peak_mib")
+    return ["-" if tasks is None else f"{tasks:.3g}", "-" if peak is None else f"{peak:,.0f} MiB"]
+
+
 def render(rows: list[Row], crossed: list[Crossed] = ()) -> str:
     """The report as Markdown: the per-run table, the seed groups, the cross-domain tests, the
     references' sources."""
-    header = ["run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict"]
+    header = ["run", "preset", "algorithm", "seed", "iterations", "test", "reference", "verdict",
+              "tasks/s", "peak memory"]  # fmt: skip
     lines = [_md_row(header), _md_row(["---"] * len(header))] if rows else []
     for r in rows:
         cells = [r.run, r.preset or "-", r.algorithm or "-",
                  "-" if r.seed is None else str(r.seed), _iterations_cell(r), _test_cell(r),
-                 _reference_cell(r), r.verdict]  # fmt: skip
+                 _reference_cell(r), r.verdict, *_speed_cells(r)]  # fmt: skip
         lines.append(_md_row(cells))
     groups = grouped(rows)
     if groups:
@@ -456,7 +470,8 @@ def _md_row(cells: list[str]) -> str:
 CSV_COLUMNS = [
     "run", "preset", "algorithm", "seed", "steps_done", "steps_planned", "metric", "test_mean",
     "test_ci95", "test_inner_steps", "test_tasks", "test_step", "reference_value", "reference_ci95",
-    "reference_inner_steps", "reference_source", "verdict", "directory",
+    "reference_inner_steps", "reference_source", "verdict", "tasks_per_s", "peak_mib", "peak_of",
+    "directory",
 ]  # fmt: skip
 
 
@@ -472,7 +487,8 @@ def csv_rows(rows: list[Row]) -> list[dict[str, Any]]:
             "test_step": t and t.step, "reference_value": ref.get("value"),
             "reference_ci95": ref.get("ci95"), "reference_inner_steps": ref.get("inner_steps"),
             "reference_source": ref.get("source"), "verdict": r.verdict,
-            "directory": str(r.directory.resolve()),
+            "tasks_per_s": r.speed.get("tasks_per_s"), "peak_mib": r.speed.get("peak_mib"),
+            "peak_of": r.speed.get("peak_of"), "directory": str(r.directory.resolve()),
         })  # fmt: skip
     return out
 

@@ -50,6 +50,7 @@ from mamlrun.training import provenance, resume, threads
 from mamlrun.training.episodes import episodes
 from mamlrun.training.progress import Progress
 from mamlrun.training.signals import Interrupted, StopFlag
+from mamlrun.training.speed import WARMUP_ITERATIONS, SpeedMeter, shown
 
 log = logging.getLogger("mamlrun")
 
@@ -210,6 +211,8 @@ class Pretraining:
         self.logger: TensorBoardLogger | NullLogger = NullLogger()  # until the run is checked
         self.started = time.monotonic()
         self._order: tuple[int, torch.Tensor] | None = None
+        device = torch.device(self.labels.device)
+        self.speed = SpeedMeter(device, WARMUP_ITERATIONS, state.step, "images")
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, changed: Any, device: torch.device):
@@ -270,12 +273,15 @@ class Pretraining:
         self.model.train()
         if self.ramps:
             tell_training_step(self.model, s.step)  # DropBlock's ramp, as in meta-training
+        self.speed.begin()
         x, y = self.batch()
+        self.speed.sampled()
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         s.optimizer.step()
+        self.speed.stepped(int(y.shape[0]))
         s.step += 1
         accuracy = (logits.argmax(1) == y).float().mean()
         return {"loss": float(loss.detach()), "accuracy": float(accuracy), "lr": rate}
@@ -286,8 +292,9 @@ class Pretraining:
             return {}
         if not math.isfinite(out["loss"]):
             raise self.diverged(f"train loss is {out['loss']}")
-        self.logger.log_dict({f"train/{k}": v for k, v in out.items()}, step)
-        return {"loss": out["loss"], "accuracy": out["accuracy"], "at step": step}
+        speed = self.speed.flush()
+        self.logger.log_dict({f"train/{k}": v for k, v in out.items()} | speed, step)
+        return {"loss": out["loss"], "accuracy": out["accuracy"], "at step": step} | shown(speed)
 
     @torch.no_grad()
     def validate(self) -> None:
@@ -354,6 +361,7 @@ class Pretraining:
             "val_ways": self.pool.ways, "val_shots": self.pool.shots,
             "val_history": [{"step": st, "mean": m, "ci95": c} for st, m, c in s.history],
             "threads": torch.get_num_threads(), "dataset": self.source.describe(),
+            "speed": self.speed.summary(),  # this process's segment: ``speed.SpeedMeter``
         }  # fmt: skip
 
     def __enter__(self) -> Pretraining:

@@ -37,6 +37,7 @@ from mamlrun.training.components import Components, build, component_config
 from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
 from mamlrun.training.progress import Progress
 from mamlrun.training.signals import Interrupted, StopFlag
+from mamlrun.training.speed import WARMUP_ITERATIONS, SpeedMeter, shown
 
 log = logging.getLogger("mamlrun")
 
@@ -154,6 +155,8 @@ class Trainer:
         )
         self.batches = episodes(built.source, "train", state.generator, cfg.meta_batch_size)
         self.started = time.monotonic()
+        device = torch.device(built.source.device)
+        self.speed = SpeedMeter(device, WARMUP_ITERATIONS, state.step, "tasks")
 
     # ------------------------------------------------------------------ setting up
     @classmethod
@@ -204,24 +207,31 @@ class Trainer:
     # ------------------------------------------------------------------ the steps
     def step(self) -> dict[str, torch.Tensor]:
         """One outer update on the next meta-batch, at iteration ``state.step`` (a resumed run
-        goes on from where it stopped); counts it."""
-        s = self.state
-        out = s.update(s.model, next(self.batches), s.step)
+        goes on from where it stopped); counts it, and times its sampling and meta-step."""
+        s, meter = self.state, self.speed
+        meter.begin()
+        batch = next(self.batches)
+        meter.sampled()
+        out = s.update(s.model, batch, s.step)
+        meter.stepped(batch.num_tasks)
         s.step += 1
         return out
 
     def log_train(self, out: dict[str, torch.Tensor]) -> dict[str, float]:
         """Every ``log_every`` steps: the training loss and metric to TensorBoard (and the
         progress display, which says from which step they are, since it shows them until the
-        next); a loss that is no longer finite stops the run."""
+        next); the interval's speed and the peak memory (``speed.SpeedMeter``) beside them; a
+        loss that is no longer finite stops the run."""
         step = self.state.step
         if step % self.cfg.log_every and step != self.cfg.iterations:
             return {}
         loss, metric = float(out["loss"]), float(out["metric"])
         if not math.isfinite(loss):
             raise self.diverged(f"train loss is {loss}")
-        self.logger.log_dict({"train/loss": loss, f"train/{self.metric_name}": metric}, step)
-        return {"loss": loss, self.metric_name: metric, "at step": step}
+        speed = self.speed.flush()
+        scalars = {"train/loss": loss, f"train/{self.metric_name}": metric, **speed}
+        self.logger.log_dict(scalars, step)
+        return {"loss": loss, self.metric_name: metric, "at step": step} | shown(speed)
 
     def validate(self) -> None:
         """Evaluate on the fixed validation tasks; ``best.pt`` when the metric improves."""
@@ -326,6 +336,7 @@ class Trainer:
             "init": s.init,  # backbone.init's file (path, sha256, kind); null: the factory's
             "preset": self.preset,
             "reference": _plain(self.cfg.reference),
+            "speed": self.speed.summary(),  # this process's segment: ``speed.SpeedMeter``
         }
 
     def log_hparams(self, results: dict[str, Any]) -> None:
@@ -340,6 +351,8 @@ class Trainer:
         at_paper_steps = results.get("reference_test") or results.get("test")
         if self.cfg.reference is not None and at_paper_steps:
             finals[f"hparam/test_{name}_at_paper_steps"] = at_paper_steps["mean"]
+        speed = results.get("speed") or {}
+        finals |= {f"hparam/{k}": speed[k] for k in ("tasks_per_s", "peak_mib") if k in speed}
         run = {k: self.cfg[k] for k in ("seed", "meta_batch_size", "iterations", "precision")}
         hparams = hparams_of(component_config(self.cfg)) | run | {"processes": self.ctx.world_size}
         hparams["preset"] = self.preset or "none"
