@@ -2,10 +2,14 @@
 
 The reference is written the way learn2learn's ``MAML`` works: per task, deep-copy the model,
 replace its parameters by differentiable clones, adapt the copy with ``autograd.grad``, and
-backpropagate that task's query loss. Both run in the same process, interleaved A B A B, after
-a check that they compute the same meta-gradient, so the ratios hold even on a noisy machine.
+backpropagate that task's query loss. Its network is mamlrun's with the same weights, but with
+torch's ``nn.BatchNorm2d(track_running_stats=False)`` where mamlrun has its plain-op
+``TaskBatchNorm2d``, as a learn2learn user's network (``with_torch_batch_norm``). Both run in
+the same process, interleaved A B A B, after a float64 check that they compute the same
+meta-gradient, so the ratios hold even on a noisy machine.
 
     python scripts/bench.py                      # CPU, the Omniglot-shaped configs, both orders
+    python scripts/bench.py --presets --all-modes   # every preset, every mode auto considers
     python scripts/bench.py --configs 5w1s --orders second --repeats 5 --json bench.json
     python scripts/bench.py --configs mini-conv4 mini-resnet12 --repeats 1   # miniImageNet-shaped
 
@@ -14,8 +18,14 @@ the bytes malloc has handed out (``heap``, glibc's mallinfo2) and of RSS, on CUD
 ``torch.cuda.max_memory_allocated``. ``sample`` is the time mamlrun's ``OmniglotTasks`` takes
 to draw the meta-batch, as a share of (that time + the engine's meta-gradient).
 
+``mamlrun*`` is what ``task_batching=auto`` picks with the YAML's ``max_memory`` (``2x_loop``),
+from its own in-process probe of every candidate's time and peak (``training/auto_batching``).
 Second-order settings also time ``mamlrun+ckpt``: the per-task loop with inner-loop gradient
-checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory.
+checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory; for
+second-order presets with several inner steps ``--all-modes`` includes it among auto's
+candidates (``loop+ckpt``, ``threads+ckpt``). After each preset a ``targets:`` line reads off
+issue 26's targets: the fastest mode within 1.25x the reference's peak, the fastest unbounded,
+each with its speed and memory ratios and share of the matmul FLOP/s, and auto's pick.
 
 ``5w1s``, ``5w5s`` and ``20w1s`` are Omniglot-shaped (28×28×1, the paper's conv4 with 64
 filters). ``mini-conv4`` and ``mini-resnet12`` are miniImageNet-shaped (84×84×3, 5-way 1-shot,
@@ -353,9 +363,10 @@ def bench_setting(s, first_order, query, device, repeats, all_modes=False):
     chosen = choice.chosen.name
     engines = {"reference": reference_meta_gradient, "mamlrun": step_of(chosen)}
     batching = {"reference": "loop", "mamlrun": chosen}
-    if not first_order and s.name not in PRESETS:
-        batching["mamlrun+ckpt"] = "loop" + auto_batching.RECOMPUTED
-        engines["mamlrun+ckpt"] = step_of(batching["mamlrun+ckpt"])
+    recomputed_loop = "loop" + auto_batching.RECOMPUTED
+    if not first_order and s.name not in PRESETS and not (all_modes and recomputed_loop in modes):
+        batching["mamlrun+ckpt"] = recomputed_loop
+        engines["mamlrun+ckpt"] = step_of(recomputed_loop)
     for mode in modes if all_modes else []:
         if mode != chosen:
             batching[f"mamlrun[{mode}]"] = mode
