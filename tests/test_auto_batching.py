@@ -209,10 +209,15 @@ def test_a_run_logs_every_candidates_speed_and_peak_and_keeps_them(tmp_path, cap
     with caplog.at_level(logging.INFO, logger="mamlrun"):
         commands.train(cfg, run_dir=tmp_path)
     said = [r.message for r in caplog.records if r.message.startswith("task_batching=auto")]
+    announced, said = said[0], said[1:]
     results = json.loads((tmp_path / "results.json").read_text())
     kept = results["task_batching_probe"]
     names = [c["name"] for c in kept["candidates"]]
     assert len(said) == len(names) + 1 and len(names) >= 2  # loop and vmap at least
+    assert announced == (
+        f"task_batching=auto: measuring {', '.join(names)} on a meta-batch of 4 tasks "
+        "(max_memory=1GiB)"
+    )
     for line, name in zip(said, names, strict=False):
         assert line.startswith(f"task_batching=auto: {name} ") and " peak " in line
     assert said[-1].startswith(f"task_batching=auto chose {results['task_batching']}: ")

@@ -247,6 +247,10 @@ def choose(cfg: DictConfig, built: Components, ctx: Context) -> tuple[str, DictC
             finally:
                 built.model.zero_grad(set_to_none=True)
 
+        log.info(
+            f"task_batching=auto: measuring {', '.join(names)} on a meta-batch of {share} "
+            f"tasks (max_memory={max_memory})"
+        )
         measured = measure(names, one_step, source.device)
         choice = pick(measured, max_memory, free)
         for line in lines(measured, choice, share):
