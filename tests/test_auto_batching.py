@@ -260,3 +260,20 @@ def test_how_much_memory_auto_may_spend_is_not_a_difference_from_the_paper():
     assert reference.differences({"meta_optimizer.inner_lr": 0.4}, preset) == []
     allowed = {**preset, "meta_optimizer.max_memory": None}
     assert reference.differences(allowed, preset) == []
+
+
+def test_a_bound_below_every_candidates_peak_stops_the_run_before_training(cli_here, monkeypatch):
+    """Peaks as measured on a conv4 preset: a sinusoid's are a few KiB, which the polling of
+    a CPU's heap can miss altogether for a step of a few milliseconds."""
+
+    def measured(names, step, device, repeats=2):
+        return [Measured(n, 1.0, (50 + 10 * i) * MiB) for i, n in enumerate(names)]
+
+    monkeypatch.setattr(auto_batching, "measure", measured)
+    out = cli_here("train", "debug=smoke", "meta_optimizer.max_memory=40MiB")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "mamlrun: error: task_batching=auto: no task batching fits max_memory=40MiB (40 MiB): "
+        "the least memory, loop's, peaks at 50 MiB for one meta-batch; raise "
+        "meta_optimizer.max_memory (null: no bound) or lower meta_batch_size"
+    ]

@@ -9,7 +9,9 @@ from run to run whatever the work; the bytes malloc has handed out and not got b
 ``mallinfo2``, summed over its arenas, so the worker threads of ``task_batching=threads``
 count too) are the CPU's analogue of ``max_memory_allocated``. There is no hook for their
 peak, so a thread polls them every millisecond while the work runs (``PeakMemory``): a spike
-shorter than that can be missed, which is why only ratios of such peaks mean much.
+shorter than that can be missed, and the whole of a step of a few milliseconds (the sinusoid's
+MLP, whose peaks are KiB) sometimes is. Peaks of the size that matters (MiB and more, held for
+the length of a convolution's backward) are seen.
 """
 
 from __future__ import annotations
@@ -126,9 +128,10 @@ def free_bytes(device: torch.device) -> float:
 
 
 def show(size: float) -> str:
-    """``512 MiB``, ``2.1 GiB``: a size as a person reads it."""
+    """``512 MiB``, ``2.1 GiB``, ``68 KiB``: a size as a person reads it."""
     if size != size:  # NaN: not measured
         return "?"
-    if abs(size) >= 2**30:
-        return f"{size / 2**30:.3g} GiB"
-    return f"{size / MIB:.3g} MiB"
+    for unit, scale in (("GiB", 2**30), ("MiB", MIB), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
