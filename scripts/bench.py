@@ -2,10 +2,14 @@
 
 The reference is written the way learn2learn's ``MAML`` works: per task, deep-copy the model,
 replace its parameters by differentiable clones, adapt the copy with ``autograd.grad``, and
-backpropagate that task's query loss. Both run in the same process, interleaved A B A B, after
-a check that they compute the same meta-gradient, so the ratios hold even on a noisy machine.
+backpropagate that task's query loss. Its network is mamlrun's with the same weights, but with
+torch's ``nn.BatchNorm2d(track_running_stats=False)`` where mamlrun has its plain-op
+``TaskBatchNorm2d``, as a learn2learn user's network (``with_torch_batch_norm``). Both run in
+the same process, interleaved A B A B, after a float64 check that they compute the same
+meta-gradient, so the ratios hold even on a noisy machine.
 
     python scripts/bench.py                      # CPU, the Omniglot-shaped configs, both orders
+    python scripts/bench.py --presets --all-modes   # every preset, every mode auto considers
     python scripts/bench.py --configs 5w1s --orders second --repeats 5 --json bench.json
     python scripts/bench.py --configs mini-conv4 mini-resnet12 --repeats 1   # miniImageNet-shaped
 
@@ -14,8 +18,14 @@ the bytes malloc has handed out (``heap``, glibc's mallinfo2) and of RSS, on CUD
 ``torch.cuda.max_memory_allocated``. ``sample`` is the time mamlrun's ``OmniglotTasks`` takes
 to draw the meta-batch, as a share of (that time + the engine's meta-gradient).
 
+``mamlrun*`` is what ``task_batching=auto`` picks with the YAML's ``max_memory`` (``2x_loop``),
+from its own in-process probe of every candidate's time and peak (``training/auto_batching``).
 Second-order settings also time ``mamlrun+ckpt``: the per-task loop with inner-loop gradient
-checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory.
+checkpointing (``MAML(checkpoint_inner=True)``), which trades recomputation for memory; for
+second-order presets with several inner steps ``--all-modes`` includes it among auto's
+candidates (``loop+ckpt``, ``threads+ckpt``). After each preset a ``targets:`` line reads off
+issue 26's targets: the fastest mode within 1.25x the reference's peak, the fastest unbounded,
+each with its speed and memory ratios and share of the matmul FLOP/s, and auto's pick.
 
 ``5w1s``, ``5w5s`` and ``20w1s`` are Omniglot-shaped (28×28×1, the paper's conv4 with 64
 filters). ``mini-conv4`` and ``mini-resnet12`` are miniImageNet-shaped (84×84×3, 5-way 1-shot,
@@ -30,27 +40,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
+import math
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import threading
 import time
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from mamlrun import config
-from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.maml import MAML
 from mamlrun.data.tasks import TaskBatch
 from mamlrun.models.conv4 import conv4
+from mamlrun.models.layers import TaskBatchNorm2d
 from mamlrun.models.resnet12 import resnet12
+from mamlrun.training import auto_batching
 from mamlrun.training.episodes import backward
+from mamlrun.training.memory import MIB, PeakMemory, heap_bytes, rss_bytes
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,9 @@ SETTINGS = {
     "mini-conv4": Setting("mini-conv4", 5, 1, 4, 5, 0.01, "conv4-32", MINI, check_query=2),
     "mini-resnet12": Setting("mini-resnet12", 5, 1, 4, 5, 0.01, "resnet12", MINI, check_query=2),
 }
-#: Every Omniglot preset's own workload (conf/experiment/omniglot_*.yaml): its meta-batch,
-#: query images, inner steps and rate, network and algorithm, in the order it trains with.
+#: Every Omniglot preset's own workload (conf/experiment/omniglot_*.yaml) and the MAML paper's
+#: miniImageNet 5-way 1-shot (conf/experiment/miniimagenet_5w1s.yaml): its meta-batch, query
+#: images, inner steps and rate, network and algorithm, in the order it trains with.
 #: MAML++ is timed with the settings of the end of its training (second order, the last
 #: step's loss); Reptile (first order by definition) against learn2learn's way of writing it.
 PRESETS = {
@@ -98,6 +111,10 @@ PRESETS = {
     "omniglot_5w1s_reptile": Setting(
         "omniglot_5w1s_reptile", 5, 1, 10, 3, 0.001, "conv4-64-flatten", query=14,
         algorithm="reptile", normalization="mean", order="first",
+    ),
+    "miniimagenet_5w1s": Setting(
+        "miniimagenet_5w1s", 5, 1, 4, 5, 0.01, "conv4-32", MINI, check_query=2, query=15,
+        order="second",
     ),
 }  # fmt: skip
 SETTINGS.update(PRESETS)
@@ -154,8 +171,36 @@ def make_batch(s: Setting, query: int, device: torch.device, seed: int = 0) -> T
     return TaskBatch(images(s.shots), labels(s.shots), images(query), labels(query))
 
 
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def with_torch_batch_norm(model: nn.Module) -> nn.Module:
+    """``model`` as a learn2learn user writes it: every ``TaskBatchNorm2d`` (mamlrun's plain-op
+    batch norm) replaced by torch's ``nn.BatchNorm2d(track_running_stats=False)``, the fused
+    kernel learn2learn's examples use. The twin shares ``model``'s Parameter objects (the same
+    weights, and the meta-gradient lands in ``model``'s ``.grad``), so it is made once per
+    model and the reference pays nothing for it."""
+    twin = _TWINS.get(model)
+    if twin is None:
+        twin = copy.copy(model)
+        twin._modules = dict(model._modules)
+        for name, child in model.named_children():
+            if isinstance(child, TaskBatchNorm2d):
+                bn = nn.BatchNorm2d(
+                    child.weight.numel(), eps=child.eps, track_running_stats=False
+                ).to(child.weight.device, child.weight.dtype)
+                bn.weight, bn.bias = child.weight, child.bias  # the same Parameters
+                twin._modules[name] = bn
+            else:
+                twin._modules[name] = with_torch_batch_norm(child)
+        _TWINS[model] = twin
+    return twin
+
+
 def reference_meta_gradient(model: nn.Module, batch: TaskBatch, s: Setting, first_order: bool):
-    """learn2learn-style: clone the module per task, adapt it, backward the task's query loss."""
+    """learn2learn-style: clone the module per task, adapt it, backward the task's query loss;
+    on ``model`` with torch's batch norm (``with_torch_batch_norm``)."""
+    model = with_torch_batch_norm(model)
     if s.algorithm == "reptile":
         return reference_reptile(model, batch, s)
     loss_fn = nn.functional.cross_entropy
@@ -247,14 +292,14 @@ def make_algo(s: Setting, first_order: bool, checkpoint_inner: bool = False) -> 
     )
 
 
-#: mamlrun's engines besides the reference: name -> (batching, checkpoint_inner); "chosen"
-#: is what the batching probe picks. The checkpointed loop only matters for second order, and
-#: is not timed for the presets (none of them turns it on).
-def mamlrun_engines(s: Setting, first_order: bool) -> dict[str, tuple[str, bool]]:
-    engines = {"mamlrun": ("chosen", False)}
-    if not first_order and s.name not in PRESETS:
-        engines["mamlrun+ckpt"] = ("loop", True)
-    return engines
+def algorithm_node(s: Setting, first_order: bool):
+    """The setting's ``meta_optimizer`` as a run composes it (``max_memory`` included), for
+    ``auto_batching``'s candidates and bound."""
+    node = config.group_config("meta_optimizer", s.algorithm)
+    changes = {"inner_lr": s.inner_lr, "inner_steps": s.inner_steps}
+    if s.algorithm != "reptile":
+        changes |= {"first_order": first_order, "loss_normalization": s.normalization}
+    return OmegaConf.merge(node, changes)
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
@@ -298,21 +343,34 @@ def bench_setting(s, first_order, query, device, repeats, all_modes=False):
     batch = make_batch(s, query, device)
     algo = make_algo(s, first_order)
 
-    def one_step(mode: str) -> None:
-        model.zero_grad(set_to_none=True)
-        mamlrun_step(algo, mode)(model, batch, s, first_order)
+    steps = {}  # candidate -> one meta-gradient, as auto_batching names them
 
-    modes = task_batching.candidates(algo.batching_modes, s.meta_batch, device)
-    chosen, probe_seconds = task_batching.choose(modes, one_step, device, repeats=2)
-    engines = {"reference": reference_meta_gradient}
-    batching = {"reference": "loop"}
-    for name, (mode, checkpoint) in mamlrun_engines(s, first_order).items():
-        batching[name] = chosen if mode == "chosen" else mode
-        engines[name] = mamlrun_step(make_algo(s, first_order, checkpoint), batching[name])
+    def step_of(name: str):
+        if name not in steps:
+            recomputes = name.endswith(auto_batching.RECOMPUTED)
+            variant = make_algo(s, first_order, recomputes) if recomputes else algo
+            steps[name] = mamlrun_step(variant, name.removesuffix(auto_batching.RECOMPUTED))
+        return steps[name]
+
+    def one_step(name: str) -> None:
+        model.zero_grad(set_to_none=True)
+        step_of(name)(model, batch, s, first_order)
+
+    node = algorithm_node(s, first_order)
+    modes = auto_batching.candidates(algo.batching_modes, node, s.meta_batch, device)
+    probe = auto_batching.measure(modes, one_step, device)
+    choice = auto_batching.pick(probe, node.max_memory, None)  # the YAML's default bound
+    chosen = choice.chosen.name
+    engines = {"reference": reference_meta_gradient, "mamlrun": step_of(chosen)}
+    batching = {"reference": "loop", "mamlrun": chosen}
+    recomputed_loop = "loop" + auto_batching.RECOMPUTED
+    if not first_order and s.name not in PRESETS and not (all_modes and recomputed_loop in modes):
+        batching["mamlrun+ckpt"] = recomputed_loop
+        engines["mamlrun+ckpt"] = step_of(recomputed_loop)
     for mode in modes if all_modes else []:
         if mode != chosen:
             batching[f"mamlrun[{mode}]"] = mode
-            engines[f"mamlrun[{mode}]"] = mamlrun_step(algo, mode)
+            engines[f"mamlrun[{mode}]"] = step_of(mode)
 
     rel = same_meta_gradient(engines, model, batch, s, first_order)
 
@@ -334,7 +392,7 @@ def bench_setting(s, first_order, query, device, repeats, all_modes=False):
             "seconds": median,
             "gflops": flops / median / 1e9,
         }
-    return rows, rel, batching, probe_seconds
+    return rows, rel, batching, probe, choice
 
 
 def same_meta_gradient(engines, model, batch, s: Setting, first_order: bool) -> float:
@@ -435,8 +493,8 @@ def peak_memory(
 ) -> tuple[float, float]:
     """MiB of peak memory growth for one cold meta-gradient, measured in a fresh process.
 
-    ``engine`` is ``reference`` or ``loop``/``vmap`` (mamlrun's mode, as the timing run chose),
-    with ``+ckpt`` for inner-loop checkpointing.
+    ``engine`` is ``reference`` or mamlrun's mode (``loop``, ``vmap:8``, ...), with
+    ``+checkpoint_inner`` for inner-loop checkpointing.
     """
     args = [
         sys.executable,
@@ -466,9 +524,9 @@ def memory_probe(args) -> None:
     if args.memory_probe == "reference":
         fn = reference_meta_gradient
     else:
-        mode, _, checkpoint = args.memory_probe.partition("+")
-        algo = make_algo(s, args.first_order_probe, checkpoint_inner=checkpoint == "ckpt")
-        fn = mamlrun_step(algo, mode)
+        mode = args.memory_probe.removesuffix(auto_batching.RECOMPUTED)
+        recomputes = mode != args.memory_probe
+        fn = mamlrun_step(make_algo(s, args.first_order_probe, recomputes), mode)
     if device.type == "cuda":
         fn(model, batch, s, args.first_order_probe)  # warm-up: allocator caches, lazy init
         model.zero_grad(set_to_none=True)
@@ -479,91 +537,39 @@ def memory_probe(args) -> None:
     else:
         # A cold call for every engine: after a warm-up the CPU allocator keeps freed pages, so
         # a second call's growth says more about allocator reuse than about the engine.
-        base = rss_mib(), heap_mib()
+        base = rss_bytes(), heap_bytes()
         with PeakMemory() as peak:
             fn(model, batch, s, args.first_order_probe)
-        print(peak.mib - base[0], peak.heap - base[1])
+        print((peak.rss - base[0]) / MIB, (peak.heap - base[1]) / MIB)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-        )
-    ]
-
-
-def heap_mib() -> float:
-    """Bytes malloc has handed out and not got back (glibc's mallinfo2), NaN elsewhere.
-
-    RSS also counts what the allocator keeps after a free (fragmentation, a raised mmap
-    threshold), which moves by tens of MiB from run to run; this is the CPU analogue of
-    ``torch.cuda.max_memory_allocated``.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-    except (OSError, AttributeError):
-        return float("nan")
-    info = libc.mallinfo2()
-    return (info.uordblks + info.hblkhd) / 2**20
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-class PeakMemory:
-    """Highest RSS and malloc'd bytes seen while the block runs (polled every millisecond)."""
-
-    def __enter__(self) -> PeakMemory:
-        self.mib, self.heap, self._stop = rss_mib(), heap_mib(), threading.Event()
-        self.start_heap = self.heap
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.001):
-            self.mib = max(self.mib, rss_mib())
-            self.heap = max(self.heap, heap_mib())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mib = max(self.mib, rss_mib())
-        self.heap = max(self.heap, heap_mib())
-
-    @property
-    def heap_growth(self) -> float:
-        """MiB of peak malloc'd bytes above those at the start of the block."""
-        return self.heap - self.start_heap
+def shown(mode: str) -> str:
+    """A candidate's name as the table shows it (``+checkpoint_inner`` is ``+ckpt``)."""
+    return mode.replace(auto_batching.RECOMPUTED, "+ckpt")
 
 
 def setting_rows(name: str, order: str, args, device: torch.device, peak: float) -> list[dict]:
-    """Time (and measure) every engine on one setting and order; print a line for each."""
+    """Time (and measure) every engine on one setting and order; print a line for each, and
+    the line of issue 26's targets (``targets``)."""
     s, first_order, out = SETTINGS[name], order == "first", []
     query = s.query or args.query
-    rows, rel, batching, probe = bench_setting(
+    rows, rel, batching, probe, choice = bench_setting(
         s, first_order, query, device, args.repeats, args.all_modes
     )
     sample_s = sampling_seconds(s, query, device, args.repeats)
     mem = {}
     for engine in [] if args.no_memory else rows:
         how = "reference" if engine == "reference" else batching[engine]
-        how += "+ckpt" if engine.endswith("+ckpt") else ""
         mem[engine] = peak_memory(how, name, first_order, query, args.device)
     ref = rows["reference"]
     for engine, row in rows.items():
         ratio = row["tasks_per_s"] / ref["tasks_per_s"]
         rss, heap = mem.get(engine, (float("nan"), float("nan")))
-        heap_ratio = heap / mem["reference"][1] if mem else float("nan")
+        heap_ratio = _peak(mem, engine) / _peak(mem, "reference") if mem else float("nan")
         engine_name = f"{engine}*" if engine == "mamlrun" else engine  # * what auto picked
         sampling = 100 * sample_s / (row["seconds"] + sample_s)
         print(
-            f"{name:<22}{order:<8}{engine_name:<18}{batching[engine]:<9}"
+            f"{name:<22}{order:<8}{shown(engine_name):<24}{shown(batching[engine]):<14}"
             f"{row['tasks_per_s']:>9.2f}{ratio:>7.2f}{row['gflops']:>9.1f}"
             f"{100 * row['gflops'] / peak:>6.0f}%"
             f"{heap:>9.0f}{heap_ratio:>7.2f}{rss:>8.0f}{sampling:>8.2f}%",
@@ -583,10 +589,57 @@ def setting_rows(name: str, order: str, args, device: torch.device, peak: float)
                 "sampling_seconds": sample_s,
                 "sampling_share": sampling / 100,
                 "grad_rel_diff": rel,
-                "probe_seconds": probe,
+                "probe": [vars(m) for m in probe],
+                "auto_reason": choice.reason,
             }
         )
+    if mem:
+        out[0]["targets"] = targets(out, peak)
     return out
+
+
+def _peak(mem: dict, engine: str) -> float:
+    """An engine's peak: the heap's growth on a CPU, the allocated bytes on CUDA (which the
+    probe prints alone, in the RSS column)."""
+    rss, heap = mem[engine]
+    return rss if math.isnan(heap) else heap
+
+
+#: Issue 26's memory bound for the speed target: at most this times the reference's peak.
+WITHIN = 1.25
+
+
+def targets(rows: list[dict], peak: float) -> dict:
+    """What issue 26's targets read off one setting's rows: the fastest mode within
+    ``WITHIN`` x the reference's peak and the fastest unbounded, with their speed ratios and
+    shares of the matmul FLOP/s, and ``auto``'s memory-bounded pick; printed as one line."""
+    ours = [r for r in rows if r["engine"] != "reference"]
+    bounded = [r for r in ours if r["heap_ratio"] <= WITHIN]
+    best = max(bounded, key=lambda r: r["ratio"], default=None)
+    fastest = max(ours, key=lambda r: r["ratio"])
+    auto = next(r for r in ours if r["engine"] == "mamlrun")
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "none"
+        share = 100 * r["gflops"] / peak
+        return (
+            f"{shown(r['batching'])} {r['ratio']:.2f}x (memory {r['heap_ratio']:.2f}x, "
+            f"{share:.0f}% of matmul)"
+        )
+
+    print(
+        f"  targets: within {WITHIN}x the reference's memory: {cell(best)}; unbounded: "
+        f"{cell(fastest)}; auto (max_memory=2x_loop): {cell(auto)}",
+        flush=True,
+    )
+    keys = ("batching", "ratio", "heap_ratio", "gflops")
+    return {
+        "within": {k: best[k] for k in keys} if best else None,
+        "unbounded": {k: fastest[k] for k in keys},
+        "auto": {k: auto[k] for k in keys},
+        "matmul_gflops": peak,
+    }
 
 
 def main() -> None:
@@ -603,7 +656,7 @@ def main() -> None:
     parser.add_argument(
         "--presets",
         action="store_true",
-        help="every Omniglot preset's own workload, in its own order (sets --configs, --orders)",
+        help="every preset's own workload (PRESETS), in its own order (sets --configs, --orders)",
     )
     parser.add_argument(
         "--all-modes", action="store_true",
@@ -622,7 +675,7 @@ def main() -> None:
         f"{torch.__version__}, threads {torch.get_num_threads()}; 2048² matmul {peak:.0f} GFLOP/s"
     )
     header = (
-        f"{'config':<22}{'order':<8}{'engine':<18}{'batching':<9}{'tasks/s':>9}{'ratio':>7}"
+        f"{'config':<22}{'order':<8}{'engine':<24}{'batching':<14}{'tasks/s':>9}{'ratio':>7}"
         f"{'GFLOP/s':>9}{'%peak':>7}{'heap MiB':>9}{'ratio':>7}{'RSS MiB':>8}{'sample':>9}"
     )
     print(header)

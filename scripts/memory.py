@@ -37,9 +37,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench import SETTINGS, PeakMemory, build_model, make_algo, make_batch, mamlrun_step, sync
+from bench import SETTINGS, build_model, make_algo, make_batch, mamlrun_step, sync
 
 from mamlrun import config
+from mamlrun.training.memory import MIB, PeakMemory
 
 #: Table rows: name -> the ``bench.py`` setting whose network it uses.
 MODELS = {"conv4-32": "mini-conv4", "resnet12": "mini-resnet12"}
@@ -88,7 +89,7 @@ def probe(model_name: str, checkpoint: bool, query: int, device: str, precision:
         step(model, batch, s, False)
     seconds = time.perf_counter() - start
     rss = (_status_kib("VmHWM") - base) / 1024
-    return {"rss_mib": rss, "heap_mib": peak.heap_growth, "seconds": seconds}
+    return {"rss_mib": rss, "heap_mib": peak.heap_growth / MIB, "seconds": seconds}
 
 
 def _warm_up_torch_func(device: torch.device) -> None:

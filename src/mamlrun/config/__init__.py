@@ -76,9 +76,19 @@ class BackboneStart:
     init: str | None = MISSING  # a file of weights (training/warm_start.py); None: the factory's
 
 
+@dataclass
+class BatchingBudget:
+    """How much memory ``task_batching=auto`` may spend for speed: a setting of
+    ``meta_optimizer`` (``conf/meta_optimizer/base/learner.yaml``, beside ``task_batching``)
+    that the runner applies when it picks the mode, so no algorithm's signature takes it. Its
+    forms are ``ranges.parse_max_memory``'s; ``training/auto_batching.py`` applies it."""
+
+    max_memory: str | None = MISSING  # Nx_loop | a size (2GiB) | auto | None: no bound
+
+
 #: Keys of a component's node that mamlrun applies itself rather than its ``_target_``, with
 #: their schema: split off before the target's signature checks the node and before it is built.
-OWN_SETTINGS: dict[str, type] = {"backbone": BackboneStart}
+OWN_SETTINGS: dict[str, type] = {"backbone": BackboneStart, "meta_optimizer": BatchingBudget}
 
 
 def own_settings(group: str, node: Any, complete: bool = True) -> Any:
@@ -262,12 +272,13 @@ def validate_component(group: str, node: Any) -> None:
             if node.get(part) is not None:
                 check_component(node[part], f"meta_optimizer.{part}")
         node = OmegaConf.masked_copy(node, [k for k in node if k not in OUTER_PARTS])
+    whole = node  # the ranges see the group's own settings too (``OWN_SETTINGS``)
     if group in OWN_SETTINGS and isinstance(node, DictConfig):
         own_settings(group, node, complete=False)
         node = _less_own(node)
     check_component(node, group, injected=INJECTED[group])
     if group in ranges.COMPONENTS:
-        ranges.COMPONENTS[group](node)
+        ranges.COMPONENTS[group](whole)
 
 
 def check_component(node: Any, path: str, injected: set[str] = frozenset()) -> None:

@@ -16,6 +16,7 @@ tests/test_config.py checks that the two lists agree.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -227,6 +228,42 @@ def check_meta_optimizer(node: Mapping[str, Any]) -> None:
         check_batching(node["task_batching"], modes, get("bn_mode"), bool(get("checkpoint_inner")))
     if get("multi_step_loss") and get("msl_iterations", 0) < 1:
         raise MamlrunError("meta_optimizer.multi_step_loss needs msl_iterations >= 1")
+    if get("max_memory") is not None:
+        parse_max_memory(node["max_memory"])
+
+
+#: The units of a size in ``meta_optimizer.max_memory``, in bytes: decimal and binary.
+SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>[A-Za-z]+)")
+_TIMES_LOOP = re.compile(r"(?P<factor>\d+(?:\.\d+)?)x_loop")
+
+
+def parse_max_memory(value: object) -> tuple[str, float | None]:
+    """What ``meta_optimizer.max_memory`` bounds ``task_batching=auto``'s pick by:
+    ``("times_loop", 2.0)`` for ``2x_loop`` (twice the loop's measured peak), ``("bytes", n)``
+    for a size (``2GiB``, ``500MiB``, ``1.5GB``: a number and one of ``SIZE_UNITS``, exactly
+    as written there), ``("free", None)`` for ``auto`` (the device's free memory, less a
+    margin), ``("unbounded", None)`` for null (the fastest mode, whatever its memory).
+    Anything else is one line naming the forms."""
+    if value is None:
+        return "unbounded", None
+    text = str(value)
+    if text == "auto":
+        return "free", None
+    loop, size = _TIMES_LOOP.fullmatch(text), _SIZE.fullmatch(text)
+    if loop and float(loop["factor"]) >= 1:
+        return "times_loop", float(loop["factor"])
+    if size and size["unit"] in SIZE_UNITS and float(size["number"]) > 0:
+        return "bytes", float(size["number"]) * SIZE_UNITS[size["unit"]]
+    raise MamlrunError(
+        f"meta_optimizer.max_memory={text!r} is not a memory bound: use a size (a positive "
+        f"number and one of {', '.join(SIZE_UNITS)}, as 2GiB, 500MiB or 1.5GB), Nx_loop "
+        "(N >= 1 times the loop's peak, as 2x_loop), auto (the device's free memory) or null "
+        "(no bound)"
+    )
 
 
 def parse_batching(mode: str) -> tuple[str, int | None]:

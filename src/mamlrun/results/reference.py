@@ -25,7 +25,8 @@ from typing import Any
 COMPARED = ("dataset.", "backbone.", "meta_optimizer.", "meta_batch_size")
 
 #: Keys inside those parts that change how a run is computed or where it reads from, not what
-#: it learns: where the data lives and is kept, loop or vmap (equal to 1e-15), recomputation
+#: it learns: where the data lives and is kept, loop or vmap (equal to 1e-15) and the memory
+#: auto may spend choosing, recomputation
 #: in the backward, and the inner steps of validation (the test's own steps are checked
 #: separately).
 NEUTRAL = frozenset(
@@ -34,6 +35,7 @@ NEUTRAL = frozenset(
         "dataset.storage",
         "dataset._preset_",
         "meta_optimizer.task_batching",
+        "meta_optimizer.max_memory",
         "meta_optimizer.checkpoint_inner",
         "meta_optimizer.inner_steps_test",
     }

@@ -27,6 +27,7 @@ from mamlrun import config
 from mamlrun.config import flatten
 from mamlrun.errors import MamlrunError
 from mamlrun.results import checkpoint
+from mamlrun.training.auto_batching import RECOMPUTED
 
 #: Where a run keeps what a resume continues from, relative to its directory.
 LAST = Path("checkpoints", "last.pt")
@@ -63,17 +64,21 @@ def may_change(key: str) -> bool:
 
 
 def continued_config(
-    saved: dict, requested: DictConfig, changed: Collection[str] | None
-) -> tuple[DictConfig, list[str]]:
+    saved: dict, requested: DictConfig, changed: Collection[str] | None,
+    decided: Collection[str] = (),
+) -> tuple[DictConfig, list[str]]:  # fmt: skip
     """The config to continue with, and one line per accepted change (``key: old → new``).
 
     ``saved`` is the resolved config of the run's checkpoint; ``requested`` the config this
     command composed; ``changed`` the keys (or key prefixes) this command asks to change,
-    or None when every key of ``requested`` is meant as given (a Python caller). Keys the
-    run's config does not have (added by a newer mamlrun) come from ``requested``.
+    or None when every key of ``requested`` is meant as given (a Python caller), but for
+    ``decided``: keys the run set itself (``auto_batching``'s ``checkpoint_inner``), which
+    only a command that names them changes. Keys the run's config does not have (added by a
+    newer mamlrun) come from ``requested``.
     """
     old, new = flatten(saved), flatten(requested)
-    wanted = set(new) if changed is None else {k for k in new if _named(k, changed)}
+    every = set(new) - set(decided)
+    wanted = every if changed is None else {k for k in new if _named(k, changed)}
     differing = [k for k in sorted(wanted) if k in old and old[k] != new[k]]
     if INIT in differing:
         raise MamlrunError(
@@ -217,6 +222,13 @@ class Resumed:
         return self.saved["task_batching"]
 
 
+def decided(saved: dict[str, Any]) -> list[str]:
+    """The keys of the run's config that the run set itself: ``checkpoint_inner`` where
+    ``task_batching=auto`` chose to recompute the inner steps (``auto_batching``)."""
+    chosen = (saved.get("task_batching_probe") or {}).get("chosen", "")
+    return ["meta_optimizer.checkpoint_inner"] if chosen.endswith(RECOMPUTED) else []
+
+
 def prepare(cfg: DictConfig, run_dir: Path, changed: Collection[str] | None) -> Resumed | None:
     """What ``train`` starts from: with ``resume``, the run in ``run_dir`` read back and
     continued with ``cfg``'s allowed changes (``changed``: the keys the command changes, None
@@ -231,7 +243,7 @@ def prepare(cfg: DictConfig, run_dir: Path, changed: Collection[str] | None) -> 
         )
     # RNG and generator states must stay CPU tensors; load_state_dict moves the rest.
     saved = checkpoint.load(run_dir / LAST, map_location="cpu")
-    merged, changes = continued_config(saved["config"]["run"], cfg, changed)
+    merged, changes = continued_config(saved["config"]["run"], cfg, changed, decided(saved))
     merged = config.validate(merged, config.TrainConfig)
     done = saved["progress"]["step"]
     if done >= merged.iterations:

@@ -25,16 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mamlrun import config
-from mamlrun.algorithms import batching as task_batching
 from mamlrun.algorithms.losses import METRIC, better
 from mamlrun.errors import MamlrunError, SweepConfigError
 from mamlrun.results import checkpoint
 from mamlrun.results.pictures import task_grid
 from mamlrun.results.stats import format_ci, mean_ci95
 from mamlrun.results.tensorboard import NullLogger, TensorBoardLogger, hparams_of
-from mamlrun.training import distributed, provenance, resume, threads, transfer
+from mamlrun.training import auto_batching, distributed, provenance, resume, threads, transfer
 from mamlrun.training.components import Components, build, component_config
-from mamlrun.training.episodes import Evaluation, OuterStep, backward, episodes, evaluate
+from mamlrun.training.episodes import Evaluation, OuterStep, episodes, evaluate
 from mamlrun.training.progress import Progress
 from mamlrun.training.signals import Interrupted, StopFlag
 from mamlrun.training.speed import WARMUP_ITERATIONS, SpeedMeter, shown
@@ -69,6 +68,7 @@ class TrainState:
     best_step: int | None = None
     history: list[list[float]] = field(default_factory=list)  # [step, mean, ci95]
     init: dict[str, str] | None = None  # backbone.init's file (warm_start.Init.record)
+    probe: dict[str, Any] | None = None  # what task_batching=auto measured (auto_batching)
 
     def state_dict(self) -> dict[str, Any]:
         scheduler = self.update.scheduler
@@ -87,6 +87,7 @@ class TrainState:
             },
             "task_batching": self.batching,
             "init": self.init,
+            "task_batching_probe": self.probe,
         }
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
@@ -105,6 +106,7 @@ class TrainState:
         self.best_step, self.history = progress["best_step"], progress["history"]
         self.batching = saved["task_batching"]
         self.init = saved.get("init")  # checkpoints from before backbone.init: none
+        self.probe = saved.get("task_batching_probe")  # from before issue 26: none
 
 
 def fit(t: Trainer, flag: StopFlag) -> str:
@@ -177,14 +179,15 @@ class Trainer:
         _check_direction(launch.sweep_direction, built.source.task_type)
         _check_baseline(cfg, built.source)
         mode = resumed.batching if resumed is not None else built.algorithm.task_batching
-        if mode == "auto":
-            mode = choose_batching(built, cfg.meta_batch_size, cfg.seed, ctx)
+        probe = None
+        if mode == "auto":  # may turn checkpoint_inner on in the run's config (auto_batching)
+            mode, cfg, built, probe = auto_batching.choose(cfg, built, ctx)
         built = replace(built, algorithm=built.algorithm.bind(built.source.task_type, mode))
         optimizer = built.make_optimizer(built.model.parameters())
         update = OuterStep(built.algorithm, optimizer, built.make_scheduler(optimizer), ctx)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         init = built.init.record() if built.init is not None else None
-        state = TrainState(built.model, update, generator, mode, init=init)
+        state = TrainState(built.model, update, generator, mode, init=init, probe=probe)
         if resumed is not None:
             state.load_state_dict(resumed.saved)
         trainer = cls(cfg, run_dir, built, state, ctx, launch.preset)
@@ -327,6 +330,7 @@ class Trainer:
             "val_tasks": self.cfg.val_tasks,
             "val_inner_steps": self.validation.steps,
             "task_batching": s.batching,
+            "task_batching_probe": s.probe,  # auto's candidates: speed, peak, the choice
             "precision": self.cfg.precision,
             "threads": torch.get_num_threads(),
             **self.components.algorithm.describe(),
@@ -394,33 +398,3 @@ def _check_direction(direction: str | None, task_type: str) -> None:
             f"the sweeper would {direction} {metric_name}, which this dataset wants to "
             f"{wanted}: set hydra.sweeper.direction={wanted}"
         )
-
-
-def choose_batching(built: Components, meta_batch: int, seed: int, ctx: distributed.Context) -> str:
-    """``auto``: time one meta-gradient per mode on this model, device and meta-batch (each
-    rank's share of it); rank 0 measures and every rank takes its choice."""
-    algorithm, model, source = built.algorithm, built.model, built.source
-    share = -(-meta_batch // ctx.world_size)
-
-    def probe() -> tuple[str, dict[str, float]]:
-        generator = torch.Generator(device=source.device).manual_seed(seed + 1)
-        batch = source.sample("train", share, generator)
-        modes = task_batching.candidates(algorithm.batching_modes, share, source.device)
-        bound = {mode: algorithm.bind(source.task_type, mode) for mode in modes}
-
-        def one_step(mode: str) -> None:
-            try:
-                backward(bound[mode].meta_objective(model, batch, None))
-            finally:
-                model.zero_grad(set_to_none=True)
-
-        return task_batching.choose(modes, one_step, source.device)
-
-    chosen, seconds = ctx.on_main(probe)
-    timing = ", ".join(f"{k} {v:.3g}s" for k, v in seconds.items())
-    log.info(
-        f"task_batching=auto chose {chosen} ({timing} per meta-batch)"
-        if seconds
-        else f"task_batching=auto chose {chosen}, the only mode this algorithm supports"
-    )
-    return chosen
