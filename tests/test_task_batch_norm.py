@@ -70,36 +70,36 @@ def test_the_function_passes_gradcheck_to_the_third_derivative():
     assert gradgradcheck(first, inputs())
 
 
-def vmap_grad_meta_loss(batch_norm, w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def vmap_grad_meta_loss(batch_norm, p: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """A one-step MAML objective in ``torch.func`` (vmap over tasks of grad of the inner
-    loss), adapting the batch-norm weight: the case where the fused kernel's double backward
-    disagreed with finite differences."""
-    b = torch.zeros_like(w)
+    loss; the case where the fused kernel's double backward disagreed with finite
+    differences), adapting a per-channel scale before a non-linearity (``p[0]``, so the second
+    derivative runs through the normalisation) and the batch-norm weight (``p[1]``)."""
+
+    def forward(q, x):
+        return batch_norm(torch.tanh(x * q[0, :, None, None]), q[1], q[0] - 1, EPS)
 
     def task(x):
-        def inner(v):
-            return batch_norm(x, v, b, EPS).pow(3).mean()
-
-        adapted = w - 0.3 * torch.func.grad(inner)(w)
-        return batch_norm(x, adapted, b, EPS).sin().sum()
+        adapted = p - 0.3 * torch.func.grad(lambda q: forward(q, x).pow(3).mean())(p)
+        return forward(adapted, x).sin().sum()
 
     return torch.func.vmap(task)(xs).sum()
 
 
 def test_its_second_derivative_under_vmap_of_grad_matches_finite_differences():
     xs = torch.randn(5, 4, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    w = torch.tensor([0.7, 1.3, -0.4], dtype=torch.float64)
-    exact = torch.func.grad(lambda v: vmap_grad_meta_loss(task_batch_norm, v, xs))(w)
-    h = 1e-6
+    p = torch.tensor([[0.7, 1.3, -0.4], [0.9, 1.2, 0.6]], dtype=torch.float64)
+    exact = torch.func.grad(lambda q: vmap_grad_meta_loss(task_batch_norm, q, xs))(p)
+    h, steps = 1e-6, torch.eye(6, dtype=torch.float64).view(6, 2, 3)
     numeric = torch.stack(
         [
-            vmap_grad_meta_loss(task_batch_norm, w + h * e, xs)
-            - vmap_grad_meta_loss(task_batch_norm, w - h * e, xs)
-            for e in torch.eye(3, dtype=torch.float64)
+            vmap_grad_meta_loss(task_batch_norm, p + h * e, xs)
+            - vmap_grad_meta_loss(task_batch_norm, p - h * e, xs)
+            for e in steps
         ]
-    ) / (2 * h)
+    ).view(2, 3) / (2 * h)
     assert (exact - numeric).norm() / numeric.norm() < 1e-7
-    plain = torch.func.grad(lambda v: vmap_grad_meta_loss(plain_batch_norm, v, xs))(w)
+    plain = torch.func.grad(lambda q: vmap_grad_meta_loss(plain_batch_norm, q, xs))(p)
     assert (exact - plain).abs().max() < 1e-10
 
 
