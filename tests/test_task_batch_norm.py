@@ -1,8 +1,8 @@
 """Task batch norm as one ``autograd.Function`` with a differentiable hand-written backward
-(issue 26): it computes what the five plain tensor operations it replaced computed (kept here as
-``plain_batch_norm``), in values, first and second derivatives, in every way of batching tasks,
-and its second derivative holds under ``torch.func.vmap(torch.func.grad(...))``, where torch's
-fused kernel's did not."""
+(issue 26): it computes what the five plain tensor operations it replaced computed (kept as
+``layers.reference_batch_norm``), in values, first and second derivatives, in every way of
+batching tasks, and its second derivative holds under ``torch.func.vmap(torch.func.grad(...))``,
+where torch's fused kernel's did not."""
 
 from __future__ import annotations
 
@@ -15,18 +15,9 @@ from mamlrun import config
 from mamlrun.models import layers
 from mamlrun.models.conv4 import conv4
 from mamlrun.models.layers import TaskBatchNorm2d, task_batch_norm
+from mamlrun.models.layers import reference_batch_norm as plain_batch_norm
 
 EPS = 1e-5
-
-
-def plain_batch_norm(x, weight, bias, eps):
-    """``TaskBatchNorm2d`` before issue 26: mean, variance, rsqrt, scale, shift as plain
-    operations, whose derivatives of every order autograd builds."""
-    dims = (0, 2, 3)
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).square().mean(dim=dims, keepdim=True)
-    scale = weight[:, None, None] * torch.rsqrt(var + eps)
-    return (x - mean) * scale + bias[:, None, None]
 
 
 def inputs(requires_grad: bool = True):

@@ -73,7 +73,8 @@ class TaskBatchNorm2d(nn.Module):
     def _update_running_statistics(self, x: torch.Tensor) -> None:
         """One more pass over the batch, only where statistics are kept (``bn_mode=per_step``,
         which neither ``vmap`` nor ``checkpoint_inner`` runs)."""
-        var, mean = torch.var_mean(x, dim=_CHANNEL_SUMS, correction=0)
+        mean = x.mean(dim=_CHANNEL_SUMS)
+        var = (x - mean[:, None, None]).square().mean(dim=_CHANNEL_SUMS)
         n = x.numel() // x.shape[1]
         self.running_mean.lerp_(mean, self.momentum)
         self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
@@ -94,6 +95,19 @@ def task_batch_norm(
     return _TaskBatchNorm.apply(x.to(dtype), weight, bias, eps)[0]
 
 
+def reference_batch_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``task_batch_norm`` as five plain operations (mean, variance, rsqrt, scale, shift) whose
+    derivatives of every order autograd builds: what ``TaskBatchNorm2d`` ran before issue 26,
+    kept as the reference the Function is tested (tests/test_task_batch_norm.py) and timed
+    (scripts/bench_bn.py) against."""
+    mean = x.mean(dim=_CHANNEL_SUMS, keepdim=True)
+    var = (x - mean).square().mean(dim=_CHANNEL_SUMS, keepdim=True)
+    scale = weight[:, None, None] * torch.rsqrt(var + eps)
+    return (x - mean) * scale + bias[:, None, None]
+
+
 class _TaskBatchNorm(torch.autograd.Function):
     """Batch norm whose backward is a few fused tensor expressions that autograd can itself
     differentiate, so second-order MAML's double backward runs through them (not through the
@@ -110,9 +124,11 @@ class _TaskBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, eps):
-        var, mean = torch.var_mean(x, dim=_CHANNEL_SUMS, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + eps)
-        xhat = torch.addcmul(-mean * rstd, x, rstd)
+        # Two passes for the variance, not torch.var_mean: its Welford reduction over all
+        # but the channels was 5-10 times slower on this CPU (torch 2.13).
+        centred = x - x.mean(dim=_CHANNEL_SUMS, keepdim=True)
+        rstd = torch.rsqrt(centred.square().mean(dim=_CHANNEL_SUMS, keepdim=True) + eps)
+        xhat = centred.mul_(rstd)  # in place: a fresh tensor, and one allocation fewer
         return torch.addcmul(bias[:, None, None], xhat, weight[:, None, None]), xhat, rstd
 
     @staticmethod

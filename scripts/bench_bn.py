@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Task batch norm as one ``autograd.Function`` against the plain operations it replaced
+(issue 26), on the Omniglot presets' own workloads, interleaved in one process.
+
+    python scripts/bench_bn.py                                   # every preset, loop and vmap
+    python scripts/bench_bn.py --presets omniglot_5w1s --modes loop --repeats 5
+
+Three ways of running the same meta-gradient, timed A B C A B C after a float64 check on two
+tasks that they agree:
+- ``plain``: ``layers.reference_batch_norm`` (mean, variance, rsqrt, scale, shift), the query
+  passes of loop and threads through torch's fused kernel, as before issue 26;
+- ``function``: ``layers.task_batch_norm``, the query passes still through the fused kernel;
+- ``function-query``: ``layers.task_batch_norm`` for the query passes too.
+Only ratios mean anything on a shared machine: the speed of each against ``plain``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the presets' workloads are bench.py's)
+
+from mamlrun.models import layers  # noqa: E402
+
+VARIANTS = ("plain", "function", "function-query")
+
+
+class _NeverFused:
+    """Stands in for ``layers._FUSED`` so that ``fused_batch_norm()`` blocks change nothing."""
+
+    def get(self) -> bool:
+        return False
+
+    def set(self, value: bool) -> None:
+        return None
+
+    def reset(self, token: None) -> None:
+        return None
+
+
+@contextmanager
+def variant(name: str):
+    saved = layers.task_batch_norm, layers._FUSED
+    if name == "plain":
+        layers.task_batch_norm = layers.reference_batch_norm
+    if name == "function-query":
+        layers._FUSED = _NeverFused()
+    try:
+        yield
+    finally:
+        layers.task_batch_norm, layers._FUSED = saved
+
+
+def meta_gradient(s: bench.Setting, mode: str, model, batch) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    bench.mamlrun_step(bench.make_algo(s, s.order == "first"), mode)(model, batch, s, False)
+    return bench.flat_grad(model)
+
+
+def check(s: bench.Setting, mode: str) -> float:
+    """Largest difference to ``plain``'s float64 meta-gradient on two tasks, relative."""
+    torch.manual_seed(0)
+    model = bench.build_model(s, torch.device("cpu")).double()
+    batch = bench.make_batch(s, s.query, torch.device("cpu"))
+    batch = type(batch)(*(t[:2].double() if t.is_floating_point() else t[:2] for t in batch))
+    grads = []
+    for name in VARIANTS:
+        with variant(name):
+            grads.append(meta_gradient(s, mode, model, batch))
+    scale = grads[0].abs().max()
+    return max(float((g - grads[0]).abs().max() / scale) for g in grads[1:])
+
+
+def timed(s: bench.Setting, mode: str, repeats: int) -> dict[str, float]:
+    """Median seconds of one meta-gradient per variant, interleaved, after one warm-up each."""
+    torch.manual_seed(0)
+    model = bench.build_model(s, torch.device("cpu"))
+    batch = bench.make_batch(s, s.query, torch.device("cpu"))
+    seconds = {name: [] for name in VARIANTS}
+    for rep in range(repeats + 1):
+        for name in VARIANTS:
+            with variant(name):
+                start = time.perf_counter()
+                meta_gradient(s, mode, model, batch)
+                if rep:
+                    seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(bench.PRESETS))
+    parser.add_argument("--modes", nargs="+", default=["loop", "vmap"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("preset, mode: float64 check; seconds per meta-gradient; speed against plain")
+    for name in args.presets:
+        s = bench.PRESETS[name]
+        for mode in args.modes:
+            if mode not in bench.make_algo(s, s.order == "first").batching_modes:
+                continue
+            error = check(s, mode)
+            t = timed(s, mode, args.repeats)
+            ratios = "  ".join(f"{v} {t['plain'] / t[v]:.2f}x" for v in VARIANTS[1:])
+            times = " ".join(f"{t[v]:.3f}" for v in VARIANTS)
+            print(f"{name}, {mode}: rel. diff {error:.1e}; {times} s; {ratios}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
