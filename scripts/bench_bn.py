@@ -4,6 +4,7 @@
 
     python scripts/bench_bn.py                                   # every preset, loop and vmap
     python scripts/bench_bn.py --presets omniglot_5w1s --modes loop --repeats 5
+    python scripts/bench_bn.py --presets omniglot_20w5s --modes loop --profile
 
 Three ways of running the same meta-gradient, timed A B C A B C after a float64 check on two
 tasks that they agree:
@@ -12,6 +13,10 @@ tasks that they agree:
 - ``function``: ``layers.task_batch_norm``, the query passes still through the fused kernel;
 - ``function-query``: ``layers.task_batch_norm`` for the query passes too.
 Only ratios mean anything on a shared machine: the speed of each against ``plain``.
+
+``--profile`` adds, per variant, the share of self CPU time (torch.profiler) in convolutions,
+in element-wise passes and reductions (the arithmetic batch norm and its derivatives are made
+of), and in everything else (copies, autograd and functorch bookkeeping, the loss).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -95,17 +101,54 @@ def timed(s: bench.Setting, mode: str, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in seconds.items()}
 
 
+#: aten operators counted as element-wise passes or reductions (by name, without ``aten::``).
+ELEMENTWISE = {
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "neg", "rsqrt", "pow", "square",
+    "addcmul", "addcmul_", "addcdiv", "mean", "sum", "var_mean", "sqrt", "reciprocal", "where",
+    "threshold_backward", "relu", "clamp_min", "native_batch_norm",
+    "native_batch_norm_backward", "fill_", "zero_", "lerp_",
+}  # fmt: skip
+
+
+def shares(s: bench.Setting, mode: str) -> dict[str, dict[str, float]]:
+    """Per variant: share of self CPU time in convolutions, element-wise passes, the rest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = bench.build_model(s, torch.device("cpu"))
+    batch = bench.make_batch(s, s.query, torch.device("cpu"))
+    result = {}
+    for name in VARIANTS:
+        with variant(name):
+            meta_gradient(s, mode, model, batch)  # warm-up
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                meta_gradient(s, mode, model, batch)
+        kinds = {"convolution": 0.0, "element-wise": 0.0, "other": 0.0}
+        for e in prof.key_averages():
+            op = e.key.removeprefix("aten::")
+            kind = (
+                "convolution" if "conv" in op else "element-wise" if op in ELEMENTWISE else "other"
+            )
+            kinds[kind] += e.self_cpu_time_total
+        total = sum(kinds.values())
+        result[name] = {k: v / total for k, v in kinds.items()}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(bench.PRESETS))
     parser.add_argument("--modes", nargs="+", default=["loop", "vmap"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--profile", action="store_true", help="shares of time by kind of op")
+    parser.add_argument("--tasks", type=int, default=None, help="a smaller meta-batch (quicker)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("preset, mode: float64 check; seconds per meta-gradient; speed against plain")
     for name in args.presets:
         s = bench.PRESETS[name]
+        s = replace(s, meta_batch=args.tasks) if args.tasks else s
         for mode in args.modes:
             if mode not in bench.make_algo(s, s.order == "first").batching_modes:
                 continue
@@ -114,6 +157,9 @@ def main() -> None:
             ratios = "  ".join(f"{v} {t['plain'] / t[v]:.2f}x" for v in VARIANTS[1:])
             times = " ".join(f"{t[v]:.3f}" for v in VARIANTS)
             print(f"{name}, {mode}: rel. diff {error:.1e}; {times} s; {ratios}", flush=True)
+            for variant_name, kinds in (shares(s, mode) if args.profile else {}).items():
+                parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in kinds.items())
+                print(f"    {variant_name}: {parts}", flush=True)
 
 
 if __name__ == "__main__":
