@@ -12,7 +12,8 @@ tasks that they agree:
   passes of loop and threads through torch's fused kernel, as before issue 26;
 - ``function``: ``layers.task_batch_norm``, the query passes still through the fused kernel;
 - ``function-query``: ``layers.task_batch_norm`` for the query passes too.
-Only ratios mean anything on a shared machine: the speed of each against ``plain``.
+Only ratios mean anything on a shared machine: the speed of each against ``plain``, in CPU
+time (``timed``).
 
 ``--profile`` adds, per variant, the share of self CPU time (torch.profiler) in convolutions,
 in element-wise passes and reductions (the arithmetic batch norm and its derivatives are made
@@ -86,7 +87,10 @@ def check(s: bench.Setting, mode: str) -> float:
 
 
 def timed(s: bench.Setting, mode: str, repeats: int) -> dict[str, float]:
-    """Median seconds of one meta-gradient per variant, interleaved, after one warm-up each."""
+    """Median CPU seconds of one meta-gradient per variant, interleaved, after one warm-up
+    each. CPU time of the process, not wall time: on a machine shared with other jobs the wall
+    clock mostly measures the neighbours (with one intra-op thread, as by default here, the
+    CPU time is the work done)."""
     torch.manual_seed(0)
     model = bench.build_model(s, torch.device("cpu"))
     batch = bench.make_batch(s, s.query, torch.device("cpu"))
@@ -94,10 +98,10 @@ def timed(s: bench.Setting, mode: str, repeats: int) -> dict[str, float]:
     for rep in range(repeats + 1):
         for name in VARIANTS:
             with variant(name):
-                start = time.perf_counter()
+                start = time.process_time()
                 meta_gradient(s, mode, model, batch)
                 if rep:
-                    seconds[name].append(time.perf_counter() - start)
+                    seconds[name].append(time.process_time() - start)
     return {name: statistics.median(t) for name, t in seconds.items()}
 
 
@@ -145,7 +149,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=None, help="a smaller meta-batch (quicker)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("preset, mode: float64 check; seconds per meta-gradient; speed against plain")
+    print("preset, mode: float64 check; CPU seconds per meta-gradient; speed against plain")
     for name in args.presets:
         s = bench.PRESETS[name]
         s = replace(s, meta_batch=args.tasks) if args.tasks else s
@@ -156,7 +160,7 @@ def main() -> None:
             t = timed(s, mode, args.repeats)
             ratios = "  ".join(f"{v} {t['plain'] / t[v]:.2f}x" for v in VARIANTS[1:])
             times = " ".join(f"{t[v]:.3f}" for v in VARIANTS)
-            print(f"{name}, {mode}: rel. diff {error:.1e}; {times} s; {ratios}", flush=True)
+            print(f"{name}, {mode}: rel. diff {error:.1e}; {times} CPU s; {ratios}", flush=True)
             for variant_name, kinds in (shares(s, mode) if args.profile else {}).items():
                 parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in kinds.items())
                 print(f"    {variant_name}: {parts}", flush=True)
