@@ -15,9 +15,10 @@ tasks that they agree:
 Only ratios mean anything on a shared machine: the speed of each against ``plain``, in CPU
 time (``timed``).
 
-``--profile`` adds, per variant, the share of self CPU time (torch.profiler) in convolutions,
-in element-wise passes and reductions (the arithmetic batch norm and its derivatives are made
-of), and in everything else (copies, autograd and functorch bookkeeping, the loss).
+``--memory`` adds each variant's peak heap over one warm meta-gradient; ``--profile``, per
+variant, the share of self CPU time (torch.profiler) in convolutions, in element-wise passes
+and reductions (the arithmetic batch norm and its derivatives are made of), and in everything
+else (copies, autograd and functorch bookkeeping, the loss).
 """
 
 from __future__ import annotations
@@ -139,6 +140,23 @@ def shares(s: bench.Setting, mode: str) -> dict[str, dict[str, float]]:
     return result
 
 
+def peak_heaps(s: bench.Setting, mode: str) -> dict[str, float]:
+    """Per variant, MiB of peak malloc'd bytes above the start of one warm meta-gradient
+    (``bench.PeakMemory``; in this process, so warm, unlike bench.py's cold probes)."""
+    torch.manual_seed(0)
+    model = bench.build_model(s, torch.device("cpu"))
+    batch = bench.make_batch(s, s.query, torch.device("cpu"))
+    peaks = {}
+    for name in VARIANTS:
+        with variant(name):
+            meta_gradient(s, mode, model, batch)
+            model.zero_grad(set_to_none=True)
+            with bench.PeakMemory() as peak:
+                meta_gradient(s, mode, model, batch)
+            peaks[name] = peak.heap_growth
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(bench.PRESETS))
@@ -146,6 +164,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--profile", action="store_true", help="shares of time by kind of op")
+    parser.add_argument("--memory", action="store_true", help="peak heap of each variant")
     parser.add_argument("--tasks", type=int, default=None, help="a smaller meta-batch (quicker)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -161,6 +180,9 @@ def main() -> None:
             ratios = "  ".join(f"{v} {t['plain'] / t[v]:.2f}x" for v in VARIANTS[1:])
             times = " ".join(f"{t[v]:.3f}" for v in VARIANTS)
             print(f"{name}, {mode}: rel. diff {error:.1e}; {times} CPU s; {ratios}", flush=True)
+            if args.memory:
+                heaps = peak_heaps(s, mode)
+                print("    peak heap MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in heaps.items()))
             for variant_name, kinds in (shares(s, mode) if args.profile else {}).items():
                 parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in kinds.items())
                 print(f"    {variant_name}: {parts}", flush=True)
