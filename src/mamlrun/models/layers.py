@@ -37,8 +37,10 @@ class TaskBatchNorm2d(nn.Module):
     ``torch.func.grad`` the fused kernel's double backward gave a meta-gradient that disagreed
     with finite differences (relative error ~2e-2, torch 2.13), while this one agrees on both
     paths. Until issue 26 it was five plain tensor operations (mean, variance, rsqrt, scale,
-    shift), each a pass over the activations and a node of the graph the double backward
-    walks; the Function is two passes forward and its first backward three.
+    shift, kept as ``reference_batch_norm``), each a pass over the activations and a node of
+    the graph the double backward walks; the Function's first backward is two sums and two
+    fused multiply-adds, which is all the double backward walks (docs/PERFORMANCE.md, issue 26,
+    for what that saves and where it does not).
 
     The layer owns no running statistics (``running_mean``/``running_var`` are registered as
     None, so checkpoints and ``buffers()`` hold none). An algorithm that keeps statistics
