@@ -5,6 +5,7 @@
     python scripts/bench_bn.py                                   # every preset, loop and vmap
     python scripts/bench_bn.py --presets omniglot_5w1s --modes loop --repeats 5
     python scripts/bench_bn.py --presets omniglot_20w5s --modes loop --profile
+    python scripts/bench_bn.py --query-layers     # the fused kernel or the Function for queries
 
 Three ways of running the same meta-gradient, timed A B C A B C after a float64 check on two
 tasks that they agree:
@@ -15,10 +16,12 @@ tasks that they agree:
 Only ratios mean anything on a shared machine: the speed of each against ``plain``, in CPU
 time (``timed``).
 
-``--memory`` adds each variant's peak heap over one warm meta-gradient; ``--profile``, per
-variant, the share of self CPU time (torch.profiler) in convolutions, in element-wise passes
-and reductions (the arithmetic batch norm and its derivatives are made of), and in everything
-else (copies, autograd and functorch bookkeeping, the loss).
+``--query-layers`` times only one batch-norm layer differentiated once (what a query pass
+needs), against torch's fused kernel. ``--memory`` adds each variant's peak heap over one warm
+meta-gradient; ``--profile``, per variant, the share of self CPU time (torch.profiler) in
+convolutions, in element-wise passes and reductions (the arithmetic batch norm and its
+derivatives are made of), and in everything else (copies, autograd and functorch
+bookkeeping, the loss).
 """
 
 from __future__ import annotations
@@ -157,6 +160,35 @@ def peak_heaps(s: bench.Setting, mode: str) -> dict[str, float]:
     return peaks
 
 
+def query_layers(repeats: int = 60) -> None:
+    """One batch-norm layer differentiated once (a query pass), per shape of conv4's four
+    layers with 5, 25 and 100 images: median CPU µs of forward + backward for the plain
+    operations, torch's fused kernel and the Function."""
+    from torch.nn import functional as F
+
+    def fused(x, w, b, eps):
+        return F.batch_norm(x, None, None, w, b, True, 0.0, eps)
+
+    kinds = {
+        "plain": layers.reference_batch_norm,
+        "fused": fused,
+        "function": layers.task_batch_norm,
+    }
+    print("images, side: median CPU µs (plain, fused, function); function / fused")
+    for n, side in ((n, side) for n in (5, 25, 100) for side in (14, 7, 4, 2)):
+        x = torch.randn(n, 64, side, side, requires_grad=True)
+        w, b = torch.rand(64, requires_grad=True), torch.zeros(64, requires_grad=True)
+        seed, times = torch.randn_like(x), {k: [] for k in kinds}
+        for _ in range(repeats):
+            for kind, fn in kinds.items():
+                start = time.process_time()
+                torch.autograd.grad(fn(x, w, b, 1e-5), (x, w, b), seed)
+                times[kind].append(time.process_time() - start)
+        med = {k: 1e6 * statistics.median(t) for k, t in times.items()}
+        row = ", ".join(f"{v:.0f}" for v in med.values())
+        print(f"{n}, {side}: {row}; {med['function'] / med['fused']:.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(bench.PRESETS))
@@ -165,9 +197,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--profile", action="store_true", help="shares of time by kind of op")
     parser.add_argument("--memory", action="store_true", help="peak heap of each variant")
+    parser.add_argument("--query-layers", action="store_true", help="only: one layer, once")
     parser.add_argument("--tasks", type=int, default=None, help="a smaller meta-batch (quicker)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.query_layers:
+        return query_layers()
     print("preset, mode: float64 check; CPU seconds per meta-gradient; speed against plain")
     for name in args.presets:
         s = bench.PRESETS[name]
