@@ -211,7 +211,8 @@ def fused_batch_norm() -> Iterator[None]:
     """Within this block ``TaskBatchNorm2d`` (without running statistics) uses the fused
     kernel: same values, a first derivative 1.0-2.0 times faster than the Function's
     (docs/PERFORMANCE.md, issue 26), but a second derivative that cannot be trusted (see the
-    class). Only for passes that are differentiated at most once, such as MAML's query passes.
+    class). Only for passes that are differentiated at most once, such as MAML's query passes,
+    and not under ``vmap``.
     """
     token = _FUSED.set(True)
     try:
