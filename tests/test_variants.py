@@ -477,6 +477,17 @@ VMAP_VARIANTS = {
 }
 
 
+def conv_biases_before_batch_norm(model: torch.nn.Module) -> torch.Tensor:
+    """Where the conv biases sit in ``engine_gradient``'s vector. Batch norm follows every
+    conv of conv4 and removes a per-channel shift, so their true gradient is exactly zero and
+    what is computed is rounding noise, which differs with the order of the sums (per task or
+    batched). Adam's step lr·g/(|g| + 1e-8) turns noise of 1e-16 into steps of ~1e-10
+    (lr 0.01), so for Reptile with Adam those entries can only agree to about lr·1e-6."""
+    biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    mask = [torch.full((p.numel(),), id(p) in biases) for p in model.parameters()]
+    return torch.cat(mask)
+
+
 @pytest.mark.parametrize("variant", list(VMAP_VARIANTS))
 @pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 5])
 @pytest.mark.parametrize(
@@ -492,7 +503,10 @@ def test_per_task_threaded_and_batched_paths_agree(variant, step, batching):
     model, batch = tiny_conv4(algo), image_batch(tasks=3)
     loop = engine_gradient(algo, model, batch, "classification", "loop", step=step)
     other = engine_gradient(algo, model, batch, "classification", batching, step=step)
-    assert (loop - other).abs().max() < 1e-10
+    tolerance = torch.full_like(loop, 1e-10)
+    if variant == "reptile_adam":
+        tolerance[conv_biases_before_batch_norm(model)] = 1e-8
+    assert ((loop - other).abs() < tolerance).all(), (loop - other).abs().max()
     curves_loop = algo.bind("classification", "loop").evaluate(model, batch, 3)
     curves_other = algo.bind("classification", batching).evaluate(model, batch, 3)
     for a, b in zip(curves_loop, curves_other, strict=True):

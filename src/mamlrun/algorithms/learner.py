@@ -540,7 +540,7 @@ def scored(
 
     ``fused_query`` runs the query passes with the fused batch-norm kernel: the outer backward
     differentiates them only once, so its untrustworthy second derivative is never used, and
-    its first is leaner and faster than the plain-op one (``layers.fused_batch_norm``).
+    its first is faster than the task batch norm's own Function (``layers.fused_batch_norm``).
     """
     loss, metric, per_output = losses
 

@@ -29,12 +29,18 @@ from mamlrun.errors import MamlrunError
 
 
 class TaskBatchNorm2d(nn.Module):
-    """Batch norm over the batch it is given, written with plain tensor operations.
+    """Batch norm over the batch it is given, one ``autograd.Function`` with a differentiable
+    hand-written backward (``task_batch_norm``).
 
     Same result as ``nn.BatchNorm2d(track_running_stats=False)``, but its second derivative is
-    built by autograd from these operations: under ``torch.func.vmap`` + ``torch.func.grad``
-    the fused kernel's double backward gave a meta-gradient that disagreed with finite
-    differences (relative error ~2e-2, torch 2.13), while this one agrees on both paths.
+    built by autograd from the hand-written backward's operations: under ``torch.func.vmap`` +
+    ``torch.func.grad`` the fused kernel's double backward gave a meta-gradient that disagreed
+    with finite differences (relative error ~2e-2, torch 2.13), while this one agrees on both
+    paths. Until issue 26 it was five plain tensor operations (mean, variance, rsqrt, scale,
+    shift, kept as ``reference_batch_norm``), each a pass over the activations and a node of
+    the graph the double backward walks; the Function's first backward is two sums and two
+    fused multiply-adds, which is all the double backward walks (docs/PERFORMANCE.md, issue 26,
+    for what that saves and where it does not).
 
     The layer owns no running statistics (``running_mean``/``running_var`` are registered as
     None, so checkpoints and ``buffers()`` hold none). An algorithm that keeps statistics
@@ -57,20 +63,144 @@ class TaskBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.running_mean is None and _FUSED.get():
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        dims = (0, 2, 3)
         if self.running_mean is not None and not self.training:
-            mean = self.running_mean[:, None, None]
-            var = self.running_var[:, None, None]
-        else:
-            mean = x.mean(dim=dims, keepdim=True)
-            var = (x - mean).square().mean(dim=dims, keepdim=True)
-            if self.running_mean is not None:
-                n = x.numel() // x.shape[1]
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean.flatten(), self.momentum)
-                    self.running_var.lerp_(var.flatten() * n / max(n - 1, 1), self.momentum)
-        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
-        return (x - mean) * scale + self.bias[:, None, None]
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            shift = self.bias - self.running_mean * scale
+            return x * scale[:, None, None] + shift[:, None, None]
+        if self.running_mean is not None:
+            self._update_running_statistics(x.detach())
+        return task_batch_norm(x, self.weight, self.bias, self.eps)
+
+    @torch.no_grad()
+    def _update_running_statistics(self, x: torch.Tensor) -> None:
+        """One more pass over the batch, only where statistics are kept (``bn_mode=per_step``,
+        which neither ``vmap`` nor ``checkpoint_inner`` runs)."""
+        mean = x.mean(dim=_CHANNEL_SUMS)
+        var = (x - mean[:, None, None]).square().mean(dim=_CHANNEL_SUMS)
+        n = x.numel() // x.shape[1]
+        self.running_mean.lerp_(mean, self.momentum)
+        self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)
+
+
+#: The dimensions batch norm sums over: all but the channels of an (N, C, H, W) batch.
+_CHANNEL_SUMS = (0, 2, 3)
+
+
+def task_batch_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """Batch norm of ``x`` (N, C, H, W) with the batch's own statistics, differentiable to any
+    order (``_TaskBatchNorm``). ``x`` is computed in the dtype of its promotion with the weight,
+    as the plain operations were: under bf16 autocast a bfloat16 activation is normalised in
+    float32."""
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
+    if not torch.is_grad_enabled():  # evaluation: no Function, no saved tensors
+        return _normalised(x, weight, bias, eps)[0]
+    # The same Function in two styles: torch.func's transforms need ``setup_context``, but
+    # ``apply`` then binds the arguments with ``inspect.signature`` on every call, which cost
+    # about 50 µs per layer and inner step, as much as the normalisation of a 5-image batch.
+    if torch._C._are_functorch_transforms_active():
+        return _TaskBatchNormUnderTransforms.apply(x, weight, bias, eps)[0]
+    return _TaskBatchNorm.apply(x, weight, bias, eps)[0]
+
+
+def reference_batch_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``task_batch_norm`` as five plain operations (mean, variance, rsqrt, scale, shift) whose
+    derivatives of every order autograd builds: what ``TaskBatchNorm2d`` ran before issue 26,
+    kept as the reference the Function is tested (tests/test_task_batch_norm.py) and timed
+    (scripts/bench_bn.py) against."""
+    mean = x.mean(dim=_CHANNEL_SUMS, keepdim=True)
+    var = (x - mean).square().mean(dim=_CHANNEL_SUMS, keepdim=True)
+    scale = weight[:, None, None] * torch.rsqrt(var + eps)
+    return (x - mean) * scale + bias[:, None, None]
+
+
+class _TaskBatchNorm(torch.autograd.Function):
+    """Batch norm whose backward is a few fused tensor expressions that autograd can itself
+    differentiate, so second-order MAML's double backward runs through them (not through the
+    fused kernel's double backward, which is wrong under vmap + grad).
+
+    Besides the output it returns the normalised input ``xhat`` and the reciprocal standard
+    deviation ``rstd`` and saves those outputs, not ``x``: the backward needs no second pass
+    over ``x``, and because they are outputs, autograd links the backward's use of them back
+    to this Function, whose backward then receives their gradients (``grad_xhat``,
+    ``grad_rstd``, None where unused). That makes the second derivative exact, and the third.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        out, xhat, rstd = _normalised(x, weight, bias, eps)
+        ctx.set_materialize_grads(False)  # no zero tensors for the unused xhat and rstd
+        ctx.save_for_backward(xhat, rstd, weight)
+        return out, xhat, rstd
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_xhat, grad_rstd):
+        """dx = w·rstd·(grad_out − mean(grad_out) − xhat·mean(grad_out·xhat)),
+        dw = Σ grad_out·xhat, db = Σ grad_out (sums and means over all but the channels)."""
+        xhat, rstd, weight = ctx.saved_tensors
+        if grad_xhat is not None or grad_rstd is not None:  # within a higher derivative
+            return _through_xhat_and_rstd(xhat, rstd, weight, grad_out, grad_xhat, grad_rstd)
+        if grad_out is None:
+            return None, None, None, None
+        # As few operations as the formula allows: each is a node the double backward walks.
+        grad_b = grad_out.sum(_CHANNEL_SUMS, keepdim=True)
+        grad_w = (grad_out * xhat).sum(_CHANNEL_SUMS, keepdim=True)
+        k = weight.view(-1, 1, 1) * rstd
+        m = k / -(xhat.numel() // xhat.shape[1])
+        grad_x = torch.addcmul(torch.addcmul(m * grad_b, grad_out, k), xhat, m * grad_w)
+        return grad_x, grad_w.view(-1), grad_b.view(-1), None
+
+
+class _TaskBatchNormUnderTransforms(torch.autograd.Function):
+    """``_TaskBatchNorm`` in the style ``torch.func`` (vmap, grad) can transform."""
+
+    generate_vmap_rule = True  # torch.func.vmap batches it like the operations it is made of
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return _normalised(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(output[1], output[2], inputs[1])
+
+    backward = staticmethod(_TaskBatchNorm.backward)
+
+
+def _normalised(x, weight, bias, eps):
+    """Batch norm's output, the normalised input xhat and 1/std, per channel (1, C, 1, 1).
+    Two passes for the variance, not ``torch.var_mean``: its Welford reduction over all but the
+    channels was 5-10 times slower on this CPU (torch 2.13)."""
+    centred = x - x.mean(dim=_CHANNEL_SUMS, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(dim=_CHANNEL_SUMS, keepdim=True) + eps)
+    xhat = centred.mul_(rstd)  # in place: a fresh tensor, and one allocation fewer
+    return torch.addcmul(bias.view(-1, 1, 1), xhat, weight.view(-1, 1, 1)), xhat, rstd
+
+
+def _through_xhat_and_rstd(xhat, rstd, weight, grad_out, grad_xhat, grad_rstd):
+    """``_TaskBatchNorm``'s backward when the saved ``xhat`` and ``rstd`` were used by a
+    backward being differentiated: with g = w·grad_out + grad_xhat (either may be None),
+    dx = rstd·(g − mean(g) − xhat·(mean(g·xhat) + rstd·grad_rstd/N)), the last term being
+    d rstd/dx = −rstd²·xhat/N."""
+    n = xhat.numel() // xhat.shape[1]
+    grad_w = grad_b = None
+    g = grad_xhat
+    if grad_out is not None:
+        grad_b = grad_out.sum(_CHANNEL_SUMS)
+        grad_w = (grad_out * xhat).sum(_CHANNEL_SUMS)
+        w = weight[:, None, None]
+        g = grad_out * w if g is None else torch.addcmul(g, grad_out, w)
+    along_xhat = 0.0 if grad_rstd is None else grad_rstd * rstd / n
+    if g is None:
+        return -xhat * (along_xhat * rstd), grad_w, grad_b, None
+    along_xhat = along_xhat + (g * xhat).mean(_CHANNEL_SUMS, keepdim=True)
+    centred = g - g.mean(_CHANNEL_SUMS, keepdim=True)
+    return torch.addcmul(centred, xhat, -along_xhat) * rstd, grad_w, grad_b, None
 
 
 _FUSED: ContextVar[bool] = ContextVar("fused_batch_norm", default=False)
@@ -79,9 +209,10 @@ _FUSED: ContextVar[bool] = ContextVar("fused_batch_norm", default=False)
 @contextmanager
 def fused_batch_norm() -> Iterator[None]:
     """Within this block ``TaskBatchNorm2d`` (without running statistics) uses the fused
-    kernel: same values, a leaner and faster first derivative, but a second derivative that
-    cannot be trusted (see the class). Only for passes that are differentiated at most once,
-    such as MAML's query passes, and not under ``vmap``.
+    kernel: same values, a first derivative 1.0-2.0 times faster than the Function's
+    (docs/PERFORMANCE.md, issue 26), but a second derivative that cannot be trusted (see the
+    class). Only for passes that are differentiated at most once, such as MAML's query passes,
+    and not under ``vmap``.
     """
     token = _FUSED.set(True)
     try:
