@@ -5,6 +5,7 @@ tasks once the weights are per task), and ``vmap`` of im2col (``F.unfold``) + on
 matrix multiply (``einsum``). Issue 26, item 2: which one to run under ``task_batching=vmap``.
 
     python scripts/bench_conv.py [--repeats 5] [--layers omniglot_20w5s/1 ...] [--json f]
+    python scripts/bench_conv.py --presets omniglot_5w1s mini-conv4 [--repeats 3]
 
 Each timed call is one meta-batch of the layer's part of a MAML step with per-task weights
 (the case after inner step 0): support forward, its backward with ``create_graph`` (weight
@@ -12,19 +13,30 @@ and input gradients, as an inner layer needs), a query forward at the adapted we
 the outer backward through all of it (the query backward plus the double backward of the
 support pass). The three are timed interleaved (A B C A B C) in one process and reported as
 medians and as ratios to the loop: the machine is shared, so only ratios mean anything.
+
+``--presets`` times whole meta-gradients of ``scripts/bench.py``'s settings instead: mamlrun
+under ``task_batching=vmap`` with ``TaskConv2d`` taking the matrix multiply on no layer (the
+grouped convolution, as before issue 26), on layers of at most 3 input channels (the
+default), and on every layer, beside ``loop``; float64 meta-gradients are checked equal to
+the loop's first (2 tasks).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+
+from mamlrun.models.layers import TaskConv2d
 
 
 @dataclass(frozen=True)
@@ -193,12 +205,90 @@ def bench_layer(layer: Layer, repeats: int) -> dict:
     }
 
 
+#: ``TaskConv2d.MATMUL_MAX_IN_CHANNELS`` for each variant of ``--presets``.
+POLICIES = {"grouped": 0, "bmm<=3ch": 3, "bmm-all": 10**6}
+
+
+#: What ``--presets`` times (``--variants`` narrows it).
+VARIANTS = ["loop", *(f"vmap {p}" for p in POLICIES)]
+
+
+def _preset_step(name: str, dtype: torch.dtype, tasks: int | None = None) -> Callable:
+    """``step(mode)``: one mamlrun meta-gradient of bench.py's setting ``name``; the flat
+    gradient it leaves."""
+    import bench  # scripts/bench.py: the settings, models and engines
+
+    s = bench.SETTINGS[name]
+    s = s if tasks is None else dataclasses.replace(s, meta_batch=tasks)
+    torch.manual_seed(0)
+    model = bench.build_model(s, torch.device("cpu")).to(dtype)
+    batch = bench.make_batch(s, s.query or 15, torch.device("cpu"))
+    batch = type(batch)(*(t.to(dtype) if t.is_floating_point() else t for t in batch))
+    first = (s.order or "second") == "first"
+    steps = {m: bench.mamlrun_step(bench.make_algo(s, first), m) for m in ("loop", "vmap")}
+
+    def step(mode: str) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        steps[mode](model, batch, s, first)
+        return bench.flat_grad(model)
+
+    return step
+
+
+def bench_preset(name: str, repeats: int) -> dict:
+    """The policies' float64 agreement with the loop, then their tasks/s, interleaved."""
+    exact = _preset_step(name, torch.float64, tasks=2)
+    loop = exact("loop")
+    error = 0.0
+    for limit in POLICIES.values():
+        TaskConv2d.MATMUL_MAX_IN_CHANNELS = limit
+        error = max(error, float((exact("vmap") - loop).abs().max() / loop.abs().max()))
+    step = _preset_step(name, torch.float32)
+    variants = {"loop": ("loop", 3), **{f"vmap {p}": ("vmap", c) for p, c in POLICIES.items()}}
+    variants = {v: how for v, how in variants.items() if v in VARIANTS}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for rep in range(repeats + 1):
+        for variant, (mode, limit) in variants.items():
+            TaskConv2d.MATMUL_MAX_IN_CHANNELS = limit
+            start = time.perf_counter()
+            step(mode)
+            if rep:
+                seconds[variant].append(time.perf_counter() - start)
+    TaskConv2d.MATMUL_MAX_IN_CHANNELS = POLICIES["bmm<=3ch"]
+    median = {v: statistics.median(t) for v, t in seconds.items()}
+    return {"preset": name, "rel_error_vs_loop": error, **{f"{v}_s": t for v, t in median.items()}}
+
+
+def print_presets(names: list[str], repeats: int) -> list[dict]:
+    """One row per preset: each variant's seconds per meta-gradient (× vmap grouped)."""
+    print("| preset | " + " | ".join(f"{v} s (× grouped)" for v in VARIANTS) + " | f64 error |")
+    print("|---|" + "---|" * (len(VARIANTS) + 1))
+    rows = []
+    for name in names:
+        r = bench_preset(name, repeats)
+        rows.append(r)
+        assert r["rel_error_vs_loop"] < 1e-10, r
+        base = r.get("vmap grouped_s", 1.0)
+        cells = [f"{r[v + '_s']:.2f} ({r[v + '_s'] / base:.2f})" for v in VARIANTS]
+        print(f"| {name} | " + " | ".join(cells) + f" | {r['rel_error_vs_loop']:.1e} |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", nargs="+", default=[n for n in LAYERS if "resnet" not in n])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--presets", nargs="+", default=None, help="bench.py settings")
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = parser.parse_args()
+    VARIANTS[:] = args.variants
+    if args.presets:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        rows = print_presets(args.presets, args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; times in ms (median)")
     print(
         "| layer | images | conv | loop | grouped | bmm | grouped/loop | bmm/loop | bmm/grouped |"

@@ -146,7 +146,8 @@ def conv2d_as_matmul(
     pixels = xp.flatten(-2).permute(1, 2, 0)  # (C, H·W, n): columns come out image-minor
     columns = pixels.index_select(1, index).reshape(channels * k * k, ho * wo * n)
     out = (weight.flatten(1) @ columns).unflatten(1, (ho, wo, n)).permute(3, 0, 1, 2)
-    return out if bias is None else out + bias[:, None, None]
+    out = out if bias is None else out + bias[:, None, None]
+    return out.contiguous()  # images-innermost strides would send the next layers down slow paths
 
 
 _FUSED: ContextVar[bool] = ContextVar("fused_batch_norm", default=False)
