@@ -16,9 +16,9 @@ medians and as ratios to the loop: the machine is shared, so only ratios mean an
 
 ``--presets`` times whole meta-gradients of ``scripts/bench.py``'s settings instead: mamlrun
 under ``task_batching=vmap`` with ``TaskConv2d`` taking the matrix multiply on no layer (the
-grouped convolution, as before issue 26), on layers of at most 3 input channels (the
-default), and on every layer, beside ``loop``; float64 meta-gradients are checked equal to
-the loop's first (2 tasks).
+grouped convolution, as before issue 26), on layers of at most 3 input channels (on Omniglot
+the same as the default, 1: the first layer), and on every layer, beside ``loop``. Before
+timing, each one's float64 meta-gradient (2 tasks) is checked equal to the loop's.
 """
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def _preset_step(name: str, dtype: torch.dtype, tasks: int | None = None) -> Cal
 
 
 def bench_preset(name: str, repeats: int) -> dict:
-    """The policies' float64 agreement with the loop, then their tasks/s, interleaved."""
+    """The policies' float64 agreement with the loop, then their seconds, interleaved."""
+    default = TaskConv2d.MATMUL_MAX_IN_CHANNELS
     exact = _preset_step(name, torch.float64, tasks=2)
     loop = exact("loop")
     error = 0.0
@@ -254,7 +255,7 @@ def bench_preset(name: str, repeats: int) -> dict:
             step(mode)
             if rep:
                 seconds[variant].append(time.perf_counter() - start)
-    TaskConv2d.MATMUL_MAX_IN_CHANNELS = POLICIES["bmm<=3ch"]
+    TaskConv2d.MATMUL_MAX_IN_CHANNELS = default
     median = {v: statistics.median(t) for v, t in seconds.items()}
     return {"preset": name, "rel_error_vs_loop": error, **{f"{v}_s": t for v, t in median.items()}}
 

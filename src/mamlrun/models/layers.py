@@ -76,21 +76,22 @@ class TaskBatchNorm2d(nn.Module):
 
 class TaskConv2d(nn.Conv2d):
     """``nn.Conv2d`` that, given one weight per task under ``torch.func.vmap`` (the adapted
-    weights of ``task_batching=vmap`` after inner step 0), computes a layer with few input
-    channels as im2col + one batched matrix multiply over the tasks (``conv2d_as_matmul``).
+    weights of ``task_batching=vmap`` after inner step 0), computes a layer with one input
+    channel (conv4's first on Omniglot) as im2col + one batched matrix multiply over the tasks
+    (``conv2d_as_matmul``) instead of the grouped convolution ``vmap`` makes of ``F.conv2d``.
 
-    Why: ``vmap`` turns ``F.conv2d`` with a per-task weight into one grouped convolution over
-    all tasks, and oneDNN's grouped kernels are slowest where each group has one or three input
-    channels (the first layer on Omniglot or RGB images): there the matrix multiply was 2-5×
-    faster, while on wider layers it was level or slower (scripts/bench_conv.py,
-    docs/PERFORMANCE.md, issue 26), so they keep ``F.conv2d``. A weight shared by every task
-    (θ at inner step 0) also keeps ``F.conv2d``, which ``vmap`` runs as one ordinary
-    convolution over all tasks' images, and so do ``loop`` and ``threads``.
-    Same parameters and state dict as ``nn.Conv2d``.
+    Why only there: oneDNN's grouped kernel is slowest with one input channel per group. The
+    matrix multiply made omniglot_20w5s's vmap meta-gradient 1.8× faster and left 5w1s and
+    20w1s level, while on miniImageNet's 3-channel first layer it was 1.3× slower and on every
+    layer it lost on 20w1s (docs/PERFORMANCE.md, "Task-batched convolution", issue 26).
+    ``MATMUL_MAX_IN_CHANNELS`` is the switch ``scripts/bench_conv.py --presets`` turns to
+    measure it again. A weight shared by every task (θ at inner step 0) always takes
+    ``F.conv2d``, which ``vmap`` runs as one ordinary convolution over all tasks' images, and
+    so do ``loop`` and ``threads``. Same parameters and state dict as ``nn.Conv2d``.
     """
 
     #: Layers with at most this many input channels take the matrix multiply under vmap.
-    MATMUL_MAX_IN_CHANNELS = 3
+    MATMUL_MAX_IN_CHANNELS = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
