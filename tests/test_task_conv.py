@@ -1,8 +1,8 @@
-"""Task-batched convolution (issue 26, item 2): under ``vmap`` a layer with one input channel
-and one weight per task runs as im2col + one batched matrix multiply instead of a grouped
-convolution (where that won, docs/PERFORMANCE.md), with the same values and first and second
-derivatives as ``F.conv2d``; a weight shared by all tasks (θ at inner step 0) stays one
-ordinary convolution over all tasks' images; wider layers keep the grouped convolution.
+"""Task-batched convolution (issue 26, item 2): under ``vmap`` a layer with few input channels
+and one weight per task can run as im2col + one batched matrix multiply instead of a grouped
+convolution (off by default: it did not reliably pay on whole presets, docs/PERFORMANCE.md),
+with the same values and first and second derivatives as ``F.conv2d``; a weight shared by all
+tasks (θ at inner step 0) stays one ordinary convolution over all tasks' images.
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ SHAPES = [  # (C_in, C_out, kernel, stride, padding, H, W)
     (2, 3, 1, 1, 0, 5, 5),
     (2, 3, 3, 2, 0, 7, 8),
 ]
+
+
+@pytest.fixture
+def matmul_on(monkeypatch):
+    """The matrix multiply switched on for layers of one input channel."""
+    monkeypatch.setattr(TaskConv2d, "MATMUL_MAX_IN_CHANNELS", 1)
 
 
 def _inputs(c_in, c_out, k, h, w, tasks=3, n=2):
@@ -70,7 +76,7 @@ def _adapted_query_loss(layer: TaskConv2d, theta: dict, batch, lr: float = 0.5):
     return torch.func.vmap(task)(batch.x_support, batch.x_query).sum()
 
 
-def test_second_order_meta_gradient_through_the_matmul_path_matches_finite_differences():
+def test_second_order_meta_gradient_through_the_matmul_path_matches_finite_differences(matmul_on):
     torch.manual_seed(0)
     layer = TaskConv2d(1, 3, 3, stride=2, padding=1).double()
     batch = image_batch(tasks=3)
@@ -105,7 +111,7 @@ def _task_batched_calls(in_channels: int) -> list[tuple[str, list[int], list[int
     return _calls(lambda: _adapted_query_loss(layer, theta, batch._replace(**wide)).backward())
 
 
-def test_vmap_runs_the_shared_first_pass_as_one_convolution_and_per_task_ones_as_bmm():
+def test_vmap_runs_the_shared_first_pass_as_one_convolution_and_per_task_ones_as_bmm(matmul_on):
     calls = _task_batched_calls(1)
     shared = ("aten::convolution", [24, 1, 8, 8], [3, 1, 3, 3])
     assert shared in calls, "θ shared by all tasks: one convolution over 4×6 images"
@@ -116,13 +122,19 @@ def test_vmap_runs_the_shared_first_pass_as_one_convolution_and_per_task_ones_as
 
 
 @pytest.mark.parametrize("channels", [3, 4])
-def test_a_wider_layer_keeps_the_grouped_convolution_under_vmap(channels):
-    """More than one input channel (miniImageNet's RGB first layer, every later layer): where
-    the matrix multiply was level or slower, the per-task query pass stays one grouped
-    convolution (4 tasks × 3 filters)."""
+def test_a_wider_layer_keeps_the_grouped_convolution_under_vmap(channels, matmul_on):
+    """A layer with more input channels than the limit (here 1) keeps ``F.conv2d``: the
+    per-task query pass is one grouped convolution (4 tasks × 3 filters)."""
     calls = _task_batched_calls(channels)
     assert ("aten::convolution", [24, channels, 8, 8], [3, channels, 3, 3]) in calls
     assert ("aten::convolution", [6, 4 * channels, 8, 8], [12, channels, 3, 3]) in calls
+    assert not any(name == "aten::bmm" for name, *_ in calls)
+
+
+def test_by_default_every_layer_keeps_the_grouped_convolution():
+    """Off by default: on whole presets the matrix multiply was level or slower."""
+    calls = _task_batched_calls(1)
+    assert ("aten::convolution", [6, 4, 8, 8], [12, 1, 3, 3]) in calls
     assert not any(name == "aten::bmm" for name, *_ in calls)
 
 
@@ -139,7 +151,7 @@ def test_only_a_vmapped_weight_counts_as_per_task():
 
 
 @pytest.mark.parametrize("mode", ["vmap", "vmap:2"])
-def test_conv4_meta_gradient_with_the_matmul_first_layer_equals_the_loop(mode):
+def test_conv4_meta_gradient_with_the_matmul_first_layer_equals_the_loop(mode, matmul_on):
     """conv4's first layer (one input channel) takes the matrix multiply under vmap: MAML's
     second-order meta-gradient is still the per-task loop's, in float64."""
     torch.manual_seed(0)

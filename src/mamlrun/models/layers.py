@@ -76,22 +76,23 @@ class TaskBatchNorm2d(nn.Module):
 
 class TaskConv2d(nn.Conv2d):
     """``nn.Conv2d`` that, given one weight per task under ``torch.func.vmap`` (the adapted
-    weights of ``task_batching=vmap`` after inner step 0), computes a layer with one input
-    channel (conv4's first on Omniglot) as im2col + one batched matrix multiply over the tasks
-    (``conv2d_as_matmul``) instead of the grouped convolution ``vmap`` makes of ``F.conv2d``.
+    weights of ``task_batching=vmap`` after inner step 0), can compute a layer with few input
+    channels as im2col + one batched matrix multiply over the tasks (``conv2d_as_matmul``)
+    instead of the grouped convolution ``vmap`` makes of ``F.conv2d``.
 
-    Why only there: oneDNN's grouped kernel is slowest with one input channel per group. The
-    matrix multiply made omniglot_20w5s's vmap meta-gradient 1.8× faster and left 5w1s and
-    20w1s level, while on miniImageNet's 3-channel first layer it was 1.3× slower and on every
-    layer it lost on 20w1s (docs/PERFORMANCE.md, "Task-batched convolution", issue 26).
-    ``MATMUL_MAX_IN_CHANNELS`` is the switch ``scripts/bench_conv.py --presets`` turns to
-    measure it again. A weight shared by every task (θ at inner step 0) always takes
+    Off by default (``MATMUL_MAX_IN_CHANNELS = 0``), because measured it did not reliably pay:
+    on most single layers it was faster than oneDNN's grouped kernel (up to 4× on the first),
+    but on whole presets it was level on Omniglot (0.98-1.18×; 20w5s once 0.55×, then 0.99×),
+    and 1.3× slower on miniImageNet's 3-channel first layer, since the inner backward of the
+    shared step-0 pass stays grouped (docs/PERFORMANCE.md, "Task-batched convolution", issue
+    26). The switch stays so that ``scripts/bench_conv.py --presets`` can measure it again on
+    other hardware. A weight shared by every task (θ at inner step 0) always takes
     ``F.conv2d``, which ``vmap`` runs as one ordinary convolution over all tasks' images, and
     so do ``loop`` and ``threads``. Same parameters and state dict as ``nn.Conv2d``.
     """
 
     #: Layers with at most this many input channels take the matrix multiply under vmap.
-    MATMUL_MAX_IN_CHANNELS = 1
+    MATMUL_MAX_IN_CHANNELS = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
