@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from mamlrun.errors import MamlrunError
-from mamlrun.models.layers import TaskBatchNorm2d
+from mamlrun.models.layers import TaskBatchNorm2d, TaskConv2d
 
 
 def conv4(
@@ -35,7 +35,7 @@ def conv4(
     for _ in range(4):
         stride = 2 if downsample == "stride" else 1
         layers += [
-            nn.Conv2d(channels, filters, 3, stride=stride, padding=1),
+            TaskConv2d(channels, filters, 3, stride=stride, padding=1),
             TaskBatchNorm2d(filters),
             nn.ReLU(),
         ]

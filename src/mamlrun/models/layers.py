@@ -1,7 +1,8 @@
 """Layers that meta-learning needs to behave differently from ``torch.nn``'s: batch norm that
 normalises with the statistics of the task it sees, with a second derivative autograd can be
 trusted with, and the switch to the fused kernel for passes that are differentiated only once;
-DropBlock, whose strength follows the meta-training iteration.
+a convolution that avoids ``vmap``'s grouped convolution where that is slow; DropBlock, whose
+strength follows the meta-training iteration.
 
 Every backbone builds its batch norm from ``TaskBatchNorm2d``, so the algorithms' per-step
 batch-norm weights and statistics (``algorithms.per_step``) find it in any backbone through
@@ -201,6 +202,84 @@ def _through_xhat_and_rstd(xhat, rstd, weight, grad_out, grad_xhat, grad_rstd):
     along_xhat = along_xhat + (g * xhat).mean(_CHANNEL_SUMS, keepdim=True)
     centred = g - g.mean(_CHANNEL_SUMS, keepdim=True)
     return torch.addcmul(centred, xhat, -along_xhat) * rstd, grad_w, grad_b, None
+
+
+class TaskConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, given one weight per task under ``torch.func.vmap`` (the adapted
+    weights of ``task_batching=vmap`` after inner step 0), can compute a layer with few input
+    channels as im2col + one batched matrix multiply over the tasks (``conv2d_as_matmul``)
+    instead of the grouped convolution ``vmap`` makes of ``F.conv2d``.
+
+    Off by default (``MATMUL_MAX_IN_CHANNELS = 0``), because measured it did not reliably pay:
+    on most single layers it was faster than oneDNN's grouped kernel (up to 4× on the first),
+    but on whole presets it was level on Omniglot (0.98-1.18×; 20w5s once 0.55×, then 0.99×),
+    and 1.3× slower on miniImageNet's 3-channel first layer, since the inner backward of the
+    shared step-0 pass stays grouped (docs/PERFORMANCE.md, "Task-batched convolution", issue
+    26). The switch stays so that ``scripts/bench_conv.py --presets`` can measure it again on
+    other hardware. A weight shared by every task (θ at inner step 0) always takes
+    ``F.conv2d``, which ``vmap`` runs as one ordinary convolution over all tasks' images, and
+    so do ``loop`` and ``threads``. Same parameters and state dict as ``nn.Conv2d``.
+    """
+
+    #: Layers with at most this many input channels take the matrix multiply under vmap.
+    MATMUL_MAX_IN_CHANNELS = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.in_channels <= self.MATMUL_MAX_IN_CHANNELS
+            and self._plain()
+            and per_task(self.weight)
+        ):
+            return conv2d_as_matmul(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return super().forward(x)
+
+    def _plain(self) -> bool:
+        """The settings ``conv2d_as_matmul`` covers: square stride and zero padding, no
+        dilation or groups."""
+        stride, pad = self.stride, self.padding
+        return (
+            self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"
+            and stride[0] == stride[1] and not isinstance(pad, str) and pad[0] == pad[1]
+        )  # fmt: skip
+
+
+def per_task(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a ``vmap`` at any level (under ``torch.func.grad``'s
+    wrappers too): a weight that differs between tasks. torch.func has no public way to ask."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def conv2d_as_matmul(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> torch.Tensor:
+    """``F.conv2d`` of one task's images ``x`` (n, C, H, W), written as im2col by a single
+    ``index_select`` and one matrix multiply, so that under ``vmap`` with a per-task weight it
+    is one ``bmm`` over the tasks, (O × C·k·k) @ (C·k·k × pixels·images) each.
+
+    Every op here has a derivative made of ops with batching rules (``index_select``'s is one
+    ``index_add``, whose own is ``index_select`` again), so ``vmap(grad(...))`` and the outer
+    backward of second-order MAML go through it. ``F.unfold`` (im2col) would do the same, but
+    torch's CPU im2col took 85% of the time; k·k stacked slices were 1.5× slower (each slice's
+    backward fills a zero tensor of the input's size).
+    """
+    n, (channels, k) = x.shape[0], weight.shape[1:3]
+    xp = F.pad(x, [padding] * 4)
+    height, width = xp.shape[-2:]
+    ho, wo = (height - k) // stride + 1, (width - k) // stride + 1
+    offsets = torch.arange(k, device=x.device)
+    rows = offsets[:, None] + stride * torch.arange(ho, device=x.device)  # (k, ho)
+    cols = offsets[:, None] + stride * torch.arange(wo, device=x.device)  # (k, wo)
+    index = (rows[:, None, :, None] * width + cols[None, :, None, :]).flatten()  # (k,k,ho,wo)
+    pixels = xp.flatten(-2).permute(1, 2, 0)  # (C, H·W, n): columns come out image-minor
+    columns = pixels.index_select(1, index).reshape(channels * k * k, ho * wo * n)
+    out = (weight.flatten(1) @ columns).unflatten(1, (ho, wo, n)).permute(3, 0, 1, 2)
+    out = out if bias is None else out + bias[:, None, None]
+    return out.contiguous()  # images-innermost strides would send the next layers down slow paths
 
 
 _FUSED: ContextVar[bool] = ContextVar("fused_batch_norm", default=False)
